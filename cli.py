@@ -1,0 +1,315 @@
+"""The ``layerfs`` command: parse arguments, call the store, print results.
+
+Every command takes ``--root`` (default $LAYERFS_ROOT, else the per-user or system
+store) and every listing takes ``--json``. Store errors become one line on stderr and
+the error's exit code.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import stat
+import sys
+import tempfile
+
+import click
+
+from store import Store, StoreError
+from store.records import Entry, Kind, LayerRecord
+
+
+class _Cli(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except StoreError as e:
+            click.echo(f"layerfs: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except BrokenPipeError:
+            sys.stderr.close()  # the reader went away (layerfs cat ... | head): not an error
+            ctx.exit(0)
+        except KeyboardInterrupt:
+            click.echo("layerfs: interrupted", err=True)
+            ctx.exit(130)
+
+
+def with_store(fn):
+    """Add ``--root`` and pass an open Store as the first argument."""
+    @click.option("--root", envvar="LAYERFS_ROOT", type=click.Path(file_okay=False),
+                  help="Store directory [env LAYERFS_ROOT; default /var/lib/layerfs as root, "
+                       "else ~/.local/share/layerfs].")
+    @functools.wraps(fn)
+    def wrapper(root, **kwargs):
+        with Store(root) as store:
+            return fn(store, **kwargs)
+    return wrapper
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def short(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:12]
+
+
+def human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1000
+    return str(n)
+
+
+def when(ns: int) -> str:
+    return datetime.datetime.fromtimestamp(ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """layerfs: a union filesystem and layer store for container images."""
+
+
+def _progress_import(store: Store, tarball: str, parent, tag):
+    size = os.path.getsize(tarball) if tarball != "-" and os.path.isfile(tarball) else 0
+    if not (sys.stderr.isatty() and size):
+        return store.import_tar(tarball, parent=parent, tag=tag)
+    with click.progressbar(length=size, label="importing", file=sys.stderr) as bar:
+        return store.import_tar(tarball, parent=parent, tag=tag, progress=bar.update)
+
+
+@cli.command("import-layer")
+@click.argument("tarball")
+@click.option("--parent", help="Image to put the layer on.")
+@click.option("-t", "--tag", help="Tag the new image NAME[:TAG].")
+@with_store
+def import_layer(store: Store, tarball: str, parent: str | None, tag: str | None) -> None:
+    """Import a layer tarball (plain, gzip, zstd, bzip2, xz; - for stdin); print the image id."""
+    click.echo(_progress_import(store, tarball, parent, tag).image_id)
+
+
+@cli.command("import-dir")
+@click.argument("directory")
+@click.option("--parent", help="Image to put the layer on.")
+@click.option("-t", "--tag", help="Tag the new image NAME[:TAG].")
+@with_store
+def import_dir(store: Store, directory: str, parent: str | None, tag: str | None) -> None:
+    """Import a directory tree as a layer; print the image id."""
+    click.echo(store.import_dir(directory, parent=parent, tag=tag).image_id)
+
+
+@cli.command()
+@json_option
+@click.option("-q", "--quiet", is_flag=True, help="Only image ids.")
+@with_store
+def images(store: Store, as_json: bool, quiet: bool) -> None:
+    """List images."""
+    rows = store.images()
+    if as_json:
+        click.echo(json.dumps([{"id": r.image_id, "tags": tags, "layers": list(r.layers),
+                                "created": r.created_ns / 1e9} for r, tags in rows], indent=2))
+        return
+    if quiet:
+        for r, _ in rows:
+            click.echo(r.image_id)
+        return
+    out = [["REPOSITORY:TAG", "IMAGE ID", "CREATED", "LAYERS"]]
+    for r, tags in rows:
+        for t in tags or ["<none>"]:
+            out.append([t, short(r.image_id), when(r.created_ns), str(len(r.layers))])
+    table(out)
+
+
+def _layer_json(layer: LayerRecord) -> dict:
+    return {"id": layer.diff_id, "size": layer.size, "entries": layer.entries,
+            "file_bytes": layer.file_bytes, "created": layer.created_ns / 1e9,
+            "source": layer.source.name.lower(), "comment": layer.comment}
+
+
+@cli.command()
+@json_option
+@with_store
+def layers(store: Store, as_json: bool) -> None:
+    """List layers."""
+    rows = store.layers()
+    if as_json:
+        click.echo(json.dumps([_layer_json(layer) for layer in rows], indent=2))
+        return
+    out = [["LAYER ID", "SIZE", "ENTRIES", "SOURCE", "CREATED", "FROM"]]
+    for layer in rows:
+        out.append([short(layer.diff_id), human(layer.size), str(layer.entries),
+                    layer.source.name.lower(), when(layer.created_ns), layer.comment])
+    table(out)
+
+
+@cli.command()
+@click.argument("ref")
+@with_store
+def inspect(store: Store, ref: str) -> None:
+    """Show an image (or a layer) as JSON."""
+    try:
+        rec = store.resolve_image(ref)
+    except StoreError as image_error:
+        try:
+            layer = store.resolve_layer(ref)
+        except StoreError:
+            raise image_error from None
+        click.echo(json.dumps({"type": "layer", **_layer_json(layer)}, indent=2))
+        return
+    click.echo(json.dumps({"type": "image", "id": rec.image_id, "tags": store.tags_of(rec.image_id),
+                           "layers": list(rec.layers), "created": rec.created_ns / 1e9,
+                           "config": json.loads(rec.config)}, indent=2))
+
+
+@cli.command()
+@click.argument("image")
+@click.argument("ref")
+@with_store
+def tag(store: Store, image: str, ref: str) -> None:
+    """Tag IMAGE as NAME[:TAG]."""
+    store.tag(image, ref)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True)
+@with_store
+def rmi(store: Store, images: tuple[str, ...]) -> None:
+    """Remove images (their blobs are freed later, by gc)."""
+    for ref in images:
+        tags, removed = store.rmi(ref)
+        for t in tags:
+            click.echo(f"Untagged: {t}")
+        if removed:
+            click.echo(f"Deleted: {removed}")
+
+
+@cli.command("export-layer")
+@click.argument("layer")
+@click.option("-o", "--output", required=True, help="File to write (- for stdout).")
+@with_store
+def export_layer(store: Store, layer: str, output: str) -> None:
+    """Write a layer's tar; its sha256 is the layer id."""
+    if output == "-":
+        store.export_layer(layer, sys.stdout.buffer)
+    else:
+        store.export_layer(layer, output)
+
+
+def _ls_line(name: str, e: Entry) -> str:
+    size = f"{e.rdev_major}, {e.rdev_minor}" if e.kind in (Kind.CHR, Kind.BLK) else str(e.size)
+    line = (f"{stat.filemode(e.st_mode)} {e.nlink:>3} {e.uid:>5} {e.gid:>5} {size:>10} "
+            f"{when(e.mtime_ns)[:16]} {name}")
+    return line + (f" -> {e.target}" if e.kind == Kind.SYMLINK else "")
+
+
+def _entry_json(path: str, e: Entry) -> dict:
+    return {"path": "/" + path, "type": e.kind.name.lower(), "mode": f"{e.mode:04o}",
+            "uid": e.uid, "gid": e.gid, "size": e.size, "mtime_ns": e.mtime_ns, "nlink": e.nlink,
+            "target": e.target or None, "xattrs": [n for n, _ in e.xattrs]}
+
+
+@cli.command()
+@click.argument("image")
+@click.argument("path", default="/")
+@click.option("-R", "--recursive", is_flag=True, help="List subdirectories too.")
+@json_option
+@with_store
+def ls(store: Store, image: str, path: str, recursive: bool, as_json: bool) -> None:
+    """List PATH in the IMAGE's merged tree (read from the index, nothing mounted)."""
+    _ls(store, image, path, recursive, as_json)
+
+
+def _ls(store: Store, image: str, path: str, recursive: bool, as_json: bool) -> None:
+    tree = store.tree(image)
+    rel, entry = tree.resolve(path)
+    rows: list[dict] = []
+    todo = [rel] if entry.kind == Kind.DIR else []
+    if entry.kind != Kind.DIR:
+        rows.append(_entry_json(rel, entry)) if as_json else click.echo(_ls_line(rel or "/", entry))
+    first = True
+    while todo:
+        d = todo.pop(0)
+        children = list(tree.listdir(d))
+        if as_json:
+            rows += [_entry_json(f"{d}/{n}" if d else n, e) for n, e in children]
+        else:
+            if recursive:
+                click.echo(("" if first else "\n") + f"/{d}:")
+            for n, e in children:
+                click.echo(_ls_line(n, e))
+        first = False
+        if recursive:
+            todo[:0] = [f"{d}/{n}" if d else n for n, e in children if e.kind == Kind.DIR]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+
+
+@cli.command()
+@click.argument("image")
+@click.argument("path")
+@with_store
+def cat(store: Store, image: str, path: str) -> None:
+    """Write a file of the IMAGE's merged tree to stdout."""
+    _cat(store, image, path)
+
+
+def _cat(store: Store, image: str, path: str) -> None:
+    rel, entry = store.tree(image).resolve(path)
+    if entry.kind != Kind.REG:
+        raise StoreError(f"{path}: not a regular file ({entry.kind.name.lower()})")
+    out = sys.stdout.buffer
+    with store.blobs.open(entry.blob) as f:
+        while chunk := f.read(1 << 20):
+            out.write(chunk)
+    out.flush()
+
+
+@cli.command()
+@json_option
+@with_store
+def df(store: Store, as_json: bool) -> None:
+    """Show blobs, bytes stored, and bytes that dedup saved."""
+    u = store.df()
+    if as_json:
+        click.echo(json.dumps({"images": u.images, "layers": u.layers, "blobs": u.blobs,
+                               "stored_bytes": u.stored_bytes, "logical_bytes": u.logical_bytes,
+                               "saved_bytes": u.saved_bytes}, indent=2))
+        return
+    table([["IMAGES", "LAYERS", "BLOBS", "STORED", "LOGICAL", "SAVED BY DEDUP"],
+           [str(u.images), str(u.layers), str(u.blobs), human(u.stored_bytes),
+            human(u.logical_bytes), human(u.saved_bytes)]])
+
+
+@cli.command()
+@with_store
+def demo(store: Store) -> None:
+    """Import the built-in sample image (3 layers) as sample:latest and list it."""
+    from store.sample import write_sample_layers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        image = None
+        for i, path in enumerate(write_sample_layers(tmp), 1):
+            image = store.import_tar(path, parent=image.image_id if image else None,
+                                     tag=f"sample:layer{i}")
+            click.echo(f"imported layer {i}: image {short(image.image_id)}")
+    store.tag(image.image_id, "sample:latest")
+    click.echo(f"\n$ layerfs --root {store.root} ls -R sample:latest")
+    _ls(store, "sample:latest", "/", recursive=True, as_json=False)
+    click.echo("\n$ layerfs cat sample:latest /etc/os-release")
+    _cat(store, "sample:latest", "/etc/os-release")
+
+
+def main() -> None:
+    cli(prog_name="layerfs")
+
+
+if __name__ == "__main__":
+    main()

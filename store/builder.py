@@ -1,0 +1,213 @@
+"""Assemble a layer's entries from any source and record it in one transaction.
+
+The builder enforces what every layer must satisfy whatever its source: clean relative
+paths, no path through a symlink or a file, hard links only to earlier names of the same
+layer, whiteouts and opaque markers recorded as entries, implied parent directories made
+explicit (flagged IMPLICIT), and a later duplicate replacing an earlier one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import time
+from collections.abc import Iterable
+
+import lmdb
+
+from .blobs import Ingest, blob_size_record
+from .errors import BadArchive, HostileArchive
+from .index import Index
+from .records import (IMPLICIT, OPAQUE, Entry, Kind, LayerRecord, Source, digest_bytes,
+                      entry_key, pack_entry, pack_layer, unpack_layer)
+
+_IMPLICIT_DIR = Entry(Kind.DIR, mode=0o755, flags=IMPLICIT)
+
+
+def clean_path(name: str) -> str:
+    """Normalise a member name to ``a/b/c`` ("" is the root); refuse escapes."""
+    if name.startswith("/"):
+        raise HostileArchive(f"absolute path {name!r} in the layer")
+    parts: list[str] = []
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise HostileArchive(f"path {name!r} escapes the layer")
+            parts.pop()
+        else:
+            parts.append(part)
+    return "/".join(parts)
+
+
+class LayerBuilder:
+    """The entries of one layer being imported, kept in memory until recorded."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Entry] = {}
+
+    def _parent_dir(self, path: str) -> None:
+        """Make sure every ancestor of ``path`` is a directory of this layer."""
+        parent = path.rpartition("/")[0]
+        missing: list[str] = []
+        while parent:
+            e = self.entries.get(parent)
+            if e is not None:
+                if e.kind == Kind.DIR:
+                    break
+                if e.kind == Kind.SYMLINK:
+                    raise HostileArchive(f"{path!r} passes through the symlink {parent!r}")
+                if e.kind == Kind.WHITEOUT:
+                    # Content under a whited-out name: the name becomes a new, opaque dir.
+                    self.entries[parent] = dataclasses.replace(_IMPLICIT_DIR, flags=IMPLICIT | OPAQUE)
+                    break
+                raise BadArchive(f"{path!r} is inside {parent!r}, which is not a directory")
+            missing.append(parent)
+            parent = parent.rpartition("/")[0]
+        for d in missing:
+            self.entries[d] = _IMPLICIT_DIR
+
+    def add(self, path: str, entry: Entry) -> None:
+        """Add (or replace) the entry at a clean path."""
+        if path == "":
+            if entry.kind != Kind.DIR:
+                raise BadArchive("the layer's root is not a directory")
+            old = self.entries.get("")
+            self.entries[""] = dataclasses.replace(entry, flags=entry.flags | (old.flags & OPAQUE if old else 0))
+            return
+        self._parent_dir(path)
+        old = self.entries.get(path)
+        if old is not None:
+            if old.kind == Kind.DIR and entry.kind == Kind.DIR:
+                # A directory described twice (or after its opaque marker) keeps its flag.
+                entry = dataclasses.replace(entry, flags=entry.flags | (old.flags & OPAQUE))
+            elif old.kind == Kind.WHITEOUT and entry.kind == Kind.DIR:
+                entry = dataclasses.replace(entry, flags=entry.flags | OPAQUE)
+            elif old.kind == Kind.DIR:
+                self._drop_descendants(path)
+        self.entries[path] = entry
+
+    def _drop_descendants(self, path: str) -> None:
+        prefix = path + "/"
+        for p in [p for p in self.entries if p.startswith(prefix)]:
+            del self.entries[p]
+
+    def whiteout(self, path: str) -> None:
+        """Hide ``path`` of the layers below (a name this layer also has wins)."""
+        self._parent_dir(path)
+        old = self.entries.get(path)
+        if old is None:
+            self.entries[path] = Entry(Kind.WHITEOUT, mode=0)
+        elif old.kind == Kind.DIR:
+            self.entries[path] = dataclasses.replace(old, flags=old.flags | OPAQUE)
+
+    def opaque(self, dir_path: str) -> None:
+        """Make ``dir_path`` opaque: nothing of the layers below shows through it."""
+        if dir_path:
+            self._parent_dir(dir_path)
+        old = self.entries.get(dir_path)
+        if old is None or old.kind == Kind.WHITEOUT:
+            self.entries[dir_path] = dataclasses.replace(_IMPLICIT_DIR, flags=IMPLICIT | OPAQUE)
+        elif old.kind == Kind.DIR:
+            self.entries[dir_path] = dataclasses.replace(old, flags=old.flags | OPAQUE)
+        else:
+            raise BadArchive(f"opaque marker inside {dir_path!r}, which is not a directory")
+
+    def hardlink(self, path: str, target: str, name_in_archive: str) -> None:
+        """Add ``path`` as another name of the earlier file ``target``."""
+        t = self.entries.get(target)
+        if t is None or t.kind in (Kind.DIR, Kind.WHITEOUT) or t.implicit:
+            raise HostileArchive(
+                f"hard link {name_in_archive!r} points to {target!r}, which is not an earlier "
+                "file of this layer")
+        group = t.hardlink or target
+        if not t.hardlink:
+            self.entries[target] = dataclasses.replace(t, hardlink=group)
+        self.add(path, dataclasses.replace(t, hardlink=group))
+
+    def finish(self, canonical: bool) -> dict[str, Entry]:
+        """Final entries: link counts filled in; for canonical layers, redundant
+        whiteouts (inside opaque directories of this layer) dropped."""
+        counts: dict[str, int] = {}
+        for e in self.entries.values():
+            if e.hardlink:
+                counts[e.hardlink] = counts.get(e.hardlink, 0) + 1
+        out: dict[str, Entry] = {}
+        for path, e in self.entries.items():
+            if e.hardlink:
+                n = counts[e.hardlink]
+                e = dataclasses.replace(e, nlink=n, hardlink=e.hardlink if n > 1 else "")
+            if canonical and e.kind == Kind.WHITEOUT and self._under_opaque(path):
+                continue
+            out[path] = e
+        return out
+
+    def _under_opaque(self, path: str) -> bool:
+        parent = path
+        while parent:
+            parent = parent.rpartition("/")[0]
+            e = self.entries.get(parent)
+            if e is not None and e.opaque:
+                return True
+        return False
+
+
+def file_bytes(entries: dict[str, Entry]) -> int:
+    """Bytes of regular file data in a layer, each hard-link group counted once."""
+    seen: set[str] = set()
+    total = 0
+    for e in entries.values():
+        if e.kind == Kind.REG:
+            if e.hardlink:
+                if e.hardlink in seen:
+                    continue
+                seen.add(e.hardlink)
+            total += e.size
+    return total
+
+
+def existing_layer(index: Index, diff_id: str) -> LayerRecord | None:
+    """The layer with this diff_id, if the store has it."""
+    with index.read() as txn:
+        raw = txn.get(digest_bytes(diff_id), db=index.db("layers"))
+    return unpack_layer(diff_id, raw) if raw is not None else None
+
+
+def record_layer(index: Index, ingest: Ingest, diff_id: str, tar_size: int,
+                 entries: dict[str, Entry], source: Source, comment: str,
+                 tarsplit_chunks: Iterable[bytes] = ()) -> LayerRecord:
+    """Publish the ingest's blobs and record the layer, all or nothing.
+
+    Returns the existing record if the layer is already stored (nothing new is written).
+    """
+    found = existing_layer(index, diff_id)
+    if found is not None:
+        return found
+    blobs = ingest.publish()
+    chunks = list(tarsplit_chunks)
+    created = time.time_ns()
+    fbytes = file_bytes(entries)
+
+    def txn_fn(txn: lmdb.Transaction) -> LayerRecord:
+        key = digest_bytes(diff_id)
+        raw = txn.get(key, db=index.db("layers"))
+        if raw is not None:
+            return unpack_layer(diff_id, raw)
+        num = index.next_counter(txn, b"layer-num")
+        rec = LayerRecord(diff_id, num, tar_size, len(entries), fbytes, created, source, comment)
+        txn.put(key, pack_layer(rec), db=index.db("layers"))
+        prefix = struct.pack(">I", num)
+        txn.put(prefix, key, db=index.db("layernums"))
+        edb = index.db("entries")
+        for path, e in entries.items():
+            txn.put(entry_key(prefix, path), pack_entry(e), db=edb)
+        tdb = index.db("tarsplit")
+        for i, chunk in enumerate(chunks):
+            txn.put(prefix + struct.pack(">I", i), chunk, db=tdb)
+        bdb = index.db("blobs")
+        for blob_id, size in blobs.items():
+            txn.put(blob_id.encode(), blob_size_record(size), db=bdb)
+        return rec
+
+    return index.write(txn_fn)

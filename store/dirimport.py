@@ -1,0 +1,158 @@
+"""Import a layer from a directory tree (an OCI rootfs diff or an overlayfs upper).
+
+Whiteouts are read in every form seen in the wild: OCI ``.wh.NAME`` and ``.wh..wh..opq``
+files, overlayfs char-device 0/0 whiteouts and xattr whiteouts, and the
+``trusted.overlay.opaque`` / ``user.overlay.opaque`` = ``y`` opaque directories. The
+layer's id is the sha256 of its canonical tar, which is produced while the files are
+read into blobs, so each file is read once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import stat
+
+from .blobs import CHUNK, BlobStore
+from .builder import LayerBuilder, record_layer
+from .errors import StoreCorrupt, StoreError
+from .index import Index
+from .records import Entry, Kind, LayerRecord, Source
+from .tarformat import OPAQUE_MARKER, WHITEOUT_PREFIX, canonical_order, canonical_tar
+from .tarimport import PRIVATE_XATTR_PREFIXES
+
+_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+_WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
+
+
+def read_xattrs(path: str) -> dict[str, bytes]:
+    """All xattrs of ``path`` (not following symlinks); {} where unsupported."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    out = {}
+    for name in names:
+        try:
+            out[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError:
+            continue
+    return out
+
+
+def _is_opaque(xattrs: dict[str, bytes]) -> bool:
+    return any(xattrs.get(n) == b"y" for n in _OPAQUE_XATTRS)
+
+
+def _entry(st: os.stat_result, kind: Kind, xattrs: dict[str, bytes], **kw) -> Entry:
+    kept = tuple(sorted((k, v) for k, v in xattrs.items() if not k.startswith(PRIVATE_XATTR_PREFIXES)))
+    return Entry(kind, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+                 mtime_ns=st.st_mtime_ns, xattrs=kept, **kw)
+
+
+def scan_dir(root: str) -> tuple[dict[str, Entry], dict[str, str]]:
+    """Entries of the tree at ``root`` and, for each regular file, its path on disk."""
+    try:
+        root_st = os.lstat(root)
+    except OSError as e:
+        raise StoreError(f"cannot read {root}: {e.strerror}") from None
+    if not stat.S_ISDIR(root_st.st_mode):
+        raise StoreError(f"{root} is not a directory")
+    builder = LayerBuilder()
+    if _is_opaque(read_xattrs(root)):
+        builder.opaque("")
+    files: dict[str, str] = {}
+    first_name: dict[tuple[int, int], str] = {}
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        here = os.path.join(root, rel) if rel else root
+        try:
+            names = sorted(os.listdir(here))
+        except OSError as e:
+            raise StoreError(f"cannot read {here}: {e.strerror}") from None
+        for name in names:
+            path = f"{rel}/{name}" if rel else name
+            full = os.path.join(here, name)
+            if name.startswith(WHITEOUT_PREFIX):
+                if name == OPAQUE_MARKER:
+                    builder.opaque(rel)
+                elif not name.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX) and name != WHITEOUT_PREFIX:
+                    builder.whiteout(f"{rel}/{name[4:]}" if rel else name[4:])
+                continue
+            st = os.lstat(full)
+            mode = st.st_mode
+            xattrs = read_xattrs(full)
+            if stat.S_ISCHR(mode) and st.st_rdev == 0:
+                builder.whiteout(path)
+            elif stat.S_ISREG(mode) and st.st_size == 0 and any(n in xattrs for n in _WHITEOUT_XATTRS):
+                builder.whiteout(path)
+            elif stat.S_ISDIR(mode):
+                builder.add(path, _entry(st, Kind.DIR, xattrs))
+                if _is_opaque(xattrs):
+                    builder.opaque(path)
+                stack.append(path)
+            elif stat.S_ISREG(mode):
+                key = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and key in first_name:
+                    builder.hardlink(path, first_name[key], path)
+                    continue
+                if st.st_nlink > 1:
+                    first_name[key] = path
+                builder.add(path, _entry(st, Kind.REG, xattrs, size=st.st_size,
+                                         hardlink=path if st.st_nlink > 1 else ""))
+                files[path] = full
+            elif stat.S_ISLNK(mode):
+                builder.add(path, _entry(st, Kind.SYMLINK, xattrs, target=os.readlink(full)))
+            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+                builder.add(path, _entry(st, Kind.CHR if stat.S_ISCHR(mode) else Kind.BLK, xattrs,
+                                         rdev_major=os.major(st.st_rdev), rdev_minor=os.minor(st.st_rdev)))
+            elif stat.S_ISFIFO(mode):
+                builder.add(path, _entry(st, Kind.FIFO, xattrs))
+            # Sockets cannot be put in a tar: skipped, as docker and tar do.
+    return _primary_first(builder.finish(canonical=True)), files
+
+
+def _primary_first(entries: dict[str, Entry]) -> dict[str, Entry]:
+    """Name each hard-link group by its first path in canonical tar order."""
+    primary: dict[str, str] = {}
+    for path in canonical_order(entries):
+        group = entries[path].hardlink
+        if group and group not in primary:
+            primary[group] = path
+    return {p: dataclasses.replace(e, hardlink=primary[e.hardlink]) if e.hardlink else e
+            for p, e in entries.items()}
+
+
+def import_dir(index: Index, blobs: BlobStore, root: str, comment: str = "") -> LayerRecord:
+    """Record the tree at ``root`` as a layer whose id is the sha256 of its canonical tar."""
+    entries, files = scan_dir(root)
+    sha = hashlib.sha256()
+    size = 0
+    with blobs.ingest() as ingest:
+        blob_of: dict[str, str] = {}
+
+        def file_chunks(path: str, entry: Entry):
+            writer = ingest.writer()
+            try:
+                with open(files[path], "rb") as f:
+                    while chunk := f.read(CHUNK):
+                        writer.write(chunk)
+                        yield chunk
+            except OSError as e:
+                raise StoreError(f"cannot read {files[path]}: {e.strerror}") from None
+            blob_of[path] = writer.finish()
+
+        try:
+            for chunk in canonical_tar(entries, file_chunks):
+                sha.update(chunk)
+                size += len(chunk)
+        except StoreCorrupt as e:
+            raise StoreError(f"{root} changed while it was imported: {e}") from None
+        final = {}
+        for path, e in entries.items():
+            if e.kind == Kind.REG and e.size:
+                e = dataclasses.replace(e, blob=blob_of[e.hardlink or path])
+            final[path] = e
+        return record_layer(index, ingest, "sha256:" + sha.hexdigest(), size, final, Source.DIR, comment)

@@ -1,0 +1,77 @@
+"""Image references (``name:tag``) and OCI image configs.
+
+An image id is the sha256 of its config, as in docker and the OCI image spec.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import time
+
+from .errors import InvalidReference
+
+# The docker reference grammar, without digests: [host[:port]/]component(/component)*[:tag]
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
+_HOST = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?/)"
+_NAME_RE = re.compile(rf"^(?:{_HOST}(?={_COMPONENT}/))?{_COMPONENT}(?:/{_COMPONENT})*$")
+_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+
+OCI_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
+            "s390x": "s390x", "riscv64": "riscv64", "i686": "386"}
+
+
+def parse_reference(ref: str) -> str:
+    """Validate ``name[:tag]`` and return it as ``name:tag`` (``latest`` by default)."""
+    name, tag = ref, "latest"
+    slash = ref.rfind("/")
+    colon = ref.rfind(":")
+    if colon > slash:
+        name, tag = ref[:colon], ref[colon + 1:]
+    if len(name) > 255 or not _NAME_RE.match(name) or not _TAG_RE.match(tag):
+        raise InvalidReference(f"invalid reference {ref!r}: expected NAME[:TAG] "
+                               "(lowercase name components, tag of [A-Za-z0-9_.-])")
+    return f"{name}:{tag}"
+
+
+def now_ns() -> int:
+    """The creation time: SOURCE_DATE_EPOCH when set (reproducible builds), else the clock."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch:
+        try:
+            return int(epoch) * 1_000_000_000
+        except ValueError:
+            pass
+    return time.time_ns()
+
+
+def rfc3339(ns: int) -> str:
+    dt = datetime.datetime.fromtimestamp(ns // 1_000_000_000, datetime.timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_config(parent: bytes | None, diff_id: str, created_ns: int, created_by: str) -> bytes:
+    """The OCI config of ``parent`` (or a fresh one) with one more layer and history entry."""
+    if parent:
+        config = json.loads(parent)
+    else:
+        config = {"architecture": OCI_ARCH.get(platform.machine(), platform.machine()),
+                  "os": "linux", "config": {}, "rootfs": {"type": "layers", "diff_ids": []},
+                  "history": []}
+    created = rfc3339(created_ns)
+    config["created"] = created
+    config.setdefault("rootfs", {"type": "layers", "diff_ids": []})["diff_ids"].append(diff_id)
+    config.setdefault("history", []).append({"created": created, "created_by": created_by})
+    return canonical_json(config)
+
+
+def canonical_json(obj: object) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()

@@ -1,0 +1,175 @@
+"""The merged tree of a layer chain, flattened once into the index.
+
+For a chain of layers (named by its OCI ChainID) the ``merged`` database maps every
+visible path to the layer whose entry it shows, so a lookup is two ``get``s whatever
+the number of layers, and listing a directory is one range scan. A chain is built from
+the longest prefix chain already flattened, applying the remaining layers in order:
+whiteouts delete, opaque directories delete what lies below them, and an implicit
+directory keeps the attributes of the directory it lies on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import struct
+from collections.abc import Iterator
+
+import lmdb
+
+from .errors import PathNotFound, StoreError
+from .index import Index, delete_prefix, prefix_scan
+from .records import (IMPLICIT, OPAQUE, Entry, Kind, LayerRecord, children_prefix,
+                      descendants_prefix, digest_bytes, entry_key, unpack_entry)
+
+_MERGED = struct.Struct(">IB")  # layer num, kind
+MAX_SYMLINKS = 40
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """The OCI ChainID of every prefix of the layer list."""
+    out: list[str] = []
+    for d in diff_ids:
+        out.append(d if not out else "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
+    return out
+
+
+def _delete_below(txn, mdb, prefix: bytes, path: str) -> None:
+    """Delete the merged records of everything below ``path``."""
+    if path == "":
+        root = txn.get(prefix + b"\0", db=mdb)
+        delete_prefix(txn, mdb, prefix)
+        if root is not None:
+            txn.put(prefix + b"\0", root, db=mdb)
+        return
+    delete_prefix(txn, mdb, children_prefix(prefix, path))
+    delete_prefix(txn, mdb, descendants_prefix(prefix, path))
+
+
+def _apply_layer(txn, index: Index, chain_prefix: bytes, layer_num: int) -> None:
+    mdb, edb = index.db("merged"), index.db("entries")
+    lprefix = struct.pack(">I", layer_num)
+    for key, value in prefix_scan(txn, edb, lprefix):
+        suffix = key[4:]
+        mkey = chain_prefix + suffix
+        kind, flags = value[0], value[1]
+        parent, _, name = suffix.partition(b"\0")
+        path = (parent + b"/" + name if parent else name).decode("utf-8", "surrogateescape")
+        old = txn.get(mkey, db=mdb)
+        old_kind = old[4] if old is not None else 0
+        if kind == Kind.WHITEOUT:
+            if old is not None:
+                txn.delete(mkey, db=mdb)
+                if old_kind == Kind.DIR:
+                    _delete_below(txn, mdb, chain_prefix, path)
+            continue
+        if old_kind == Kind.DIR and (kind != Kind.DIR or flags & OPAQUE):
+            _delete_below(txn, mdb, chain_prefix, path)
+        if kind == Kind.DIR and flags & IMPLICIT and old_kind == Kind.DIR:
+            continue  # the directory below keeps its attributes
+        txn.put(mkey, _MERGED.pack(layer_num, kind), db=mdb)
+
+
+def build_chain(index: Index, layers: list[LayerRecord]) -> int:
+    """Flatten the chain (if not yet done) and return its chain number."""
+    chains = chain_ids([layer.diff_id for layer in layers])
+
+    def txn_fn(txn: lmdb.Transaction) -> int:
+        cdb, mdb = index.db("chains"), index.db("merged")
+        top = txn.get(digest_bytes(chains[-1]), db=cdb)
+        if top is not None:
+            return struct.unpack(">I", top)[0]
+        start, base = 0, None
+        for i in range(len(chains) - 2, -1, -1):
+            raw = txn.get(digest_bytes(chains[i]), db=cdb)
+            if raw is not None:
+                start, base = i + 1, struct.unpack(">I", raw)[0]
+                break
+        num = index.next_counter(txn, b"chain-num")
+        prefix = struct.pack(">I", num)
+        if base is not None:
+            for key, value in prefix_scan(txn, mdb, struct.pack(">I", base)):
+                txn.put(prefix + key[4:], value, db=mdb)
+        for layer in layers[start:]:
+            _apply_layer(txn, index, prefix, layer.num)
+        txn.put(digest_bytes(chains[-1]), prefix, db=cdb)
+        return num
+
+    return index.write(txn_fn)
+
+
+_ROOT = Entry(Kind.DIR, mode=0o755, flags=IMPLICIT)
+
+
+class MergedTree:
+    """Read-only view of an image's merged tree, served from the flattened index."""
+
+    def __init__(self, index: Index, layers: list[LayerRecord]) -> None:
+        self.index = index
+        self.num = build_chain(index, layers) if layers else 0
+        self.prefix = struct.pack(">I", self.num)
+
+    def _entry(self, txn, key_suffix: bytes) -> Entry | None:
+        raw = txn.get(self.prefix + key_suffix, db=self.index.db("merged"))
+        if raw is None:
+            return None
+        layer_num = _MERGED.unpack(raw)[0]
+        value = txn.get(struct.pack(">I", layer_num) + key_suffix, db=self.index.db("entries"))
+        if value is None:
+            raise StoreError(f"the merged view refers to a missing entry (layer {layer_num})")
+        return unpack_entry(value)
+
+    def lookup(self, path: str) -> Entry | None:
+        """The entry shown at ``path`` (relative, "" is the root), or None."""
+        if not self.num:
+            return _ROOT if path == "" else None
+        with self.index.read() as txn:
+            e = self._entry(txn, entry_key(b"", path))
+        if e is None and path == "":
+            return _ROOT
+        return e
+
+    def listdir(self, path: str) -> Iterator[tuple[str, Entry]]:
+        """The children of directory ``path`` in name order."""
+        if not self.num:
+            return
+        prefix = children_prefix(self.prefix, path)
+        with self.index.read() as txn:
+            rows = [(k, v) for k, v in prefix_scan(txn, self.index.db("merged"), prefix)]
+            for key, raw in rows:
+                name = key[len(prefix):]
+                if not name:
+                    continue  # the root's own record
+                layer_num = _MERGED.unpack(raw)[0]
+                value = txn.get(struct.pack(">I", layer_num) + key[4:], db=self.index.db("entries"))
+                yield name.decode("utf-8", "surrogateescape"), unpack_entry(value)
+
+    def resolve(self, path: str, follow_last: bool = True) -> tuple[str, Entry]:
+        """Find ``path`` as a process chrooted into the image would, following symlinks."""
+        todo = [p for p in path.split("/") if p not in ("", ".")]
+        done: list[str] = []
+        hops = 0
+        entry = self.lookup("")
+        while todo:
+            part = todo.pop(0)
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            cand = "/".join(done + [part])
+            entry = self.lookup(cand)
+            if entry is None:
+                raise PathNotFound(f"{posixpath.join('/', path)}: no such file or directory in the image")
+            if entry.kind == Kind.SYMLINK and (todo or follow_last):
+                hops += 1
+                if hops > MAX_SYMLINKS:
+                    raise StoreError(f"{path}: too many levels of symbolic links")
+                target = [p for p in entry.target.split("/") if p not in ("", ".")]
+                if entry.target.startswith("/"):
+                    done = []
+                todo = target + todo
+                continue
+            if todo and entry.kind != Kind.DIR:
+                raise PathNotFound(f"{posixpath.join('/', path)}: not a directory in the image")
+            done.append(part)
+        return "/".join(done), entry or _ROOT

@@ -1,0 +1,240 @@
+"""The store: one root directory holding the index, the blobs and scratch space.
+
+This is the API that the CLI and the union filesystem use; it knows nothing of FUSE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import lmdb
+
+from . import images as imagesmod
+from .blobs import BlobStore
+from .dirimport import import_dir
+from .errors import (AmbiguousName, ImageNotFound, LayerNotFound, NotAStore, StoreError)
+from .export import export_to_path, layer_entries, write_layer
+from .index import Index, prefix_scan
+from .merged import MergedTree
+from .records import (Entry, ImageRecord, LayerRecord, bytes_digest, digest_bytes, pack_image,
+                      unpack_image, unpack_layer)
+from .tarimport import import_tar, open_input
+
+_STORE_DIRS = ("blobs", "tmp", "containers")
+
+
+def default_root() -> str:
+    """$LAYERFS_ROOT, else /var/lib/layerfs for root, else ~/.local/share/layerfs."""
+    if os.environ.get("LAYERFS_ROOT"):
+        return os.environ["LAYERFS_ROOT"]
+    if os.geteuid() == 0:
+        return "/var/lib/layerfs"
+    return os.path.join(os.path.expanduser("~"), ".local", "share", "layerfs")
+
+
+@dataclass(slots=True, frozen=True)
+class Usage:
+    """What ``df`` reports."""
+
+    blobs: int
+    stored_bytes: int  # bytes in blob files
+    logical_bytes: int  # file bytes of all layers, as if nothing were shared
+    layers: int
+    images: int
+
+    @property
+    def saved_bytes(self) -> int:
+        return max(0, self.logical_bytes - self.stored_bytes)
+
+
+class Store:
+    """A layerfs store at ``root``, created on first use."""
+
+    def __init__(self, root: str | None = None, map_size: int | None = None) -> None:
+        self.root = os.path.abspath(root or default_root())
+        index_path = os.path.join(self.root, "index.lmdb")
+        if not os.path.exists(index_path):
+            if os.path.isdir(self.root) and os.listdir(self.root):
+                raise NotAStore(f"{self.root} is not a layerfs store (it has no index.lmdb)")
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise NotAStore(f"{self.root} is not a directory")
+        try:
+            for d in _STORE_DIRS:
+                os.makedirs(os.path.join(self.root, d), exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the store at {self.root}: {e.strerror}") from None
+        self.index = Index(index_path, map_size)
+        self.blobs = BlobStore(self.root, self.index)
+
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- import -------------------------------------------------------------------
+
+    def import_tar(self, path: str, parent: str | None = None, tag: str | None = None,
+                   progress: Callable[[int], None] | None = None) -> ImageRecord:
+        """Import a layer tarball ("-" for stdin) as a new image on top of ``parent``."""
+        tag = imagesmod.parse_reference(tag) if tag else None
+        base = self.resolve_image(parent) if parent else None
+        src_cm = contextlib.nullcontext(open_input(path)) if path == "-" else open_input(path)
+        with src_cm as src:
+            layer = import_tar(self.index, self.blobs, src, os.path.basename(path), progress)
+        return self._new_image(base, layer, f"layerfs import-layer {os.path.basename(path)}", tag)
+
+    def import_dir(self, path: str, parent: str | None = None, tag: str | None = None) -> ImageRecord:
+        """Import a directory tree as a new image on top of ``parent``."""
+        tag = imagesmod.parse_reference(tag) if tag else None
+        base = self.resolve_image(parent) if parent else None
+        layer = import_dir(self.index, self.blobs, path, os.path.abspath(path))
+        return self._new_image(base, layer, f"layerfs import-dir {os.path.basename(os.path.abspath(path))}", tag)
+
+    def _new_image(self, base: ImageRecord | None, layer: LayerRecord, created_by: str,
+                   tag: str | None) -> ImageRecord:
+        created = imagesmod.now_ns()
+        config = imagesmod.new_config(base.config if base else None, layer.diff_id, created, created_by)
+        rec = ImageRecord(imagesmod.digest(config), (base.layers if base else ()) + (layer.diff_id,),
+                          config, created)
+
+        def txn_fn(txn: lmdb.Transaction) -> None:
+            for d in rec.layers:  # a concurrent rmi/gc must not have taken a layer meanwhile
+                if txn.get(digest_bytes(d), db=self.index.db("layers")) is None:
+                    raise LayerNotFound(f"layer {d} disappeared while the image was created")
+            txn.put(digest_bytes(rec.image_id), pack_image(rec), db=self.index.db("images"))
+            if tag:
+                txn.put(tag.encode(), digest_bytes(rec.image_id), db=self.index.db("tags"))
+
+        self.index.write(txn_fn)
+        return rec
+
+    # -- lookups -------------------------------------------------------------------
+
+    def images(self) -> list[tuple[ImageRecord, list[str]]]:
+        """Every image with its tags, newest first."""
+        with self.index.read() as txn:
+            tags: dict[bytes, list[str]] = {}
+            for k, v in txn.cursor(db=self.index.db("tags")):
+                tags.setdefault(v, []).append(k.decode())
+            out = [(unpack_image(bytes_digest(k), v), sorted(tags.get(k, [])))
+                   for k, v in txn.cursor(db=self.index.db("images"))]
+        return sorted(out, key=lambda r: -r[0].created_ns)
+
+    def layers(self) -> list[LayerRecord]:
+        """Every layer, oldest first."""
+        with self.index.read() as txn:
+            out = [unpack_layer(bytes_digest(k), v) for k, v in txn.cursor(db=self.index.db("layers"))]
+        return sorted(out, key=lambda r: r.num)
+
+    def tags_of(self, image_id: str) -> list[str]:
+        key = digest_bytes(image_id)
+        with self.index.read() as txn:
+            return sorted(k.decode() for k, v in txn.cursor(db=self.index.db("tags")) if v == key)
+
+    def resolve_image(self, ref: str) -> ImageRecord:
+        """An image by tag, full id or unique id prefix."""
+        with self.index.read() as txn:
+            key = self._find(txn, "images", ref, tags=True)
+            if key is None:
+                raise ImageNotFound(f"no such image: {ref}")
+            return unpack_image(bytes_digest(key), txn.get(key, db=self.index.db("images")))
+
+    def resolve_layer(self, ref: str) -> LayerRecord:
+        """A layer by full diff_id or unique prefix."""
+        with self.index.read() as txn:
+            key = self._find(txn, "layers", ref, tags=False)
+            if key is None:
+                raise LayerNotFound(f"no such layer: {ref}")
+            return unpack_layer(bytes_digest(key), txn.get(key, db=self.index.db("layers")))
+
+    def _find(self, txn, dbname: str, ref: str, tags: bool) -> bytes | None:
+        if tags and not ref.startswith("sha256:"):
+            try:
+                raw = txn.get(imagesmod.parse_reference(ref).encode(), db=self.index.db("tags"))
+            except StoreError:
+                raw = None
+            if raw is not None:
+                return bytes(raw)
+        hexpart = ref.removeprefix("sha256:").lower()
+        if not hexpart or len(hexpart) > 64 or any(c not in "0123456789abcdef" for c in hexpart):
+            return None
+        lo = bytes.fromhex(hexpart[: len(hexpart) & ~1])
+        matches = []
+        for k, _ in prefix_scan(txn, self.index.db(dbname), lo):
+            if k.hex().startswith(hexpart):
+                matches.append(bytes(k))
+                if len(matches) > 1:
+                    raise AmbiguousName(f"{ref} matches more than one {dbname[:-1]}; give more digits")
+        return matches[0] if matches else None
+
+    # -- changes -------------------------------------------------------------------
+
+    def tag(self, image: str, ref: str) -> str:
+        """Point ``ref`` (NAME[:TAG]) at an image; returns the normalised tag."""
+        ref = imagesmod.parse_reference(ref)
+        rec = self.resolve_image(image)
+        self.index.write(lambda txn: txn.put(ref.encode(), digest_bytes(rec.image_id),
+                                             db=self.index.db("tags")))
+        return ref
+
+    def rmi(self, ref: str) -> tuple[list[str], str | None]:
+        """Remove a tag, and the image once no tag names it; or an image by id with its tags.
+
+        Returns (tags removed, image id removed or None). Layers and blobs stay until gc.
+        """
+        rec = self.resolve_image(ref)
+        by_tag = not ref.startswith("sha256:") and not rec.image_id[7:].startswith(ref.lower())
+        tag = imagesmod.parse_reference(ref) if by_tag else None
+
+        def txn_fn(txn: lmdb.Transaction) -> tuple[list[str], str | None]:
+            tdb, key = self.index.db("tags"), digest_bytes(rec.image_id)
+            names = [k.decode() for k, v in txn.cursor(db=tdb) if v == key]
+            removed = [tag] if tag else names
+            for name in removed:
+                txn.delete(name.encode(), db=tdb)
+            if len(removed) < len(names):
+                return removed, None
+            txn.delete(key, db=self.index.db("images"))
+            return removed, rec.image_id
+
+        return self.index.write(txn_fn)
+
+    # -- reading -------------------------------------------------------------------
+
+    def image_layers(self, image: ImageRecord) -> list[LayerRecord]:
+        return [self.resolve_layer(d) for d in image.layers]
+
+    def tree(self, image: str | ImageRecord) -> MergedTree:
+        """The merged tree of an image (flattened in the index on first use)."""
+        rec = image if isinstance(image, ImageRecord) else self.resolve_image(image)
+        return MergedTree(self.index, self.image_layers(rec))
+
+    def layer_entries(self, layer: LayerRecord) -> dict[str, Entry]:
+        return layer_entries(self.index, layer.num)
+
+    def export_layer(self, ref: str, out: str | BinaryIO) -> int:
+        """Write a layer's tar (sha256 == its id) to a path or a binary stream."""
+        layer = self.resolve_layer(ref)
+        if isinstance(out, str):
+            return export_to_path(self.index, self.blobs, layer, out)
+        return write_layer(self.index, self.blobs, layer, out)
+
+    def df(self) -> Usage:
+        """Blobs, bytes stored, and what the layers would take without dedup."""
+        with self.index.read() as txn:
+            n = stored = 0
+            for _, v in txn.cursor(db=self.index.db("blobs")):
+                n += 1
+                stored += struct.unpack("<Q", v)[0]
+            layers = [unpack_layer(bytes_digest(k), v) for k, v in txn.cursor(db=self.index.db("layers"))]
+            images = txn.stat(self.index.db("images"))["entries"]
+        return Usage(n, stored, sum(layer.file_bytes for layer in layers), len(layers), images)

@@ -1,0 +1,267 @@
+"""Import a layer from a tar stream (plain, gzip, zstd, bzip2 or xz).
+
+One pass over the stream: ``tarfile`` parses the headers, contents are streamed straight
+into blobs, everything else goes to the tar-split record, and every byte goes through
+sha256 for the layer's diff_id. Nothing is recorded unless the whole stream was a valid
+tar that ended properly.
+"""
+
+from __future__ import annotations
+
+import base64
+import bz2
+import decimal
+import gzip
+import hashlib
+import io
+import lzma
+import os
+import tarfile
+import urllib.parse
+import zlib
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+import zstandard
+
+from .blobs import CHUNK
+from .builder import LayerBuilder, clean_path, record_layer
+from .errors import BadArchive, HostileArchive, StoreError
+from .index import Index
+from .blobs import BlobStore
+from .records import OPAQUE, Entry, Kind, LayerRecord, Source
+from .tarformat import OPAQUE_MARKER, WHITEOUT_PREFIX
+from .tarsplit import TarSplitWriter
+
+MAX_HEADER = 16 << 20  # the largest single header read (PAX records, GNU long names)
+MAX_TRAILER = 16 << 20  # bytes tolerated after the end-of-archive blocks
+MAX_RAW = 1 << 30  # non-content bytes of one layer (headers, padding)
+
+_DECODE_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+
+# overlayfs keeps its own state in these xattrs: meaningful to overlay, never content.
+PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
+
+
+def _decompressed(src: BinaryIO) -> tuple[BinaryIO, str]:
+    """Wrap ``src`` in the decompressor its magic bytes call for."""
+    buffered = src if hasattr(src, "peek") else io.BufferedReader(src)  # type: ignore[arg-type]
+    magic = buffered.peek(6)[:6]
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=buffered, mode="rb"), "gzip"
+    if magic.startswith(b"\x28\xb5\x2f\xfd"):
+        reader = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
+        return reader, "zstd"  # type: ignore[return-value]
+    if magic.startswith(b"BZh"):
+        return bz2.BZ2File(buffered), "bzip2"
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(buffered), "xz"
+    return buffered, "tar"
+
+
+class _TarStream:
+    """The uncompressed tar, read forward only, hashed and split as it is read.
+
+    ``tarfile`` reads headers through :meth:`read`/:meth:`seek` (those bytes go to the
+    tar-split record); the importer reads file contents through :meth:`content`.
+    """
+
+    def __init__(self, src: BinaryIO, kind: str, split: TarSplitWriter) -> None:
+        self.src, self.kind, self.split = src, kind, split
+        self.pos = 0
+        self.raw_bytes = 0
+        self.sha = hashlib.sha256()
+        self.last = b""
+
+    def _read(self, n: int) -> bytes:
+        parts, want = [], n
+        try:
+            while want:
+                data = self.src.read(want)
+                if not data:
+                    break
+                parts.append(data)
+                want -= len(data)
+        except _DECODE_ERRORS as e:
+            raise BadArchive(f"the {self.kind} stream is corrupt: {e}") from None
+        data = b"".join(parts)
+        self.sha.update(data)
+        self.pos += len(data)
+        return data
+
+    def _raw(self, data: bytes) -> None:
+        self.raw_bytes += len(data)
+        if self.raw_bytes > MAX_RAW:
+            raise HostileArchive("the tar's headers exceed 1 GiB")
+        self.split.raw(data)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > MAX_HEADER:
+            raise HostileArchive(f"a tar header of more than {MAX_HEADER >> 20} MiB")
+        self.last = data = self._read(n)
+        self._raw(data)
+        return data
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0 or pos < self.pos:
+            raise io.UnsupportedOperation("the tar stream only moves forward")
+        while self.pos < pos:
+            data = self._read(min(CHUNK, pos - self.pos))
+            if not data:
+                break  # tarfile notices the short read itself
+            self._raw(data)
+        return self.pos
+
+    def content(self, size: int) -> Iterator[bytes]:
+        remaining = size
+        while remaining:
+            data = self._read(min(CHUNK, remaining))
+            if not data:
+                raise BadArchive("the tar is truncated (it ends inside a file)")
+            remaining -= len(data)
+            yield data
+
+    def drain(self) -> None:
+        """Keep whatever follows the end blocks (tar writers pad to a record size)."""
+        trailer = 0
+        while data := self._read(CHUNK):
+            trailer += len(data)
+            if trailer > MAX_TRAILER:
+                raise HostileArchive("more than 16 MiB of data after the end of the tar")
+            self._raw(data)
+
+
+def _mtime_ns(ti: tarfile.TarInfo) -> int:
+    raw = ti.pax_headers.get("mtime")
+    if raw is None:
+        return int(ti.mtime) * 1_000_000_000
+    try:
+        value = decimal.Decimal(raw) * 1_000_000_000
+        return int(value.to_integral_value(rounding=decimal.ROUND_FLOOR))
+    except (decimal.InvalidOperation, ValueError):
+        raise BadArchive(f"{ti.name!r} has an invalid PAX mtime {raw!r}") from None
+
+
+def _xattrs(ti: tarfile.TarInfo) -> tuple[bool, tuple[tuple[str, bytes], ...]]:
+    """(opaque?, xattrs) from PAX SCHILY.xattr.* and LIBARCHIVE.xattr.* records."""
+    out: dict[str, bytes] = {}
+    for key, value in ti.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            out[key[13:]] = value.encode("utf-8", "surrogateescape")
+        elif key.startswith("LIBARCHIVE.xattr."):
+            try:
+                out[urllib.parse.unquote(key[17:])] = base64.b64decode(value + "==")
+            except ValueError:
+                raise BadArchive(f"{ti.name!r} has an invalid {key} record") from None
+    opaque = out.get("trusted.overlay.opaque") == b"y" or out.get("user.overlay.opaque") == b"y"
+    kept = tuple(sorted((k, v) for k, v in out.items() if not k.startswith(PRIVATE_XATTR_PREFIXES)))
+    return opaque, kept
+
+
+def _entry(ti: tarfile.TarInfo, kind: Kind, xattrs, **kw) -> Entry:
+    return Entry(kind, mode=ti.mode & 0o7777, uid=ti.uid, gid=ti.gid, mtime_ns=_mtime_ns(ti),
+                 xattrs=xattrs, **kw)
+
+
+def import_tar(index: Index, blobs: BlobStore, src: BinaryIO, comment: str = "",
+               progress: Callable[[int], None] | None = None) -> LayerRecord:
+    """Read a (possibly compressed) layer tar from ``src`` and record it as a layer."""
+    if progress is not None:
+        src = _Counting(src, progress)  # type: ignore[assignment]
+    stream_src, kind = _decompressed(src)
+    split = TarSplitWriter()
+    stream = _TarStream(stream_src, kind, split)
+    builder = LayerBuilder()
+    with blobs.ingest() as ingest:
+        try:
+            tf = tarfile.open(fileobj=stream, mode="r:", encoding="utf-8", errors="surrogateescape")
+            while True:
+                ti = tf.next()
+                if ti is None:
+                    break
+                tf.members.clear()  # tarfile keeps every member otherwise
+                _add_member(builder, ingest, stream, split, ti)
+            if stream.last != b"\0" * 512:
+                raise BadArchive("the tar is truncated (no end-of-archive blocks)")
+            stream.drain()
+        except tarfile.TarError as e:
+            raise BadArchive(f"not a valid tar archive ({e})") from None
+        except UnicodeError as e:
+            raise BadArchive(f"a tar header has an undecodable field ({e})") from None
+        entries = builder.finish(canonical=False)
+        diff_id = "sha256:" + stream.sha.hexdigest()
+        return record_layer(index, ingest, diff_id, stream.pos, entries, Source.TAR, comment,
+                            split.chunks())
+
+
+def _add_member(builder: LayerBuilder, ingest, stream: _TarStream, split: TarSplitWriter,
+                ti: tarfile.TarInfo) -> None:
+    if ti.issparse():
+        raise BadArchive(f"{ti.name!r} is a sparse file; sparse members are not supported")
+    path = clean_path(ti.name)
+    parent, _, base = path.rpartition("/")
+    if base.startswith(WHITEOUT_PREFIX):
+        if base == OPAQUE_MARKER:
+            builder.opaque(parent)
+        elif base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+            pass  # aufs metadata (.wh..wh.plnk, .wh..wh.aufs): not content
+        elif base == WHITEOUT_PREFIX:
+            raise BadArchive(f"invalid whiteout {ti.name!r} (no name after .wh.)")
+        else:
+            builder.whiteout((parent + "/" if parent else "") + base[len(WHITEOUT_PREFIX):])
+        return  # a whiteout's own data, if any, stays in the tar-split record
+    opaque, xattrs = _xattrs(ti)
+    if ti.isreg():
+        if stream.pos != ti.offset_data:
+            raise BadArchive(f"unexpected layout at {ti.name!r}")
+        writer = ingest.writer()
+        for chunk in stream.content(ti.size):
+            writer.write(chunk)
+        blob = writer.finish()
+        split.file(blob, ti.size)
+        builder.add(path, _entry(ti, Kind.REG, xattrs, size=ti.size, blob=blob))
+    elif ti.isdir():
+        builder.add(path, _entry(ti, Kind.DIR, xattrs, flags=OPAQUE if opaque else 0))
+    elif ti.issym():
+        builder.add(path, _entry(ti, Kind.SYMLINK, xattrs, target=ti.linkname))
+    elif ti.islnk():
+        builder.hardlink(path, clean_path(ti.linkname), ti.name)
+    elif ti.ischr() or ti.isblk():
+        kind = Kind.CHR if ti.ischr() else Kind.BLK
+        builder.add(path, _entry(ti, kind, xattrs, rdev_major=ti.devmajor, rdev_minor=ti.devminor))
+    elif ti.isfifo():
+        builder.add(path, _entry(ti, Kind.FIFO, xattrs))
+    # Other types (volume labels, unknown vendor types) carry no file: tar-split keeps them.
+
+
+class _Counting(io.RawIOBase):
+    """Reports how many input bytes were consumed (for a progress bar)."""
+
+    def __init__(self, src: BinaryIO, progress: Callable[[int], None]) -> None:
+        self.src, self.progress = src, progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.src.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.progress(n)
+        return n
+
+
+def open_input(path: str) -> BinaryIO:
+    """Open a layer file ("-" is stdin) with a clear error."""
+    if path == "-":
+        import sys
+        return sys.stdin.buffer
+    try:
+        if os.path.isdir(path):
+            raise StoreError(f"{path} is a directory (use import-dir)")
+        return open(path, "rb")
+    except OSError as e:
+        raise StoreError(f"cannot open {path}: {e.strerror}") from None
