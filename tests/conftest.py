@@ -1,0 +1,38 @@
+"""Shared fixtures: a fresh store per test, and the layerfs command run for real."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from store import Store
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture
+def store_root(tmp_path):
+    return str(tmp_path / "store")
+
+
+@pytest.fixture
+def store(store_root):
+    with Store(store_root) as s:
+        yield s
+
+
+@pytest.fixture
+def layerfs(store_root):
+    """Run the installed ``layerfs`` command against the test's store."""
+    def run(*args: str, input: bytes | None = None, check: bool = False, root: str | None = None):
+        env = dict(os.environ, LAYERFS_ROOT=root or store_root)
+        exe = os.path.join(os.path.dirname(sys.executable), "layerfs")
+        proc = subprocess.run([exe, *args], input=input, capture_output=True, env=env, timeout=600)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"layerfs {' '.join(args)} failed ({proc.returncode}): "
+                                 f"{proc.stderr.decode()}")
+        return proc
+    return run
