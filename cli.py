@@ -289,6 +289,100 @@ def df(store: Store, as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("image")
+@click.option("--name", help="Name the container (default layerfs-<id>).")
+@with_store
+def create(store: Store, image: str, name: str | None) -> None:
+    """Create a container (a writable layer on IMAGE); print its id."""
+    click.echo(store.containers.create(store.resolve_image(image).image_id, name).id)
+
+
+def _mount_options(opts: tuple[str, ...]) -> dict:
+    out: dict = {}
+    for item in opts:
+        for opt in item.split(","):
+            if opt:
+                k, _, v = opt.partition("=")
+                out[k] = v if v else True
+    return out
+
+
+@cli.command()
+@click.argument("ref", metavar="IMAGE|CONTAINER")
+@click.argument("mountpoint", type=click.Path())
+@click.option("--read-only", is_flag=True, help="Mount without a writable layer.")
+@click.option("--foreground", "-f", is_flag=True, help="Serve in this process until unmounted.")
+@click.option("-o", "options", multiple=True, help="FUSE options (allow_other, ...); volatile skips syncs.")
+@with_store
+def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: bool,
+          options: tuple[str, ...]) -> None:
+    """Mount an image or container at MOUNTPOINT (returns once the mount serves)."""
+    from unionfs import mount as mnt
+
+    opts = _mount_options(options)
+    volatile = bool(opts.pop("volatile", False))
+    if foreground:
+        path = mnt._check_mountpoint(mountpoint)
+        c = mnt.container_for(store, ref, read_only)
+        c = store.containers.set_mount(c, path, os.getpid())
+        try:
+            mnt.serve_container(store, c, path, read_only=read_only or c.read_only,
+                                volatile=volatile, options=opts)
+        finally:
+            store.containers.set_mount(c, "", 0)
+        return
+    c = mnt.mount(store, ref, mountpoint, read_only=read_only, options=opts, volatile=volatile)
+    click.echo(c.id)
+
+
+@cli.command()
+@click.argument("target", metavar="DIR|CONTAINER")
+@with_store
+def umount(store: Store, target: str) -> None:
+    """Unmount a mountpoint or a container (also after its serving process died)."""
+    from unionfs import mount as mnt
+
+    mnt.umount(store, target)
+
+
+@cli.command()
+@json_option
+@with_store
+def ps(store: Store, as_json: bool) -> None:
+    """List containers with their image, mountpoint and state."""
+    from unionfs.mount import state
+
+    rows = [(c, state(c)) for c in store.containers.list()]
+    if as_json:
+        click.echo(json.dumps([{"id": c.id, "name": c.name, "image": c.image_id, "state": st,
+                                "mountpoint": c.mountpoint or None, "pid": c.pid or None,
+                                "created": c.created_ns / 1e9} for c, st in rows], indent=2))
+        return
+    out = [["CONTAINER ID", "NAME", "IMAGE", "STATE", "MOUNTPOINT"]]
+    for c, st in rows:
+        out.append([c.id[:12], c.name, short(c.image_id), st, c.mountpoint or "-"])
+    table(out)
+
+
+@cli.command()
+@click.argument("containers", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Unmount first if mounted.")
+@with_store
+def rm(store: Store, containers: tuple[str, ...], force: bool) -> None:
+    """Remove containers and their writable layers."""
+    from unionfs import mount as mnt
+
+    for ref in containers:
+        c = store.containers.get(ref)
+        if mnt.state(c) != "created":
+            if not force:
+                raise StoreError(f"container {c.name} is mounted at {c.mountpoint}; umount it or use -f")
+            c = mnt.umount(store, c.id) or c
+        store.containers.remove(c)
+        click.echo(c.id)
+
+
+@cli.command()
 @with_store
 def demo(store: Store) -> None:
     """Import the built-in sample image (3 layers) as sample:latest and list it."""

@@ -109,40 +109,47 @@ class MergedTree:
         self.num = build_chain(index, layers) if layers else 0
         self.prefix = struct.pack(">I", self.num)
 
-    def _entry(self, txn, key_suffix: bytes) -> Entry | None:
-        raw = txn.get(self.prefix + key_suffix, db=self.index.db("merged"))
-        if raw is None:
-            return None
-        layer_num = _MERGED.unpack(raw)[0]
-        value = txn.get(struct.pack(">I", layer_num) + key_suffix, db=self.index.db("entries"))
+    def lookup_in_layer(self, path: str) -> tuple[int, Entry] | None:
+        """(layer number, entry) shown at ``path`` (relative, "" is the root), or None."""
+        if not self.num:
+            return (0, _ROOT) if path == "" else None
+        suffix = entry_key(b"", path)
+        with self.index.read() as txn:
+            raw = txn.get(self.prefix + suffix, db=self.index.db("merged"))
+            if raw is None:
+                return (0, _ROOT) if path == "" else None
+            layer_num = _MERGED.unpack(raw)[0]
+            value = txn.get(struct.pack(">I", layer_num) + suffix, db=self.index.db("entries"))
         if value is None:
             raise StoreError(f"the merged view refers to a missing entry (layer {layer_num})")
-        return unpack_entry(value)
+        return layer_num, unpack_entry(value)
 
     def lookup(self, path: str) -> Entry | None:
         """The entry shown at ``path`` (relative, "" is the root), or None."""
-        if not self.num:
-            return _ROOT if path == "" else None
-        with self.index.read() as txn:
-            e = self._entry(txn, entry_key(b"", path))
-        if e is None and path == "":
-            return _ROOT
-        return e
+        found = self.lookup_in_layer(path)
+        return found[1] if found else None
 
-    def listdir(self, path: str) -> Iterator[tuple[str, Entry]]:
-        """The children of directory ``path`` in name order."""
+    def listdir_in_layers(self, path: str) -> Iterator[tuple[str, int, Entry]]:
+        """(name, layer number, entry) of each child of directory ``path``, in name order."""
         if not self.num:
             return
         prefix = children_prefix(self.prefix, path)
+        out = []
         with self.index.read() as txn:
-            rows = [(k, v) for k, v in prefix_scan(txn, self.index.db("merged"), prefix)]
-            for key, raw in rows:
+            edb = self.index.db("entries")
+            for key, raw in prefix_scan(txn, self.index.db("merged"), prefix):
                 name = key[len(prefix):]
                 if not name:
                     continue  # the root's own record
                 layer_num = _MERGED.unpack(raw)[0]
-                value = txn.get(struct.pack(">I", layer_num) + key[4:], db=self.index.db("entries"))
-                yield name.decode("utf-8", "surrogateescape"), unpack_entry(value)
+                value = txn.get(struct.pack(">I", layer_num) + key[4:], db=edb)
+                out.append((name.decode("utf-8", "surrogateescape"), layer_num, unpack_entry(value)))
+        yield from out
+
+    def listdir(self, path: str) -> Iterator[tuple[str, Entry]]:
+        """The children of directory ``path`` in name order."""
+        for name, _, e in self.listdir_in_layers(path):
+            yield name, e
 
     def resolve(self, path: str, follow_last: bool = True) -> tuple[str, Entry]:
         """Find ``path`` as a process chrooted into the image would, following symlinks."""

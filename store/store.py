@@ -16,6 +16,7 @@ import lmdb
 
 from . import images as imagesmod
 from .blobs import BlobStore
+from .containers import Containers
 from .dirimport import import_dir
 from .errors import (AmbiguousName, ImageNotFound, LayerNotFound, NotAStore, StoreError)
 from .export import export_to_path, layer_entries, write_layer
@@ -70,6 +71,7 @@ class Store:
             raise StoreError(f"cannot create the store at {self.root}: {e.strerror}") from None
         self.index = Index(index_path, map_size)
         self.blobs = BlobStore(self.root, self.index)
+        self.containers = Containers(self.root, self.index)
 
     def close(self) -> None:
         self.index.close()

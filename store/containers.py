@@ -1,0 +1,146 @@
+"""Containers: an image plus a writable upper layer, and where it is mounted.
+
+A container owns ``containers/<id>/upper`` (its changes, OCI whiteout format) and
+``containers/<id>/work`` (scratch for atomic copy-up on the same filesystem). The record
+also says where it is mounted and by which serving process, so a mount whose process
+died can be told apart from a live one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import struct
+import time
+from dataclasses import dataclass, replace
+
+import lmdb
+
+from .errors import AmbiguousName, NotFound, StoreError
+from .index import Index
+from .records import bytes_digest, digest_bytes
+
+_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+_REC = struct.Struct("<32sqiBHH")  # image id, created ns, pid, flags, len(name), len(mountpoint)
+READ_ONLY = 1
+
+
+class ContainerNotFound(NotFound):
+    pass
+
+
+@dataclass(slots=True, frozen=True)
+class Container:
+    """A container record."""
+
+    id: str  # 64 hex digits
+    name: str
+    image_id: str
+    created_ns: int
+    mountpoint: str = ""  # where it is mounted, "" when not
+    pid: int = 0  # the serving process
+    flags: int = 0
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self.flags & READ_ONLY)
+
+
+def _pack(c: Container) -> bytes:
+    name, mnt = c.name.encode(), os.fsencode(c.mountpoint)
+    return _REC.pack(digest_bytes(c.image_id), c.created_ns, c.pid, c.flags, len(name), len(mnt)) + name + mnt
+
+
+def _unpack(cid: bytes, buf: bytes) -> Container:
+    image, created, pid, flags, ln, lm = _REC.unpack_from(buf)
+    pos = _REC.size
+    name = bytes(buf[pos:pos + ln]).decode()
+    mnt = os.fsdecode(bytes(buf[pos + ln:pos + ln + lm]))
+    return Container(bytes(cid).decode(), name, bytes_digest(image), created, mnt, pid, flags)
+
+
+class Containers:
+    """The ``containers`` database and the per-container directories."""
+
+    def __init__(self, root: str, index: Index) -> None:
+        self.dir = os.path.join(root, "containers")
+        self.index = index
+
+    def upper(self, c: Container) -> str:
+        return os.path.join(self.dir, c.id, "upper")
+
+    def work(self, c: Container) -> str:
+        return os.path.join(self.dir, c.id, "work")
+
+    def create(self, image_id: str, name: str | None = None, flags: int = 0) -> Container:
+        """A new container of an image, with an empty upper layer."""
+        cid = secrets.token_hex(32)
+        name = name or f"layerfs-{cid[:12]}"
+        if not _NAME_RE.match(name):
+            raise StoreError(f"invalid container name {name!r}: use letters, digits, _ . -")
+        c = Container(cid, name, image_id, time.time_ns(), flags=flags)
+        base = os.path.join(self.dir, cid)
+        try:
+            os.makedirs(os.path.join(base, "upper"))
+            os.makedirs(os.path.join(base, "work"))
+            os.chmod(os.path.join(base, "upper"), 0o755)
+        except OSError as e:
+            shutil.rmtree(base, ignore_errors=True)
+            raise StoreError(f"cannot create the container's directories: {e.strerror}") from None
+
+        def txn_fn(txn: lmdb.Transaction) -> None:
+            db = self.index.db("containers")
+            for k, v in txn.cursor(db=db):
+                if _unpack(k, v).name == name:
+                    raise StoreError(f"a container named {name!r} exists already")
+            if txn.get(digest_bytes(image_id), db=self.index.db("images")) is None:
+                raise NotFound(f"no such image: {image_id}")
+            txn.put(cid.encode(), _pack(c), db=db)
+
+        try:
+            self.index.write(txn_fn)
+        except StoreError:
+            shutil.rmtree(base, ignore_errors=True)
+            raise
+        return c
+
+    def list(self) -> list[Container]:
+        with self.index.read() as txn:
+            return sorted((_unpack(k, v) for k, v in txn.cursor(db=self.index.db("containers"))),
+                          key=lambda c: c.created_ns)
+
+    def get(self, ref: str) -> Container:
+        """A container by name, full id or unique id prefix."""
+        matches = [c for c in self.list() if c.name == ref]
+        if not matches and re.fullmatch(r"[0-9a-f]{1,64}", ref):
+            matches = [c for c in self.list() if c.id.startswith(ref)]
+        if not matches:
+            raise ContainerNotFound(f"no such container: {ref}")
+        if len(matches) > 1:
+            raise AmbiguousName(f"{ref} matches more than one container; give more digits")
+        return matches[0]
+
+    def find(self, ref: str) -> Container | None:
+        try:
+            return self.get(ref)
+        except ContainerNotFound:
+            return None
+
+    def by_mountpoint(self, mountpoint: str) -> Container | None:
+        mountpoint = os.path.realpath(mountpoint)
+        for c in self.list():
+            if c.mountpoint and os.path.realpath(c.mountpoint) == mountpoint:
+                return c
+        return None
+
+    def set_mount(self, c: Container, mountpoint: str, pid: int) -> Container:
+        new = replace(c, mountpoint=mountpoint, pid=pid)
+        self.index.write(lambda txn: txn.put(c.id.encode(), _pack(new), db=self.index.db("containers")))
+        return new
+
+    def remove(self, c: Container) -> None:
+        """Forget the container and delete its upper layer."""
+        self.index.write(lambda txn: txn.delete(c.id.encode(), db=self.index.db("containers")))
+        shutil.rmtree(os.path.join(self.dir, c.id), ignore_errors=True)

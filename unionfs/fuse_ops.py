@@ -1,0 +1,273 @@
+"""The FUSE adapter: mfusepy ``Operations`` mapped onto the union view.
+
+Thin on purpose: paths lose their leading slash, the caller's uid/gid are passed to
+creating calls, and every exception becomes an errno (an unexpected one is logged and
+returned as EIO, never raised into libfuse). libfuse 3 is loaded explicitly.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import errno
+import logging
+import os
+import time
+
+from store.errors import StoreError
+
+log = logging.getLogger("layerfs.fuse")
+
+
+class FuseMissing(StoreError):
+    """libfuse 3 or /dev/fuse is not available."""
+
+
+def load_mfusepy():
+    """Import mfusepy bound to libfuse 3 (it would pick libfuse 2 when both exist)."""
+    if "FUSE_LIBRARY_PATH" not in os.environ:
+        lib = ctypes.util.find_library("fuse3")
+        if lib is None:
+            raise FuseMissing("libfuse 3 is not installed: install the Debian package fuse3 "
+                              "(apt-get install fuse3)")
+        os.environ["FUSE_LIBRARY_PATH"] = lib
+    if not os.path.exists("/dev/fuse"):
+        raise FuseMissing("/dev/fuse is missing: load the fuse kernel module (modprobe fuse)")
+    try:
+        import mfusepy
+    except (OSError, EnvironmentError) as e:
+        raise FuseMissing(f"cannot load libfuse 3 ({e}); install the Debian package fuse3") from None
+    return mfusepy
+
+
+mfusepy = load_mfusepy()
+
+from .view import UnionView  # noqa: E402  (after libfuse is chosen)
+
+
+# utimensat(2)'s special tv_nsec values, as mfusepy passes them (seconds 0).
+_UTIME_NOW = (1 << 30) - 1
+_UTIME_OMIT = (1 << 30) - 2
+
+
+def _rel(path: str | None) -> str:
+    return (path or "/").lstrip("/")
+
+
+def _translate(fn):
+    """Turn every failure into an errno; unexpected ones are logged and become EIO."""
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except mfusepy.FuseOSError:
+            raise
+        except OSError as e:
+            raise mfusepy.FuseOSError(e.errno or errno.EIO) from None
+        except StoreError as e:
+            raise mfusepy.FuseOSError(e.errno) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise mfusepy.FuseOSError(errno.EIO) from None
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+class UnionOperations(mfusepy.Operations):
+    """mfusepy operations of one mount."""
+
+    use_ns = True
+
+    def __init__(self, view: UnionView, on_ready=None, timeout: float = 86400.0) -> None:
+        self.view = view
+        self.on_ready = on_ready
+        self.timeout = timeout
+
+    def init_with_config(self, conn, config) -> None:
+        if config is not None:
+            config.use_ino = 1
+            config.readdir_ino = 1
+            config.entry_timeout = self.timeout
+            config.attr_timeout = self.timeout
+            config.negative_timeout = self.timeout
+            config.hard_remove = 1  # unlinked-but-open files keep working without .fuse_hidden
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def _ctx(self) -> tuple[int, int]:
+        uid, gid, _ = mfusepy.fuse_get_context()
+        return uid, gid
+
+    @_translate
+    def getattr(self, path, fh=None):
+        if path is None and fh is not None:  # an open file whose last name was removed
+            return self.view.fd_attrs(fh.fh)
+        return self.view.getattr(_rel(path))
+
+    @_translate
+    def readdir(self, path, fh):
+        return [(name, attrs, 0) for name, attrs in self.view.readdir(_rel(path))]
+
+    @_translate
+    def readlink(self, path):
+        return self.view.readlink(_rel(path))
+
+    @_translate
+    def access(self, path, amode):
+        self.view.resolve(_rel(path))
+        return 0
+
+    @_translate
+    def statfs(self, path):
+        return self.view.statfs()
+
+    @_translate
+    def getxattr(self, path, name, position=0):
+        return self.view.getxattr(_rel(path), name)
+
+    @_translate
+    def listxattr(self, path):
+        return self.view.listxattr(_rel(path))
+
+    @_translate
+    def setxattr(self, path, name, value, options, position=0):
+        self.view.setxattr(_rel(path), name, value, options)
+        return 0
+
+    @_translate
+    def removexattr(self, path, name):
+        self.view.removexattr(_rel(path), name)
+        return 0
+
+    @_translate
+    def open(self, path, fi):
+        fd, lower_backed = self.view.open(_rel(path), fi.flags)
+        fi.fh = fd
+        fi.keep_cache = 1 if lower_backed else 0  # lower data never changes
+        return 0
+
+    @_translate
+    def create(self, path, mode, fi):
+        uid, gid = self._ctx()
+        fi.fh = self.view.create(_rel(path), mode, fi.flags, uid, gid)
+        return 0
+
+    @_translate
+    def read(self, path, size, offset, fi):
+        return os.pread(fi.fh, size, offset)
+
+    @_translate
+    def write(self, path, data, offset, fi):
+        return os.pwrite(fi.fh, data, offset)
+
+    @_translate
+    def truncate(self, path, length, fh=None):
+        if fh is not None and getattr(fh, "fh", 0):
+            os.ftruncate(fh.fh, length)
+        else:
+            self.view.truncate(_rel(path), length)
+        return 0
+
+    @_translate
+    def fallocate(self, path, mode, offset, size, fi):
+        if mode:
+            raise OSError(errno.EOPNOTSUPP, "fallocate mode")
+        os.posix_fallocate(fi.fh, offset, size)
+        return 0
+
+    @_translate
+    def flush(self, path, fi):
+        return 0
+
+    @_translate
+    def release(self, path, fi):
+        os.close(fi.fh)
+        return 0
+
+    @_translate
+    def fsync(self, path, datasync, fi):
+        if not self.view.volatile:
+            os.fdatasync(fi.fh) if datasync else os.fsync(fi.fh)
+        return 0
+
+    @_translate
+    def fsyncdir(self, path, datasync, fh):
+        return 0
+
+    @_translate
+    def mkdir(self, path, mode):
+        uid, gid = self._ctx()
+        self.view.mkdir(_rel(path), mode, uid, gid)
+        return 0
+
+    @_translate
+    def rmdir(self, path):
+        self.view.rmdir(_rel(path))
+        return 0
+
+    @_translate
+    def unlink(self, path):
+        self.view.unlink(_rel(path))
+        return 0
+
+    @_translate
+    def symlink(self, target, source):
+        uid, gid = self._ctx()
+        self.view.symlink(source, _rel(target), uid, gid)
+        return 0
+
+    @_translate
+    def link(self, target, source):
+        self.view.link(_rel(source), _rel(target))
+        return 0
+
+    @_translate
+    def mknod(self, path, mode, dev):
+        uid, gid = self._ctx()
+        self.view.mknod(_rel(path), mode, dev, uid, gid)
+        return 0
+
+    @_translate
+    def rename(self, old, new, flags=0):
+        self.view.rename(_rel(old), _rel(new), flags)
+        return 0
+
+    @_translate
+    def chmod(self, path, mode):
+        self.view.chmod(_rel(path), mode)
+        return 0
+
+    @_translate
+    def chown(self, path, uid, gid):
+        attrs = self.view.getattr(_rel(path))
+        self.view.chown(_rel(path), attrs["st_uid"] if uid == -1 else uid,
+                        attrs["st_gid"] if gid == -1 else gid)
+        return 0
+
+    @_translate
+    def utimens(self, path, times=None):
+        now = time.time_ns()
+        attrs = self.view.getattr(_rel(path))
+        atime, mtime = times if times is not None else (_UTIME_NOW, _UTIME_NOW)
+
+        def pick(value: int, current: int) -> int:
+            return now if value == _UTIME_NOW else current if value == _UTIME_OMIT else value
+
+        self.view.utimens(_rel(path), pick(atime, attrs["st_atime"]), pick(mtime, attrs["st_mtime"]))
+        return 0
+
+
+class UnionFUSE(mfusepy.FUSE):
+    """mfusepy's FUSE with the renameat2 flags passed through (mfusepy drops them)."""
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        return self.operations.rename(old.decode(self.encoding, self.errors),
+                                      new.decode(self.encoding, self.errors), flags)
+
+
+def serve(view: UnionView, mountpoint: str, *, foreground: bool = True, options: dict | None = None,
+          on_ready=None) -> None:
+    """Mount ``view`` at ``mountpoint`` and serve until unmounted (blocks)."""
+    opts = {"fsname": "layerfs", "subtype": "layerfs", "default_permissions": True}
+    if os.geteuid() == 0:
+        opts.update(allow_other=True, suid=True, dev=True)
+    opts.update(options or {})
+    UnionFUSE(UnionOperations(view, on_ready), mountpoint, raw_fi=True, foreground=foreground, **opts)

@@ -1,0 +1,235 @@
+"""Mount lifecycle: start a serving process, wait until the mount serves, unmount.
+
+``mount`` starts ``python -m unionfs.mount`` in its own session and returns only once
+the kernel has sent FUSE INIT (the child reports through a pipe) and the mountpoint
+answers ``stat``. ``umount`` works also when the serving process was killed: the kernel
+keeps a dead FUSE mount ("Transport endpoint is not connected") until it is unmounted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+from store import Store, StoreError
+from store.containers import READ_ONLY, Container
+
+READY_TIMEOUT = 30.0
+
+
+class MountError(StoreError):
+    pass
+
+
+def mounted_fuse(mountpoint: str) -> bool:
+    """True if ``mountpoint`` is a mount point of a layerfs FUSE filesystem (live or dead)."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mnt = fields[4].encode().decode("unicode_escape")
+            fstype = fields[fields.index("-") + 1]
+            if mnt == target and fstype.startswith("fuse"):
+                return True
+    return False
+
+
+def is_mount_point(path: str) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4].encode().decode("unicode_escape") == target for line in f)
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def state(c: Container) -> str:
+    """created, mounted, or dead (mounted, but the serving process is gone)."""
+    if not c.mountpoint:
+        return "created"
+    if pid_alive(c.pid):
+        return "mounted"
+    return "dead" if mounted_fuse(c.mountpoint) else "created"
+
+
+def _check_mountpoint(mountpoint: str) -> str:
+    path = os.path.abspath(mountpoint)
+    if not os.path.exists(path):
+        raise MountError(f"mountpoint {mountpoint} does not exist")
+    if not os.path.isdir(path):
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if is_mount_point(path):
+        raise MountError(f"{mountpoint} is already a mount point")
+    return path
+
+
+def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
+          options: dict | None = None, volatile: bool = False) -> Container:
+    """Mount a container (or a new one of an image) at ``mountpoint`` in the background."""
+    path = _check_mountpoint(mountpoint)
+    c = container_for(store, ref, read_only)
+    if c.mountpoint and state(c) != "created":
+        raise MountError(f"container {c.name} is already mounted at {c.mountpoint}")
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "unionfs.mount", "--root", store.root, "--container", c.id,
+           "--mountpoint", path, "--ready-fd", str(w)]
+    if read_only or c.read_only:
+        cmd.append("--read-only")
+    if volatile:
+        cmd.append("--volatile")
+    for k, v in (options or {}).items():
+        cmd += ["-o", k if v is True else f"{k}={v}"]
+    log_path = os.path.join(store.containers.dir, c.id, "mount.log")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=log, start_new_session=True,
+                                cwd="/", env=dict(os.environ, PYTHONPATH=_project_path()))
+    os.close(w)
+    try:
+        message = _wait_ready(r, proc)
+    finally:
+        os.close(r)
+    if message != "ready":
+        proc.wait(timeout=10)
+        raise MountError(message or f"the serving process exited ({proc.returncode}); see {log_path}")
+    return store.containers.set_mount(c, path, proc.pid)
+
+
+def _project_path() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.pathsep.join([here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
+
+def _wait_ready(fd: int, proc: subprocess.Popen) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT
+    buf = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+            if b"\n" in buf:
+                break
+        elif proc.poll() is not None:
+            break
+    return buf.decode(errors="replace").strip()
+
+
+def container_for(store: Store, ref: str, read_only: bool) -> Container:
+    """The container ``ref`` names, or a new anonymous one of the image ``ref`` names."""
+    c = store.containers.find(ref)
+    if c is not None:
+        return c
+    image = store.resolve_image(ref)
+    return store.containers.create(image.image_id, flags=READ_ONLY if read_only else 0)
+
+
+def umount(store: Store, target: str) -> Container | None:
+    """Unmount a mountpoint or a container's mount; works after the server died."""
+    c = store.containers.find(target) if not os.path.isdir(target) else None
+    if c is None:
+        c = store.containers.by_mountpoint(target)
+    mountpoint = c.mountpoint if c is not None and c.mountpoint else os.path.abspath(target)
+    if not mounted_fuse(mountpoint):
+        if c is None or not c.mountpoint:
+            raise MountError(f"{target} is not mounted")
+    else:
+        res = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+        if res.returncode != 0:
+            lazy = subprocess.run(["umount", "-l", mountpoint], capture_output=True, text=True)
+            if lazy.returncode != 0:
+                raise MountError(f"cannot unmount {mountpoint}: {res.stderr.strip() or lazy.stderr.strip()}")
+    if c is not None:
+        _reap(c.pid)
+        c = store.containers.set_mount(c, "", 0)
+        if c.read_only and c.name.startswith("layerfs-"):
+            store.containers.remove(c)  # an anonymous read-only view leaves nothing behind
+    return c
+
+
+def _reap(pid: int, timeout: float = 10.0) -> None:
+    """Wait for the serving process to exit after its mount went away."""
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def serve_container(store: Store, c: Container, mountpoint: str, *, read_only: bool,
+                    volatile: bool, options: dict, on_ready=None) -> None:
+    """Serve a container's union view at ``mountpoint`` until unmounted (blocks)."""
+    from .fuse_ops import serve
+    from .lower import StoreLower
+    from .view import UnionView
+
+    image = store.resolve_image(c.image_id)
+    lower = StoreLower(store.tree(image), store.blobs)
+    view = UnionView(lower, store.containers.upper(c), store.containers.work(c),
+                     volatile=volatile, read_only=read_only)
+    serve(view, mountpoint, foreground=True, options=options, on_ready=on_ready)
+
+
+def _main() -> None:
+    p = argparse.ArgumentParser(description="layerfs serving process (started by layerfs mount)")
+    p.add_argument("--root", required=True)
+    p.add_argument("--container", required=True)
+    p.add_argument("--mountpoint", required=True)
+    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--volatile", action="store_true")
+    p.add_argument("-o", action="append", default=[])
+    args = p.parse_args()
+    fd = args.ready_fd
+
+    def report(message: str) -> None:
+        nonlocal fd
+        if fd is not None:
+            try:
+                os.write(fd, (message + "\n").encode())
+                os.close(fd)
+            except OSError:
+                pass
+            fd = None
+
+    options = {}
+    for item in args.o:
+        for opt in item.split(","):
+            k, _, v = opt.partition("=")
+            options[k] = v if v else True
+    try:
+        with Store(args.root) as store:
+            c = store.containers.get(args.container)
+            serve_container(store, c, args.mountpoint, read_only=args.read_only,
+                            volatile=args.volatile, options=options, on_ready=lambda: report("ready"))
+    except StoreError as e:
+        report(f"{e}")
+        sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - the parent must hear why, in one line
+        report(f"the mount failed: {e}")
+        raise
+    report("the mount ended before it served")
+
+
+if __name__ == "__main__":
+    _main()
