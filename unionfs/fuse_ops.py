@@ -7,10 +7,12 @@ returned as EIO, never raised into libfuse). libfuse 3 is loaded explicitly.
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import errno
 import logging
 import os
+import stat
 import time
 
 from store.errors import StoreError
@@ -80,6 +82,25 @@ class UnionOperations(mfusepy.Operations):
         self.view = view
         self.on_ready = on_ready
         self.timeout = timeout
+        self._written: set[int] = set()  # fds written since their last flush
+
+    def _refresh_links(self, st: os.stat_result, path: str | None) -> None:
+        """Make the kernel forget what it cached for the other names of a hard-linked file.
+
+        libfuse's high-level API gives each name its own kernel inode, so a change made
+        through one name would leave the others' cached size and mode stale.
+        """
+        fuse = mfusepy._libfuse.fuse_get_context().contents.fuse
+        for other in self.view.other_names(st, _rel(path) if path else None):
+            _libfuse_invalidate_path(fuse, ("/" + other).encode("utf-8", "surrogateescape"))
+
+    def _after_change(self, path: str) -> None:
+        try:
+            st = os.lstat(self.view.resolve(_rel(path)).upper or "/nonexistent")
+        except OSError:
+            return
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            self._refresh_links(st, path)
 
     def init_with_config(self, conn, config) -> None:
         if config is not None:
@@ -156,6 +177,7 @@ class UnionOperations(mfusepy.Operations):
 
     @_translate
     def write(self, path, data, offset, fi):
+        self._written.add(fi.fh)
         return os.pwrite(fi.fh, data, offset)
 
     @_translate
@@ -164,6 +186,8 @@ class UnionOperations(mfusepy.Operations):
             os.ftruncate(fh.fh, length)
         else:
             self.view.truncate(_rel(path), length)
+        if path is not None:
+            self._after_change(path)
         return 0
 
     @_translate
@@ -175,10 +199,18 @@ class UnionOperations(mfusepy.Operations):
 
     @_translate
     def flush(self, path, fi):
+        # close() waits for flush (release comes later, asynchronously): the other names
+        # of a written hard-linked file are refreshed before close returns.
+        if fi.fh in self._written:
+            self._written.discard(fi.fh)
+            st = os.fstat(fi.fh)
+            if st.st_nlink > 1:
+                self._refresh_links(st, path)
         return 0
 
     @_translate
     def release(self, path, fi):
+        self._written.discard(fi.fh)
         os.close(fi.fh)
         return 0
 
@@ -205,7 +237,10 @@ class UnionOperations(mfusepy.Operations):
 
     @_translate
     def unlink(self, path):
+        node = self.view.resolve(_rel(path))
         self.view.unlink(_rel(path))
+        if node.st is not None and node.st.st_nlink > 1:
+            self._refresh_links(node.st, path)
         return 0
 
     @_translate
@@ -217,6 +252,7 @@ class UnionOperations(mfusepy.Operations):
     @_translate
     def link(self, target, source):
         self.view.link(_rel(source), _rel(target))
+        self._after_change(source)
         return 0
 
     @_translate
@@ -233,6 +269,7 @@ class UnionOperations(mfusepy.Operations):
     @_translate
     def chmod(self, path, mode):
         self.view.chmod(_rel(path), mode)
+        self._after_change(path)
         return 0
 
     @_translate
@@ -240,6 +277,7 @@ class UnionOperations(mfusepy.Operations):
         attrs = self.view.getattr(_rel(path))
         self.view.chown(_rel(path), attrs["st_uid"] if uid == -1 else uid,
                         attrs["st_gid"] if gid == -1 else gid)
+        self._after_change(path)
         return 0
 
     @_translate
@@ -255,12 +293,44 @@ class UnionOperations(mfusepy.Operations):
         return 0
 
 
+def _libfuse_invalidate_path(fuse, path: bytes) -> None:
+    """fuse_invalidate_path(3): drop the kernel's cached attributes and data of a path."""
+    fn = mfusepy._libfuse.fuse_invalidate_path
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    fn(fuse, path)  # -ENOENT for a name the kernel never looked up: nothing to drop
+
+
+_FUSE_READDIR_PLUS = 1
+_FUSE_FILL_DIR_PLUS = 2
+
+
 class UnionFUSE(mfusepy.FUSE):
-    """mfusepy's FUSE with the renameat2 flags passed through (mfusepy drops them)."""
+    """mfusepy's FUSE with what it leaves out: renameat2 flags, readdirplus, dir caching."""
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(old.decode(self.encoding, self.errors),
                                       new.decode(self.encoding, self.errors), flags)
+
+    def opendir(self, path: bytes, fip) -> int:
+        # Every change to a directory goes through this mount, and the kernel drops its
+        # cached listing when one does, so listings may be cached across opens.
+        fip.contents.fh = 0
+        fip.contents.cache_readdir = 1
+        fip.contents.keep_cache = 1
+        return 0
+
+    def readdir_fuse_3(self, path: bytes, buf, filler, offset: int, fip, flags: int) -> int:
+        # mfusepy hands libfuse only st_mode and st_ino, so the kernel looks every entry up
+        # again; with readdirplus and a complete stat it does not need to.
+        plus = _FUSE_FILL_DIR_PLUS if flags & _FUSE_READDIR_PLUS else 0
+        st = mfusepy.c_stat()
+        items = self.operations.readdir(None if path is None else path.decode(self.encoding, self.errors), 0)
+        for name, attrs, _ in items:
+            ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
+            mfusepy.set_st_attrs(st, attrs, use_ns=True)
+            if filler(buf, name.encode(self.encoding, self.errors), st, 0, plus if name not in (".", "..") else 0):
+                break
+        return 0
 
 
 def serve(view: UnionView, mountpoint: str, *, foreground: bool = True, options: dict | None = None,

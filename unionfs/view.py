@@ -97,6 +97,7 @@ class UnionView:
         self.read_only = read_only
         self.lock = threading.RLock()  # namespace changes and copy-ups, one at a time
         self._inos: dict[object, int] = {}
+        self._names: dict[tuple[int, int], set[str]] = {}  # upper inode -> paths (hard links)
         self._next_ino = itertools.count(2)  # 1 is the root
         self._tmp = itertools.count()
 
@@ -194,6 +195,9 @@ class UnionView:
         """``stat`` fields of a node, as the FUSE adapter returns them."""
         if node.st is not None:
             st = node.st
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                with self.lock:
+                    self._names.setdefault((st.st_dev, st.st_ino), set()).add(node.path)
             out = {k: getattr(st, k) for k in ("st_mode", "st_nlink", "st_uid", "st_gid",
                                                 "st_size", "st_rdev", "st_blocks")}
             out.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
@@ -208,6 +212,11 @@ class UnionView:
         out["st_ino"] = self.ino(node)
         out["st_blksize"] = 4096
         return out
+
+    def other_names(self, st: os.stat_result, path: str | None = None) -> list[str]:
+        """Other paths seen for the upper inode ``st`` (its other hard links)."""
+        with self.lock:
+            return sorted(self._names.get((st.st_dev, st.st_ino), set()) - {path})
 
     def fd_attrs(self, fd: int) -> dict:
         """Attributes of an open file that no longer has a name."""
@@ -235,7 +244,8 @@ class UnionView:
             for name, _ in self.lower.listdir(node.lower_path):
                 if name not in hidden:
                     names.add(name)
-        out = [(".", self.attrs(node)), ("..", {"st_mode": stat.S_IFDIR})]
+        parent = self.resolve(path.rpartition("/")[0]) if path else node
+        out = [(".", self.attrs(node)), ("..", {"st_mode": stat.S_IFDIR, "st_ino": self.ino(parent)})]
         for name in sorted(names):
             child = self._child(node, name)
             if child is not None:
@@ -424,6 +434,8 @@ class UnionView:
                 self._alias(os.lstat(dst), node.lower.ident)
             else:
                 os.link(first, dst)
+            st = os.lstat(dst)
+            self._names.setdefault((st.st_dev, st.st_ino), set()).add(other.path)
         return self.resolve(node.path)
 
     # -- names ----------------------------------------------------------------------

@@ -1,0 +1,228 @@
+"""The mount lifecycle through the real CLI: mount, serve, umount, stale mounts, errors,
+concurrency, two containers of one image, and a real program run from a mounted image."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import threading
+import time
+
+import pytest
+
+from helpers import make_tar
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+
+
+def _fuse_mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == os.path.realpath(path) for line in f)
+
+
+@pytest.fixture
+def mounts(layerfs):
+    """Mount helper that unmounts everything it mounted, also when the test fails."""
+    made: list[str] = []
+
+    def mount(ref: str, mnt: str, *extra: str) -> str:
+        os.makedirs(mnt, exist_ok=True)
+        proc = layerfs("mount", ref, mnt, *extra)
+        if proc.returncode == 0:
+            made.append(mnt)
+        assert proc.returncode == 0, proc.stderr.decode()
+        return proc.stdout.decode().strip()
+
+    yield mount
+    for mnt in made:
+        if _fuse_mounted(mnt):
+            layerfs("umount", mnt)
+        if _fuse_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+            subprocess.run(["umount", "-l", mnt], capture_output=True)
+
+
+@pytest.fixture
+def image(tmp_path, layerfs):
+    """A two-layer image: a base with files, dirs, a hard link, and an update."""
+    base = make_tar(str(tmp_path / "l1.tar"), [
+        ("etc", "d"), ("etc/hostname", "f", "base\n"), ("bin", "d"),
+        ("bin/tool", "f", "#!/bin/sh\necho tool\n", {"mode": 0o755}),
+        ("bin/tool2", "h", "bin/tool"),
+        ("data", "d"), ("data/big", "f", os.urandom(300_000)),
+    ])
+    top = make_tar(str(tmp_path / "l2.tar"), [("etc", "d"), ("etc/hostname", "f", "top\n")])
+    img = layerfs("import-layer", base, check=True).stdout.decode().strip()
+    layerfs("import-layer", top, "--parent", img, "-t", "app:1", check=True)
+    return "app:1"
+
+
+def test_mount_read_write_umount(tmp_path, layerfs, mounts, image, store_root):
+    mnt = str(tmp_path / "mnt")
+    cid = mounts(image, mnt)
+    assert open(os.path.join(mnt, "etc/hostname")).read() == "top\n"
+    with open(os.path.join(mnt, "etc/new"), "w") as f:
+        f.write("new file\n")
+    with open(os.path.join(mnt, "etc/hostname"), "a") as f:
+        f.write("more\n")
+    os.unlink(os.path.join(mnt, "bin/tool2"))
+    assert sorted(os.listdir(os.path.join(mnt, "etc"))) == ["hostname", "new"]
+    assert open(os.path.join(mnt, "etc/hostname")).read() == "top\nmore\n"
+    ps = json.loads(layerfs("ps", "--json", check=True).stdout)
+    assert [(c["id"], c["state"], c["mountpoint"]) for c in ps] == [(cid, "mounted", mnt)]
+    layerfs("umount", mnt, check=True)
+    assert not _fuse_mounted(mnt)
+    # The changes live in the container's upper layer, never in the image.
+    upper = os.path.join(store_root, "containers", cid, "upper")
+    assert open(os.path.join(upper, "etc/new")).read() == "new file\n"
+    assert os.path.exists(os.path.join(upper, "bin/.wh.tool2"))
+    assert layerfs("cat", image, "/etc/hostname", check=True).stdout == b"top\n"
+    # Mounting the container again shows its changes.
+    mounts(cid, mnt)
+    assert open(os.path.join(mnt, "etc/hostname")).read() == "top\nmore\n"
+    assert not os.path.exists(os.path.join(mnt, "bin/tool2"))
+
+
+def test_two_containers_of_one_image_are_isolated(tmp_path, mounts, image):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    mounts(image, a)
+    mounts(image, b)
+    with open(os.path.join(a, "etc/hostname"), "w") as f:
+        f.write("changed in a\n")
+    os.mkdir(os.path.join(a, "only-a"))
+    assert open(os.path.join(b, "etc/hostname")).read() == "top\n"
+    assert not os.path.exists(os.path.join(b, "only-a"))
+
+
+def test_read_only_mount_refuses_writes(tmp_path, mounts, image, layerfs):
+    mnt = str(tmp_path / "ro")
+    mounts(image, mnt, "--read-only")
+    assert open(os.path.join(mnt, "etc/hostname")).read() == "top\n"
+    with pytest.raises(OSError) as e:
+        open(os.path.join(mnt, "etc/x"), "w")
+    assert e.value.errno == 30  # EROFS
+    layerfs("umount", mnt, check=True)
+    # An anonymous read-only view leaves no container behind.
+    assert json.loads(layerfs("ps", "--json", check=True).stdout) == []
+
+
+def test_stale_mount_after_kill(tmp_path, layerfs, mounts, image):
+    mnt = str(tmp_path / "mnt")
+    cid = mounts(image, mnt)
+    with open(os.path.join(mnt, "etc/kept"), "w") as f:
+        f.write("kept\n")
+    pid = next(c["pid"] for c in json.loads(layerfs("ps", "--json", check=True).stdout))
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(OSError) as e:
+        os.listdir(mnt)
+    assert e.value.errno == 107  # ENOTCONN: the kernel keeps the dead mount
+    states = {c["id"]: c["state"] for c in json.loads(layerfs("ps", "--json", check=True).stdout)}
+    assert states[cid] == "dead"
+    layerfs("umount", mnt, check=True)
+    assert not _fuse_mounted(mnt)
+    mounts(cid, mnt)
+    assert open(os.path.join(mnt, "etc/kept")).read() == "kept\n"
+
+
+def test_mount_errors(tmp_path, layerfs, mounts, image):
+    def err(*args):
+        proc = layerfs(*args)
+        lines = proc.stderr.decode().strip().splitlines()
+        assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("layerfs:"), proc.stderr
+        return lines[0]
+
+    assert "does not exist" in err("mount", image, str(tmp_path / "missing"))
+    (tmp_path / "file").write_text("x")
+    assert "not a directory" in err("mount", image, str(tmp_path / "file"))
+    assert "no such image" in err("mount", "nosuch:tag", str(tmp_path))
+    mnt = str(tmp_path / "m1")
+    cid = mounts(image, mnt)
+    assert "already a mount point" in err("mount", image, mnt)
+    other = str(tmp_path / "m2")
+    os.mkdir(other)
+    assert "already mounted" in err("mount", cid, other)
+    assert "is mounted" in err("rm", cid)
+    assert "not mounted" in err("umount", str(tmp_path))
+    layerfs("rm", "-f", cid, check=True)
+    assert not _fuse_mounted(mnt)
+
+
+def test_parallel_readers_and_writers(tmp_path, mounts, image):
+    mnt = str(tmp_path / "mnt")
+    mounts(image, mnt)
+    big = open(os.path.join(mnt, "data/big"), "rb").read()
+    errors: list[BaseException] = []
+
+    def reader():
+        try:
+            for _ in range(20):
+                assert open(os.path.join(mnt, "data/big"), "rb").read() == big
+                os.listdir(os.path.join(mnt, "etc"))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    def writer(n: int):
+        try:
+            d = os.path.join(mnt, f"w{n}")
+            os.mkdir(d)
+            for i in range(50):
+                with open(os.path.join(d, f"f{i}"), "wb") as f:
+                    f.write(bytes([n]) * (i + 1))
+            for i in range(50):
+                assert open(os.path.join(d, f"f{i}"), "rb").read() == bytes([n]) * (i + 1)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    threads += [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(os.listdir(mnt)) == ["bin", "data", "etc", "w0", "w1", "w2", "w3"]
+
+
+def test_hard_links_share_inode_and_survive_copy_up(tmp_path, mounts, image, layerfs):
+    mnt = str(tmp_path / "mnt")
+    cid = mounts(image, mnt)
+    a, b = os.path.join(mnt, "bin/tool"), os.path.join(mnt, "bin/tool2")
+    sa, sb = os.stat(a), os.stat(b)
+    assert sa.st_ino == sb.st_ino and sa.st_nlink == sb.st_nlink == 2
+    with open(a, "a") as f:
+        f.write("echo more\n")
+    assert open(b).read().endswith("echo more\n")
+    assert os.stat(a).st_ino == sa.st_ino == os.stat(b).st_ino
+    layerfs("umount", mnt, check=True)
+    mounts(cid, mnt)
+    assert open(b).read().endswith("echo more\n")
+    assert os.stat(a).st_ino == os.stat(b).st_ino and os.stat(a).st_nlink == 2
+
+
+@pytest.mark.skipif(not os.path.exists("/bin/busybox") or os.geteuid() != 0,
+                    reason="needs root and busybox-static (apt-get install busybox-static)")
+def test_chroot_runs_a_program_from_the_image(tmp_path, mounts, layerfs):
+    rootfs = tmp_path / "rootfs"
+    for d in ("bin", "etc", "tmp"):
+        (rootfs / d).mkdir(parents=True)
+    shutil.copy2("/bin/busybox", rootfs / "bin/busybox")
+    for applet in ("sh", "echo", "cat", "ls", "mkdir", "rm", "wc"):
+        os.symlink("busybox", rootfs / "bin" / applet)
+    (rootfs / "etc/motd").write_text("from the image\n")
+    layerfs("import-dir", str(rootfs), "-t", "busybox:test", check=True)
+    mnt = str(tmp_path / "mnt")
+    mounts("busybox:test", mnt)
+    out = subprocess.run(["chroot", mnt, "/bin/sh", "-c",
+                          "cat /etc/motd; echo written > /tmp/out; cat /tmp/out; ls /bin | wc -l"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["from the image", "written"]
+    assert out.stdout.split("\n")[2].strip() == "8"
+    assert stat.S_IMODE(os.stat(os.path.join(mnt, "bin/busybox")).st_mode) == 0o755
