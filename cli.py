@@ -38,7 +38,7 @@ class _Cli(click.Group):
 
 def with_store(fn):
     """Add ``--root`` and pass an open Store as the first argument."""
-    @click.option("--root", envvar="LAYERFS_ROOT", type=click.Path(file_okay=False),
+    @click.option("--root", envvar="LAYERFS_ROOT", metavar="DIR",
                   help="Store directory [env LAYERFS_ROOT; default /var/lib/layerfs as root, "
                        "else ~/.local/share/layerfs].")
     @functools.wraps(fn)

@@ -103,6 +103,7 @@ class Ingest:
         self.dir = os.path.join(blobs.tmp, "ingest-" + uuid.uuid4().hex)
         os.makedirs(self.dir)
         self.staged: dict[str, int] = {}  # blob id -> size, staged here
+        self.published: list[str] = []  # blob files this ingest added to blobs/
         self.used: dict[str, int] = {}  # every blob id this ingest returned -> size
         self._n = 0
 
@@ -166,6 +167,7 @@ class Ingest:
                     os.makedirs(os.path.dirname(dst), exist_ok=True)
                     try:
                         os.link(src, dst)
+                        self.published.append(dst)
                     except FileExistsError:
                         # Published meanwhile by another ingest: fine if the same bytes.
                         if not same_content(src, dst):
@@ -176,6 +178,19 @@ class Ingest:
         except OSError as e:
             raise os_error(e, "publishing blobs") from None
         return dict(self.used)
+
+    def unpublish(self) -> None:
+        """Take back the blob files this ingest published (its record was not written).
+
+        Until gc has leases, a concurrent import that deduplicated onto one of these in
+        the same instant would lose it; the window is the failed index write.
+        """
+        for path in self.published:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.published.clear()
 
     def abort(self) -> None:
         """Drop everything staged (a no-op for blobs already published)."""

@@ -210,4 +210,8 @@ def record_layer(index: Index, ingest: Ingest, diff_id: str, tar_size: int,
             txn.put(blob_id.encode(), blob_size_record(size), db=bdb)
         return rec
 
-    return index.write(txn_fn)
+    try:
+        return index.write(txn_fn)
+    except BaseException:
+        ingest.unpublish()
+        raise

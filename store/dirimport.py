@@ -18,7 +18,7 @@ from .blobs import CHUNK, BlobStore
 from .builder import LayerBuilder, record_layer
 from .errors import StoreCorrupt, StoreError
 from .index import Index
-from .records import Entry, Kind, LayerRecord, Source
+from .records import OPAQUE, Entry, Kind, LayerRecord, Source
 from .tarformat import OPAQUE_MARKER, WHITEOUT_PREFIX, canonical_order, canonical_tar
 from .tarimport import PRIVATE_XATTR_PREFIXES
 
@@ -49,6 +49,42 @@ def _entry(st: os.stat_result, kind: Kind, xattrs: dict[str, bytes], **kw) -> En
     kept = tuple(sorted((k, v) for k, v in xattrs.items() if not k.startswith(PRIVATE_XATTR_PREFIXES)))
     return Entry(kind, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
                  mtime_ns=st.st_mtime_ns, xattrs=kept, **kw)
+
+
+def entry_of(full: str, st: os.stat_result) -> Entry | None:
+    """The entry a file on disk stands for: a whiteout where it is one, None for sockets.
+
+    A directory's entry carries the OPAQUE flag when its opaque xattr says so; a regular
+    file's has no blob yet (its size and metadata only).
+    """
+    mode = st.st_mode
+    xattrs = read_xattrs(full)
+    if stat.S_ISCHR(mode) and st.st_rdev == 0:
+        return Entry(Kind.WHITEOUT, mode=0)
+    if stat.S_ISREG(mode) and st.st_size == 0 and any(n in xattrs for n in _WHITEOUT_XATTRS):
+        return Entry(Kind.WHITEOUT, mode=0)
+    if stat.S_ISDIR(mode):
+        return _entry(st, Kind.DIR, xattrs, flags=OPAQUE if _is_opaque(xattrs) else 0)
+    if stat.S_ISREG(mode):
+        return _entry(st, Kind.REG, xattrs, size=st.st_size)
+    if stat.S_ISLNK(mode):
+        return _entry(st, Kind.SYMLINK, xattrs, target=os.readlink(full))
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return _entry(st, Kind.CHR if stat.S_ISCHR(mode) else Kind.BLK, xattrs,
+                      rdev_major=os.major(st.st_rdev), rdev_minor=os.minor(st.st_rdev))
+    if stat.S_ISFIFO(mode):
+        return _entry(st, Kind.FIFO, xattrs)
+    return None  # sockets cannot be put in a tar: skipped, as docker and tar do
+
+
+def dir_entry(path: str) -> Entry:
+    """The entry of the directory ``path`` (OPAQUE if marked so)."""
+    e = entry_of(path, os.lstat(path))
+    if e is None or e.kind != Kind.DIR:
+        raise StoreError(f"{path} is not a directory")
+    if os.path.lexists(os.path.join(path, OPAQUE_MARKER)):
+        e = dataclasses.replace(e, flags=e.flags | OPAQUE)
+    return e
 
 
 def scan_dir(root: str) -> tuple[dict[str, Entry], dict[str, str]]:
@@ -82,35 +118,28 @@ def scan_dir(root: str) -> tuple[dict[str, Entry], dict[str, str]]:
                     builder.whiteout(f"{rel}/{name[4:]}" if rel else name[4:])
                 continue
             st = os.lstat(full)
-            mode = st.st_mode
-            xattrs = read_xattrs(full)
-            if stat.S_ISCHR(mode) and st.st_rdev == 0:
+            e = entry_of(full, st)
+            if e is None:
+                continue
+            if e.kind == Kind.WHITEOUT:
                 builder.whiteout(path)
-            elif stat.S_ISREG(mode) and st.st_size == 0 and any(n in xattrs for n in _WHITEOUT_XATTRS):
-                builder.whiteout(path)
-            elif stat.S_ISDIR(mode):
-                builder.add(path, _entry(st, Kind.DIR, xattrs))
-                if _is_opaque(xattrs):
+            elif e.kind == Kind.DIR:
+                builder.add(path, dataclasses.replace(e, flags=0))
+                if e.opaque:
                     builder.opaque(path)
                 stack.append(path)
-            elif stat.S_ISREG(mode):
+            elif e.kind == Kind.REG:
                 key = (st.st_dev, st.st_ino)
                 if st.st_nlink > 1 and key in first_name:
                     builder.hardlink(path, first_name[key], path)
                     continue
                 if st.st_nlink > 1:
                     first_name[key] = path
-                builder.add(path, _entry(st, Kind.REG, xattrs, size=st.st_size,
-                                         hardlink=path if st.st_nlink > 1 else ""))
+                    e = dataclasses.replace(e, hardlink=path)
+                builder.add(path, e)
                 files[path] = full
-            elif stat.S_ISLNK(mode):
-                builder.add(path, _entry(st, Kind.SYMLINK, xattrs, target=os.readlink(full)))
-            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-                builder.add(path, _entry(st, Kind.CHR if stat.S_ISCHR(mode) else Kind.BLK, xattrs,
-                                         rdev_major=os.major(st.st_rdev), rdev_minor=os.minor(st.st_rdev)))
-            elif stat.S_ISFIFO(mode):
-                builder.add(path, _entry(st, Kind.FIFO, xattrs))
-            # Sockets cannot be put in a tar: skipped, as docker and tar do.
+            else:
+                builder.add(path, e)
     return _primary_first(builder.finish(canonical=True)), files
 
 

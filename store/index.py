@@ -45,6 +45,7 @@ class Index:
 
     def __init__(self, path: str, map_size: int | None = None) -> None:
         map_size = map_size or int(os.environ.get("LAYERFS_MAP_SIZE", DEFAULT_MAP_SIZE))
+        self.path = path
         try:
             self.env = lmdb.open(path, map_size=map_size, max_dbs=len(DATABASES) + 4,
                                  subdir=True, readahead=False, max_readers=256)
@@ -105,8 +106,14 @@ class Index:
                 self._grow()
             except lmdb.MapResizedError:
                 self.env.set_mapsize(0)
-            except lmdb.DiskError as e:
-                raise StoreFull(f"cannot write the index: {e}") from None
+            except lmdb.Error as e:
+                # LMDB reports a short write at commit as EIO: say what it usually means.
+                fs = os.statvfs(self.path)
+                free = fs.f_bavail * fs.f_frsize
+                if isinstance(e, lmdb.DiskError) or free < (1 << 20):
+                    raise StoreFull("no space left on the store's filesystem while writing "
+                                    "the index") from None
+                raise StoreCorrupt(f"cannot write the index: {e}") from None
 
     def _grow(self) -> None:
         size = self.env.info()["map_size"]

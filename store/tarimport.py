@@ -50,13 +50,92 @@ def _decompressed(src: BinaryIO) -> tuple[BinaryIO, str]:
     if magic.startswith(b"\x1f\x8b"):
         return gzip.GzipFile(fileobj=buffered, mode="rb"), "gzip"
     if magic.startswith(b"\x28\xb5\x2f\xfd"):
-        reader = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
+        checked = _ZstdFrameCheck(buffered)
+        reader = zstandard.ZstdDecompressor().stream_reader(checked, read_across_frames=True)
         return reader, "zstd"  # type: ignore[return-value]
     if magic.startswith(b"BZh"):
         return bz2.BZ2File(buffered), "bzip2"
     if magic.startswith(b"\xfd7zXZ\x00"):
         return lzma.LZMAFile(buffered), "xz"
     return buffered, "tar"
+
+
+class _ZstdFrameCheck(io.RawIOBase):
+    """Passes a zstd stream through and raises if it ends inside a frame.
+
+    python-zstandard's stream reader returns end-of-file when its input ends mid-frame,
+    so a truncated layer would look complete; this walks the frame and block headers
+    (RFC 8878 section 3.1) of the compressed bytes as they go by, without decoding.
+    """
+
+    def __init__(self, src: BinaryIO) -> None:
+        self.src = src
+        self.buf = bytearray()  # header bytes not yet parsed
+        self.skip = 0  # bytes of block content (or skippable frame) still to pass
+        self.state = "magic"  # magic | frame_header | block_header | checksum
+        self.checksum = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.src.read(len(b))
+        if not data:
+            if self.state != "magic" or self.buf or self.skip:
+                raise BadArchive("the zstd stream is truncated (it ends inside a frame)")
+            return 0
+        self._parse(data)
+        b[:len(data)] = data
+        return len(data)
+
+    def _parse(self, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            if self.skip:
+                n = min(self.skip, len(data) - pos)
+                self.skip -= n
+                pos += n
+                continue
+            self.buf.append(data[pos])
+            pos += 1
+            self._step()
+
+    def _step(self) -> None:
+        buf = self.buf
+        if self.state == "magic" and len(buf) == 4:
+            magic = int.from_bytes(buf, "little")
+            if magic == 0xFD2FB528:
+                self.state = "frame_header"
+            elif magic & 0xFFFFFFF0 == 0x184D2A50:
+                self.state = "skippable"
+            else:
+                raise BadArchive("the zstd stream is corrupt (bad frame magic)")
+            buf.clear()
+        elif self.state == "skippable" and len(buf) == 4:
+            self.skip = int.from_bytes(buf, "little")
+            self.state = "magic"
+            buf.clear()
+        elif self.state == "frame_header":
+            fhd = buf[0]
+            single = fhd >> 5 & 1
+            fcs = (1 if single else 0, 2, 4, 8)[fhd >> 6]
+            size = 1 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + fcs
+            if len(buf) == size:
+                self.checksum = bool(fhd >> 2 & 1)
+                self.state = "block_header"
+                buf.clear()
+        elif self.state == "block_header" and len(buf) == 3:
+            header = int.from_bytes(buf, "little")
+            last, kind, size = header & 1, header >> 1 & 3, header >> 3
+            self.skip = 1 if kind == 1 else size  # an RLE block holds one byte
+            if kind == 3:
+                raise BadArchive("the zstd stream is corrupt (reserved block type)")
+            if last:
+                self.state = "checksum" if self.checksum else "magic"
+            buf.clear()
+        elif self.state == "checksum" and len(buf) == 4:
+            self.state = "magic"
+            buf.clear()
 
 
 class _TarStream:

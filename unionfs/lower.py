@@ -1,8 +1,9 @@
-"""The read-only lower tree a union view stacks its upper layer on.
+"""The read-only lower trees a union view stacks its upper layer on.
 
 A lower tree answers lookups and listings with store ``Entry`` records and opens file
 data; it never changes while mounted. :class:`StoreLower` serves an image's layers from
-the store's flattened merged index.
+the store's flattened merged index; :class:`DirLower` a stack of plain directories, for
+the fuse-overlayfs compatible mount program.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Protocol
 from store.blobs import BlobStore
 from store.index import prefix_scan
 from store.merged import MergedTree
-from store.records import Entry, path_from_key, unpack_entry
+from store.dirimport import dir_entry, entry_of
+from store.records import Entry, Kind, path_from_key, unpack_entry
 
 
 @dataclass(slots=True, frozen=True)
@@ -71,3 +73,94 @@ class StoreLower:
                 if e.hardlink == group:
                     out.append(path_from_key(4, key))
         return out
+
+
+class DirLower:
+    """A stack of plain directories, top first, merged as overlayfs merges lowerdirs.
+
+    Whiteouts and opaque directories are honoured in every form (char device 0/0, xattr
+    whiteouts, ``.wh.`` files, opaque xattrs, ``.wh..wh..opq``). The directories must not
+    change while mounted, as for overlayfs; lookups are cached on that promise.
+    """
+
+    def __init__(self, dirs: list[str]) -> None:
+        self.dirs = [os.path.abspath(d) for d in dirs]
+        self._cache: dict[str, tuple[LowerNode, str, list[str]] | None] = {}
+
+    def _resolve(self, path: str) -> tuple[LowerNode, str, list[str]] | None:
+        """(node, real path of its topmost copy, lower dirs where it is a merged directory)."""
+        if path in self._cache:
+            return self._cache[path]
+        if path == "":
+            found = self._root()
+        else:
+            parent_path, _, name = path.rpartition("/")
+            parent = self._resolve(parent_path)
+            found = None
+            if parent is not None and parent[0].entry.kind == Kind.DIR:
+                found = self._lookup_in(parent[2], path, name)
+        self._cache[path] = found
+        return found
+
+    def _root(self) -> tuple[LowerNode, str, list[str]]:
+        merged = []
+        for d in self.dirs:
+            merged.append(d)
+            if dir_entry(d).opaque:
+                break
+        st = os.lstat(self.dirs[0])
+        return LowerNode(dir_entry(self.dirs[0]), ("D", st.st_dev, st.st_ino)), self.dirs[0], merged
+
+    def _lookup_in(self, dirs: list[str], path: str, name: str):
+        top: tuple[Entry, str, os.stat_result] | None = None
+        merged: list[str] = []
+        for d in dirs:
+            full = os.path.join(d, path)
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                if os.path.lexists(os.path.join(os.path.dirname(full), ".wh." + name)):
+                    break  # an OCI whiteout in this layer hides the name below
+                continue
+            e = entry_of(full, st)
+            if e is None or e.kind == Kind.WHITEOUT:
+                break
+            if top is None:
+                top = (e, full, st)
+            if e.kind != Kind.DIR or top[0].kind != Kind.DIR:
+                break
+            merged.append(d)
+            if e.opaque:
+                break
+        if top is None:
+            return None
+        e, full, st = top
+        return LowerNode(e, ("D", st.st_dev, st.st_ino)), full, merged
+
+    def lookup(self, path: str) -> LowerNode | None:
+        found = self._resolve(path)
+        return found[0] if found else None
+
+    def listdir(self, path: str) -> Iterator[tuple[str, LowerNode]]:
+        found = self._resolve(path)
+        if found is None or found[0].entry.kind != Kind.DIR:
+            return
+        names: set[str] = set()
+        for d in found[2]:
+            try:
+                names.update(n for n in os.listdir(os.path.join(d, path)) if not n.startswith(".wh."))
+            except OSError:
+                continue
+        for name in sorted(names):
+            child = self.lookup(f"{path}/{name}" if path else name)
+            if child is not None:
+                yield name, child
+
+    def open(self, path: str, node: LowerNode) -> int:
+        found = self._resolve(path)
+        if found is None:
+            raise FileNotFoundError(path)
+        return os.open(found[1], os.O_RDONLY)
+
+    def hardlink_names(self, node: LowerNode) -> list[str]:
+        return []  # not tracked for plain directories: copy-up breaks such links, as overlayfs does by default

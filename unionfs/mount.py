@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,6 +184,10 @@ def serve_container(store: Store, c: Container, mountpoint: str, *, read_only: b
     from .lower import StoreLower
     from .view import UnionView
 
+    work = store.containers.work(c)
+    for leftover in os.listdir(work):  # half-built copy-ups of a process that died
+        path = os.path.join(work, leftover)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
     image = store.resolve_image(c.image_id)
     lower = StoreLower(store.tree(image), store.blobs)
     view = UnionView(lower, store.containers.upper(c), store.containers.work(c),

@@ -24,9 +24,11 @@ copy-up keeps the number it had.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
+import shutil
 import stat
 import threading
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ PRIVATE_PREFIX = "user.layerfs."
 METACOPY = "user.layerfs.metacopy"
 REDIRECT = "user.layerfs.redirect"
 HIDDEN_XATTR_PREFIXES = (PRIVATE_PREFIX, "trusted.overlay.", "user.overlay.")
+OVERLAY_OPAQUE = ("trusted.overlay.opaque", "user.overlay.opaque")
 COPY_CHUNK = 1 << 20
 
 _KIND_MODE = {Kind.REG: stat.S_IFREG, Kind.DIR: stat.S_IFDIR, Kind.SYMLINK: stat.S_IFLNK,
@@ -56,6 +59,11 @@ def _xattr(path: str, name: str) -> str | None:
         return os.getxattr(path, name, follow_symlinks=False).decode("utf-8", "surrogateescape")
     except OSError:
         return None
+
+
+def _is_whiteout_st(st: os.stat_result) -> bool:
+    """An overlayfs whiteout: a character device 0/0."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def _join(parent: str, name: str) -> str:
@@ -89,8 +97,9 @@ class UnionView:
     """The merged tree of ``lower`` under the writable directory ``upper``."""
 
     def __init__(self, lower: Lower, upper: str, work: str, *, volatile: bool = False,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, overlay_format: bool = False) -> None:
         self.lower = lower
+        self.overlay_format = overlay_format  # write overlayfs markers instead of OCI ones
         self.upper = os.path.abspath(upper)
         self.work = os.path.abspath(work)
         self.volatile = volatile
@@ -105,7 +114,7 @@ class UnionView:
 
     def _root(self) -> Node:
         st = os.lstat(self.upper)
-        merge = not os.path.lexists(os.path.join(self.upper, OPQ))
+        merge = not self._is_opaque(self.upper)
         low = self.lower.lookup("") if merge else None
         return Node("", self.upper, st, low, "" if merge else None, merge)
 
@@ -121,6 +130,8 @@ class UnionView:
             except FileNotFoundError:
                 if os.path.lexists(os.path.join(parent.upper, WH + name)):
                     return None
+            if st is not None and _is_whiteout_st(st):
+                return None
         lower_path = _join(parent.lower_path, name) if parent.merge_lower else None
         if st is None:
             low = self.lower.lookup(lower_path) if lower_path is not None else None
@@ -131,7 +142,7 @@ class UnionView:
             redirect = _xattr(upper, REDIRECT)
             if redirect is not None:
                 lower_path = redirect
-            elif os.path.lexists(os.path.join(upper, OPQ)):
+            elif self._is_opaque(upper):
                 lower_path = None
             low = self.lower.lookup(lower_path) if lower_path is not None else None
             merge = low is not None and low.entry.kind == Kind.DIR
@@ -234,10 +245,14 @@ class UnionView:
         names: set[str] = set()
         hidden: set[str] = set()
         if node.upper is not None:
-            for name in os.listdir(node.upper):
+            for entry in os.scandir(node.upper):
+                name = entry.name
                 if name.startswith(WH):
                     if name != OPQ:
                         hidden.add(name[len(WH):])
+                elif not entry.is_file(follow_symlinks=False) and not entry.is_dir(follow_symlinks=False) \
+                        and _is_whiteout_st(entry.stat(follow_symlinks=False)):
+                    hidden.add(name)
                 else:
                     names.add(name)
         if node.merge_lower:
@@ -292,8 +307,18 @@ class UnionView:
         if self.read_only:
             raise _err(errno.EROFS)
 
-    def _work_path(self) -> str:
-        return os.path.join(self.work, f"cu-{os.getpid()}-{next(self._tmp)}")
+    @contextlib.contextmanager
+    def _staged(self):
+        """A fresh name in work/ to build an object in; removed again if building fails."""
+        tmp = os.path.join(self.work, f"cu-{os.getpid()}-{next(self._tmp)}")
+        try:
+            yield tmp
+        except BaseException:
+            if os.path.isdir(tmp) and not os.path.islink(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif os.path.lexists(tmp):
+                os.unlink(tmp)
+            raise
 
     def _sync(self, fd: int) -> None:
         if not self.volatile:
@@ -322,11 +347,11 @@ class UnionView:
         if node.upper is not None:
             return node
         parent = self._upper_dir(path.rpartition("/")[0])
-        tmp = self._work_path()
-        os.mkdir(tmp, 0o700)
-        self._apply_entry_metadata(tmp, node.lower.entry)
         dst = os.path.join(parent.upper, path.rpartition("/")[2])
-        os.rename(tmp, dst)
+        with self._staged() as tmp:
+            os.mkdir(tmp, 0o700)
+            self._apply_entry_metadata(tmp, node.lower.entry)
+            os.rename(tmp, dst)
         new = self._child(parent, path.rpartition("/")[2])
         self._alias(new.st, node.lower.ident)
         return new
@@ -358,28 +383,26 @@ class UnionView:
 
     def _copy_up_one(self, node: Node, dst: str, data: bool, empty: bool = False) -> None:
         e = node.lower.entry
-        tmp = self._work_path()
-        if e.kind == Kind.SYMLINK:
-            os.symlink(e.target, tmp)
-            self._apply_entry_metadata(tmp, e)
-        elif e.kind in (Kind.CHR, Kind.BLK, Kind.FIFO):
-            os.mknod(tmp, _KIND_MODE[e.kind] | 0o600, os.makedev(e.rdev_major, e.rdev_minor))
-            self._apply_entry_metadata(tmp, e)
-        else:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                if empty:
-                    pass
-                elif data and e.size:
-                    self._copy_data(node, fd)
-                elif not data:
-                    os.ftruncate(fd, e.size)
-                    os.setxattr(fd, METACOPY, node.lower_path.encode("utf-8", "surrogateescape"))
-                self._apply_entry_metadata(tmp, e, fd)
-                self._sync(fd)
-            finally:
-                os.close(fd)
-        os.rename(tmp, dst)
+        with self._staged() as tmp:
+            if e.kind == Kind.SYMLINK:
+                os.symlink(e.target, tmp)
+                self._apply_entry_metadata(tmp, e)
+            elif e.kind in (Kind.CHR, Kind.BLK, Kind.FIFO):
+                os.mknod(tmp, _KIND_MODE[e.kind] | 0o600, os.makedev(e.rdev_major, e.rdev_minor))
+                self._apply_entry_metadata(tmp, e)
+            else:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    if data and not empty and e.size:
+                        self._copy_data(node, fd)
+                    elif not data and not empty:
+                        os.ftruncate(fd, e.size)
+                        os.setxattr(fd, METACOPY, node.lower_path.encode("utf-8", "surrogateescape"))
+                    self._apply_entry_metadata(tmp, e, fd)
+                    self._sync(fd)
+                finally:
+                    os.close(fd)
+            os.rename(tmp, dst)
 
     def _copy_data(self, node: Node, dst_fd: int) -> None:
         src = self.lower.open(node.lower_path, node.lower)
@@ -455,63 +478,101 @@ class UnionView:
             raise _err(errno.EEXIST, path)
         return self._upper_dir(parent_path), name
 
-    def _clear_whiteout(self, parent: Node, name: str) -> bool:
-        """Remove ``.wh.name`` from an upper directory; True if there was one."""
-        try:
-            os.unlink(os.path.join(parent.upper, WH + name))
+    # Markers. Both forms are read: OCI (``.wh.NAME`` files, ``.wh..wh..opq``) and
+    # overlayfs (char device 0/0, ``trusted.overlay.opaque`` or ``user.overlay.opaque``
+    # = y); new ones are written in the upper's own format.
+
+    def _is_opaque(self, dir_real: str) -> bool:
+        if os.path.lexists(os.path.join(dir_real, OPQ)):
             return True
-        except FileNotFoundError:
-            return False
+        return self.overlay_format and any(_xattr(dir_real, n) == "y" for n in OVERLAY_OPAQUE)
 
     def _whiteout(self, parent: Node, name: str) -> None:
         """Hide the lower ``name`` of ``parent`` (only if the lower has it)."""
         if self._lower_below(parent, name) is None:
             return
-        fd = os.open(os.path.join(parent.upper, WH + name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.close(fd)
+        if self.overlay_format:
+            try:
+                os.mknod(os.path.join(parent.upper, name), stat.S_IFCHR, 0)
+                return
+            except PermissionError:
+                pass  # not allowed to make devices: fall back to the OCI marker, as fuse-overlayfs
+        os.close(os.open(os.path.join(parent.upper, WH + name), os.O_WRONLY | os.O_CREAT, 0o600))
 
     def _make_opaque(self, dir_real: str) -> None:
+        if self.overlay_format:
+            for name in OVERLAY_OPAQUE:
+                try:
+                    os.setxattr(dir_real, name, b"y")
+                    return
+                except OSError:
+                    continue
         os.close(os.open(os.path.join(dir_real, OPQ), os.O_WRONLY | os.O_CREAT, 0o600))
+
+    def _clear_markers(self, dir_real: str) -> None:
+        """Remove the whiteouts inside an upper directory (before it is removed or replaced)."""
+        for name in os.listdir(dir_real):
+            full = os.path.join(dir_real, name)
+            if name.startswith(WH) or _is_whiteout_st(os.lstat(full)):
+                os.unlink(full)
+
+    def _publish(self, tmp: str, parent: Node, name: str) -> None:
+        """Move a new object built in work/ to ``name``, replacing a whiteout there."""
+        dst = os.path.join(parent.upper, name)
+        if os.path.isdir(tmp) and not os.path.islink(tmp):
+            try:
+                if _is_whiteout_st(os.lstat(dst)):
+                    os.unlink(dst)  # a directory cannot be renamed over a device
+            except FileNotFoundError:
+                pass
+        os.rename(tmp, dst)
+        try:
+            os.unlink(os.path.join(parent.upper, WH + name))
+        except FileNotFoundError:
+            pass
 
     def create(self, path: str, mode: int, flags: int, uid: int, gid: int) -> int:
         """Create and open a regular file; returns an OS file descriptor."""
         with self.lock:
             parent, name = self._new_name(path)
-            self._clear_whiteout(parent, name)
-            real = os.path.join(parent.upper, name)
-            fd = os.open(real, (flags | os.O_CREAT | os.O_EXCL) & ~os.O_TRUNC, 0o600)
-            os.fchown(fd, uid, gid)
-            os.fchmod(fd, stat.S_IMODE(mode))
+            with self._staged() as tmp:
+                fd = os.open(tmp, (flags | os.O_CREAT | os.O_EXCL) & ~os.O_TRUNC, 0o600)
+                try:
+                    os.fchown(fd, uid, gid)
+                    os.fchmod(fd, stat.S_IMODE(mode))
+                    self._publish(tmp, parent, name)
+                except OSError:
+                    os.close(fd)
+                    raise
             return fd
 
     def mkdir(self, path: str, mode: int, uid: int, gid: int) -> None:
         with self.lock:
             parent, name = self._new_name(path)
-            had_whiteout = self._clear_whiteout(parent, name)
-            tmp = self._work_path()
-            os.mkdir(tmp, 0o700)
-            if had_whiteout or self._lower_below(parent, name) is not None:
-                self._make_opaque(tmp)  # a dir made where a lower one was removed hides it
-            os.chown(tmp, uid, gid)
-            os.chmod(tmp, stat.S_IMODE(mode))
-            os.rename(tmp, os.path.join(parent.upper, name))
+            with self._staged() as tmp:
+                os.mkdir(tmp, 0o700)
+                if self._lower_below(parent, name) is not None:
+                    self._make_opaque(tmp)  # a dir made where a lower one was removed hides it
+                os.chown(tmp, uid, gid)
+                os.chmod(tmp, stat.S_IMODE(mode))
+                self._publish(tmp, parent, name)
 
     def symlink(self, target: str, path: str, uid: int, gid: int) -> None:
         with self.lock:
             parent, name = self._new_name(path)
-            self._clear_whiteout(parent, name)
-            real = os.path.join(parent.upper, name)
-            os.symlink(target, real)
-            os.chown(real, uid, gid, follow_symlinks=False)
+            with self._staged() as tmp:
+                os.symlink(target, tmp)
+                os.chown(tmp, uid, gid, follow_symlinks=False)
+                self._publish(tmp, parent, name)
 
     def mknod(self, path: str, mode: int, rdev: int, uid: int, gid: int) -> None:
         with self.lock:
             parent, name = self._new_name(path)
-            self._clear_whiteout(parent, name)
-            real = os.path.join(parent.upper, name)
-            os.mknod(real, mode, rdev)
-            os.chown(real, uid, gid, follow_symlinks=False)
-            os.chmod(real, stat.S_IMODE(mode))
+            with self._staged() as tmp:
+                os.mknod(tmp, mode, rdev)
+                os.chown(tmp, uid, gid, follow_symlinks=False)
+                os.chmod(tmp, stat.S_IMODE(mode))
+                self._publish(tmp, parent, name)
 
     def link(self, src: str, path: str) -> None:
         with self.lock:
@@ -520,8 +581,9 @@ class UnionView:
                 raise _err(errno.EPERM, src)
             parent, name = self._new_name(path)
             node = self.copy_up(src, data=True)
-            self._clear_whiteout(parent, name)
-            os.link(node.upper, os.path.join(parent.upper, name), follow_symlinks=False)
+            with self._staged() as tmp:
+                os.link(node.upper, tmp, follow_symlinks=False)
+                self._publish(tmp, parent, name)
 
     def unlink(self, path: str) -> None:
         self._check_writable()
@@ -553,11 +615,6 @@ class UnionView:
             else:
                 os.unlink(node.upper)
         self._whiteout(parent, name)
-
-    def _clear_markers(self, dir_real: str) -> None:
-        for name in os.listdir(dir_real):
-            if name.startswith(WH):
-                os.unlink(os.path.join(dir_real, name))
 
     def rename(self, old: str, new: str, flags: int = 0) -> None:
         """rename(2)/renameat2(2) with RENAME_NOREPLACE and RENAME_EXCHANGE."""
@@ -594,9 +651,8 @@ class UnionView:
             new_parent = self._upper_dir(new_parent_path)
             if dst is not None and dst.upper is not None and dst.is_dir:
                 self._clear_markers(dst.upper)
-            self._clear_whiteout(new_parent, new_name)
             target = os.path.join(new_parent.upper, new_name)
-            os.rename(moved.upper, target)
+            self._publish(moved.upper, new_parent, new_name)
             if moved.is_dir:
                 self._fix_moved_dir(target, new_parent, new_name)
             self._whiteout(old_parent, old.rpartition("/")[2])
