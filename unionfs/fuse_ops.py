@@ -334,10 +334,11 @@ class UnionFUSE(mfusepy.FUSE):
 
 
 def serve(view: UnionView, mountpoint: str, *, foreground: bool = True, options: dict | None = None,
-          on_ready=None) -> None:
+          on_ready=None, debug: bool = False) -> None:
     """Mount ``view`` at ``mountpoint`` and serve until unmounted (blocks)."""
     opts = {"fsname": "layerfs", "subtype": "layerfs", "default_permissions": True}
     if os.geteuid() == 0:
         opts.update(allow_other=True, suid=True, dev=True)
     opts.update(options or {})
-    UnionFUSE(UnionOperations(view, on_ready), mountpoint, raw_fi=True, foreground=foreground, **opts)
+    UnionFUSE(UnionOperations(view, on_ready), mountpoint, raw_fi=True, foreground=foreground,
+              debug=debug, **opts)
