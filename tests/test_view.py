@@ -1,0 +1,142 @@
+"""The union view driven directly, without a mount (the fast tier): the rules of
+DESIGN.md's union section, and what the upper layer holds after each."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+
+import pytest
+
+from helpers import make_tar
+from unionfs.lower import StoreLower
+from unionfs.view import METACOPY, REDIRECT, UnionView
+
+
+@pytest.fixture
+def view(tmp_path, store):
+    base = make_tar(str(tmp_path / "l1.tar"), [
+        ("etc", "d"), ("etc/conf", "f", "conf v1\n", {"mode": 0o644, "uid": 7, "gid": 8}),
+        ("etc/big", "f", b"B" * 200_000), ("lib", "d"), ("lib/sub", "d"),
+        ("lib/sub/mod", "f", "module\n"), ("lib/other", "f", "other\n"),
+        ("bin", "d"), ("bin/a", "f", "linked\n"), ("bin/b", "h", "bin/a"),
+        ("bin/sh", "l", "busybox"),
+    ])
+    img = store.import_tar(base)
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    return UnionView(StoreLower(store.tree(img), store.blobs), str(upper), str(work))
+
+
+def read(view: UnionView, path: str) -> bytes:
+    fd, _ = view.open(path, os.O_RDONLY)
+    try:
+        return b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+    finally:
+        os.close(fd)
+
+
+def names(view: UnionView, path: str) -> list[str]:
+    return [n for n, _ in view.readdir(path)][2:]
+
+
+def test_chmod_copies_metadata_only_and_first_write_copies_data(view):
+    ino = view.getattr("etc/big")["st_ino"]
+    view.chmod("etc/big", 0o600)
+    up = os.path.join(view.upper, "etc/big")
+    assert os.getxattr(up, METACOPY) == b"etc/big"
+    assert os.stat(up).st_blocks == 0  # sparse: no data copied
+    assert view.getattr("etc/big")["st_mode"] & 0o777 == 0o600
+    assert read(view, "etc/big") == b"B" * 200_000
+    fd, _ = view.open("etc/big", os.O_WRONLY)
+    os.pwrite(fd, b"x", 0)
+    os.close(fd)
+    assert METACOPY not in os.listxattr(up)
+    assert read(view, "etc/big") == b"x" + b"B" * 199_999
+    assert view.getattr("etc/big")["st_ino"] == ino  # copy-up keeps the inode number
+    assert view.getattr("etc/big")["st_mode"] & 0o777 == 0o600
+
+
+def test_o_trunc_copies_no_data(view):
+    fd, _ = view.open("etc/big", os.O_WRONLY | os.O_TRUNC)
+    os.close(fd)
+    up = os.path.join(view.upper, "etc/big")
+    assert os.path.getsize(up) == 0 and METACOPY not in os.listxattr(up)
+    assert read(view, "etc/big") == b""
+    view.truncate("etc/conf", 0)
+    assert read(view, "etc/conf") == b""
+    assert view.getattr("etc/conf")["st_uid"] == 7  # metadata came along
+
+
+def test_unlink_and_rmdir_leave_whiteouts_and_mkdir_makes_opaque(view):
+    view.unlink("etc/conf")
+    assert os.path.exists(os.path.join(view.upper, "etc/.wh.conf"))
+    assert names(view, "etc") == ["big"]
+    with pytest.raises(OSError) as e:
+        view.rmdir("lib")
+    assert e.value.errno == errno.ENOTEMPTY
+    view.unlink("lib/sub/mod")
+    view.rmdir("lib/sub")
+    view.mkdir("lib/sub", 0o755, 0, 0)
+    assert os.path.exists(os.path.join(view.upper, "lib/sub/.wh..wh..opq"))
+    assert names(view, "lib/sub") == []
+    with pytest.raises(OSError) as e:
+        view.mkdir(".wh.x", 0o755, 0, 0)
+    assert e.value.errno == errno.EINVAL
+
+
+def test_rename_of_a_lower_directory_copies_no_data(view):
+    view.rename("lib", "lib2")
+    up = os.path.join(view.upper, "lib2")
+    assert os.getxattr(up, REDIRECT) == b"lib"
+    assert os.listdir(up) == []  # nothing copied
+    assert names(view, "lib2") == ["other", "sub"]
+    assert read(view, "lib2/sub/mod") == b"module\n"
+    with pytest.raises(OSError):
+        view.getattr("lib")
+    # A second rename keeps pointing at the original lower directory.
+    view.rename("lib2", "lib3")
+    assert read(view, "lib3/other") == b"other\n"
+
+
+def test_hard_links_stay_linked_after_copy_up(view):
+    a, b = view.getattr("bin/a"), view.getattr("bin/b")
+    assert a["st_ino"] == b["st_ino"] and a["st_nlink"] == 2
+    fd, _ = view.open("bin/a", os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"more\n")
+    os.close(fd)
+    assert read(view, "bin/b") == b"linked\nmore\n"
+    ua, ub = (os.stat(os.path.join(view.upper, p)) for p in ("bin/a", "bin/b"))
+    assert ua.st_ino == ub.st_ino and ua.st_nlink == 2
+    assert view.getattr("bin/b")["st_ino"] == a["st_ino"]
+
+
+def test_rename_flags(view):
+    with pytest.raises(OSError) as e:
+        view.rename("etc/conf", "etc/big", 1)  # RENAME_NOREPLACE
+    assert e.value.errno == errno.EEXIST
+    view.rename("etc/conf", "etc/big", 2)  # RENAME_EXCHANGE
+    assert read(view, "etc/big") == b"conf v1\n"
+    assert read(view, "etc/conf") == b"B" * 200_000
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_upper_full_gives_enospc_and_stays_consistent(tmp_path, store):
+    base = make_tar(str(tmp_path / "l.tar"), [("f", "f", os.urandom(3 << 20))])
+    img = store.import_tar(base)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        (small / "upper").mkdir()
+        (small / "work").mkdir()
+        v = UnionView(StoreLower(store.tree(img), store.blobs), str(small / "upper"), str(small / "work"))
+        with pytest.raises(OSError) as e:
+            v.open("f", os.O_WRONLY)  # copy-up of 3 MiB into 1 MiB
+        assert e.value.errno == errno.ENOSPC
+        assert os.listdir(small / "upper") == [] and os.listdir(small / "work") == []
+        assert read(v, "f") == open(store.blobs.path(store.tree(img).lookup("f").blob), "rb").read()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
