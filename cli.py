@@ -383,6 +383,45 @@ def rm(store: Store, containers: tuple[str, ...], force: bool) -> None:
 
 
 @cli.command()
+@click.argument("container")
+@json_option
+@with_store
+def diff(store: Store, container: str, as_json: bool) -> None:
+    """Show what CONTAINER changed: A added, C changed, D deleted."""
+    from store.commit import diff as container_diff
+
+    rows = container_diff(store, store.containers.get(container))
+    if as_json:
+        click.echo(json.dumps([{"kind": r.kind, "path": r.path} for r in rows], indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r.kind} {r.path}")
+
+
+@cli.command()
+@click.argument("container")
+@click.option("-t", "--tag", help="Tag the new image NAME[:TAG].")
+@click.option("-m", "--message", default="", help="Commit message.")
+@click.option("-a", "--author", default="", help="Author.")
+@click.option("-c", "--change", "changes", multiple=True,
+              help="Dockerfile instruction: ENV, CMD, ENTRYPOINT, WORKDIR, USER, LABEL, EXPOSE.")
+@with_store
+def commit(store: Store, container: str, tag: str | None, message: str, author: str,
+           changes: tuple[str, ...]) -> None:
+    """Commit CONTAINER's changes as a new layer and image; print the image id.
+
+    A mounted container's writes are held while the commit runs.
+    """
+    from store.commit import commit as commit_container
+    from unionfs.mount import paused
+
+    c = store.containers.get(container)
+    with paused(c):
+        image = commit_container(store, c, tag=tag, message=message, author=author, changes=changes)
+    click.echo(image.image_id)
+
+
+@cli.command()
 @with_store
 def demo(store: Store) -> None:
     """Import the built-in sample image (3 layers) as sample:latest and list it."""

@@ -19,7 +19,7 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 import xxhash
@@ -51,6 +51,20 @@ def os_error(e: OSError, what: str) -> StoreError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return StoreFull(f"no space left on the store's filesystem while {what}")
     return StoreError(f"{what}: {e.strerror or e}")
+
+
+def _copy_fd(src: int, dst: int) -> None:
+    """Copy all of ``src`` to ``dst`` with copy_file_range (reflink on btrfs/xfs)."""
+    while True:
+        try:
+            n = os.copy_file_range(src, dst, 1 << 30)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            shutil.copyfileobj(os.fdopen(os.dup(src), "rb"), os.fdopen(os.dup(dst), "wb"), CHUNK)
+            return
+        if n == 0:
+            return
 
 
 def same_content(a: str, b: str) -> bool:
@@ -117,6 +131,34 @@ class Ingest:
         """A writer for one new blob: ``write`` chunks, then ``finish`` for its id."""
         self._n += 1
         return BlobWriter(self, os.path.join(self.dir, f"new-{self._n}"))
+
+    def copy_file(self, path: str) -> Iterator[bytes]:
+        """Copy a file into a new blob in the kernel (a reflink where the filesystem can),
+        then yield its bytes once for hashing; the generator's return value is the blob id.
+
+        The copy is made first and read back, so the blob holds exactly the bytes that
+        were hashed even if the source changes meanwhile.
+        """
+        self._n += 1
+        tmp = os.path.join(self.dir, f"new-{self._n}")
+        try:
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                _copy_fd(src.fileno(), dst.fileno())
+            h = new_hasher()
+            size = 0
+            with open(tmp, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+                    yield chunk
+        except OSError as e:
+            raise os_error(e, f"copying {path} into a blob") from None
+        if size == 0:
+            os.unlink(tmp)
+            return ""
+        blob_id = self._place(tmp, h.hexdigest(), size)
+        self.used[blob_id] = size
+        return blob_id
 
     def add(self, chunks: Iterable[bytes]) -> str:
         """Store the concatenated ``chunks`` (streamed, bounded memory); return the blob id."""

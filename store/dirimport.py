@@ -157,31 +157,40 @@ def _primary_first(entries: dict[str, Entry]) -> dict[str, Entry]:
 def import_dir(index: Index, blobs: BlobStore, root: str, comment: str = "") -> LayerRecord:
     """Record the tree at ``root`` as a layer whose id is the sha256 of its canonical tar."""
     entries, files = scan_dir(root)
+    try:
+        return record_tree(index, blobs, entries, files, Source.DIR, comment)
+    except StoreCorrupt as e:
+        raise StoreError(f"{root} changed while it was imported: {e}") from None
+
+
+def record_tree(index: Index, blobs: BlobStore, entries: dict[str, Entry], files: dict[str, str],
+                source: Source, comment: str) -> LayerRecord:
+    """Record a layer in canonical form, reading each file in ``files`` once.
+
+    Files in ``files`` are read from disk into new blobs while the canonical tar is
+    hashed; every other regular file already names a stored blob, which is read for the
+    hash only (nothing is copied).
+    """
     sha = hashlib.sha256()
     size = 0
     with blobs.ingest() as ingest:
         blob_of: dict[str, str] = {}
 
         def file_chunks(path: str, entry: Entry):
-            writer = ingest.writer()
-            try:
-                with open(files[path], "rb") as f:
+            if path not in files:
+                with blobs.open(entry.blob) as f:
                     while chunk := f.read(CHUNK):
-                        writer.write(chunk)
                         yield chunk
-            except OSError as e:
-                raise StoreError(f"cannot read {files[path]}: {e.strerror}") from None
-            blob_of[path] = writer.finish()
+                return
+            blob_of[path] = yield from ingest.copy_file(files[path])
 
-        try:
-            for chunk in canonical_tar(entries, file_chunks):
-                sha.update(chunk)
-                size += len(chunk)
-        except StoreCorrupt as e:
-            raise StoreError(f"{root} changed while it was imported: {e}") from None
+        for chunk in canonical_tar(entries, file_chunks):
+            sha.update(chunk)
+            size += len(chunk)
         final = {}
         for path, e in entries.items():
-            if e.kind == Kind.REG and e.size:
-                e = dataclasses.replace(e, blob=blob_of[e.hardlink or path])
+            key = e.hardlink or path
+            if e.kind == Kind.REG and e.size and key in blob_of:
+                e = dataclasses.replace(e, blob=blob_of[key])
             final[path] = e
-        return record_layer(index, ingest, "sha256:" + sha.hexdigest(), size, final, Source.DIR, comment)
+        return record_layer(index, ingest, "sha256:" + sha.hexdigest(), size, final, source, comment)

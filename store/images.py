@@ -54,9 +54,11 @@ def rfc3339(ns: int) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def new_config(parent: bytes | None, diff_id: str, created_ns: int, created_by: str) -> bytes:
+def new_config(parent: bytes | dict | None, diff_id: str, created_ns: int, history: dict) -> bytes:
     """The OCI config of ``parent`` (or a fresh one) with one more layer and history entry."""
-    if parent:
+    if isinstance(parent, dict):
+        config = json.loads(json.dumps(parent))
+    elif parent:
         config = json.loads(parent)
     else:
         config = {"architecture": OCI_ARCH.get(platform.machine(), platform.machine()),
@@ -65,7 +67,7 @@ def new_config(parent: bytes | None, diff_id: str, created_ns: int, created_by: 
     created = rfc3339(created_ns)
     config["created"] = created
     config.setdefault("rootfs", {"type": "layers", "diff_ids": []})["diff_ids"].append(diff_id)
-    config.setdefault("history", []).append({"created": created, "created_by": created_by})
+    config.setdefault("history", []).append({"created": created, **history})
     return canonical_json(config)
 
 

@@ -92,19 +92,22 @@ class Store:
         src_cm = contextlib.nullcontext(open_input(path)) if path == "-" else open_input(path)
         with src_cm as src:
             layer = import_tar(self.index, self.blobs, src, os.path.basename(path), progress)
-        return self._new_image(base, layer, f"layerfs import-layer {os.path.basename(path)}", tag)
+        return self.new_image(base, layer, {"created_by": f"layerfs import-layer {os.path.basename(path)}"}, tag)
 
     def import_dir(self, path: str, parent: str | None = None, tag: str | None = None) -> ImageRecord:
         """Import a directory tree as a new image on top of ``parent``."""
         tag = imagesmod.parse_reference(tag) if tag else None
         base = self.resolve_image(parent) if parent else None
         layer = import_dir(self.index, self.blobs, path, os.path.abspath(path))
-        return self._new_image(base, layer, f"layerfs import-dir {os.path.basename(os.path.abspath(path))}", tag)
+        name = os.path.basename(os.path.abspath(path))
+        return self.new_image(base, layer, {"created_by": f"layerfs import-dir {name}"}, tag)
 
-    def _new_image(self, base: ImageRecord | None, layer: LayerRecord, created_by: str,
-                   tag: str | None) -> ImageRecord:
+    def new_image(self, base: ImageRecord | None, layer: LayerRecord, history: dict,
+                  tag: str | None, config: dict | None = None) -> ImageRecord:
+        """Record the image ``base`` + ``layer`` (``config``: base's config, edited)."""
         created = imagesmod.now_ns()
-        config = imagesmod.new_config(base.config if base else None, layer.diff_id, created, created_by)
+        parent = config if config is not None else (base.config if base else None)
+        config = imagesmod.new_config(parent, layer.diff_id, created, history)
         rec = ImageRecord(imagesmod.digest(config), (base.layers if base else ()) + (layer.diff_id,),
                           config, created)
 

@@ -73,6 +73,15 @@ def _translate(fn):
     return wrapper
 
 
+def _held(fn):
+    """Run a changing operation inside the view's pause gate (a commit holds it closed)."""
+    def wrapper(self, *args, **kwargs):
+        with self.view.gate.hold():
+            return fn(self, *args, **kwargs)
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
 class UnionOperations(mfusepy.Operations):
     """mfusepy operations of one mount."""
 
@@ -149,16 +158,19 @@ class UnionOperations(mfusepy.Operations):
         return self.view.listxattr(_rel(path))
 
     @_translate
+    @_held
     def setxattr(self, path, name, value, options, position=0):
         self.view.setxattr(_rel(path), name, value, options)
         return 0
 
     @_translate
+    @_held
     def removexattr(self, path, name):
         self.view.removexattr(_rel(path), name)
         return 0
 
     @_translate
+    @_held
     def open(self, path, fi):
         fd, lower_backed = self.view.open(_rel(path), fi.flags)
         fi.fh = fd
@@ -166,6 +178,7 @@ class UnionOperations(mfusepy.Operations):
         return 0
 
     @_translate
+    @_held
     def create(self, path, mode, fi):
         uid, gid = self._ctx()
         fi.fh = self.view.create(_rel(path), mode, fi.flags, uid, gid)
@@ -176,11 +189,13 @@ class UnionOperations(mfusepy.Operations):
         return os.pread(fi.fh, size, offset)
 
     @_translate
+    @_held
     def write(self, path, data, offset, fi):
         self._written.add(fi.fh)
         return os.pwrite(fi.fh, data, offset)
 
     @_translate
+    @_held
     def truncate(self, path, length, fh=None):
         if fh is not None and getattr(fh, "fh", 0):
             os.ftruncate(fh.fh, length)
@@ -191,6 +206,7 @@ class UnionOperations(mfusepy.Operations):
         return 0
 
     @_translate
+    @_held
     def fallocate(self, path, mode, offset, size, fi):
         if mode:
             raise OSError(errno.EOPNOTSUPP, "fallocate mode")
@@ -225,17 +241,20 @@ class UnionOperations(mfusepy.Operations):
         return 0
 
     @_translate
+    @_held
     def mkdir(self, path, mode):
         uid, gid = self._ctx()
         self.view.mkdir(_rel(path), mode, uid, gid)
         return 0
 
     @_translate
+    @_held
     def rmdir(self, path):
         self.view.rmdir(_rel(path))
         return 0
 
     @_translate
+    @_held
     def unlink(self, path):
         node = self.view.resolve(_rel(path))
         self.view.unlink(_rel(path))
@@ -244,35 +263,41 @@ class UnionOperations(mfusepy.Operations):
         return 0
 
     @_translate
+    @_held
     def symlink(self, target, source):
         uid, gid = self._ctx()
         self.view.symlink(source, _rel(target), uid, gid)
         return 0
 
     @_translate
+    @_held
     def link(self, target, source):
         self.view.link(_rel(source), _rel(target))
         self._after_change(source)
         return 0
 
     @_translate
+    @_held
     def mknod(self, path, mode, dev):
         uid, gid = self._ctx()
         self.view.mknod(_rel(path), mode, dev, uid, gid)
         return 0
 
     @_translate
+    @_held
     def rename(self, old, new, flags=0):
         self.view.rename(_rel(old), _rel(new), flags)
         return 0
 
     @_translate
+    @_held
     def chmod(self, path, mode):
         self.view.chmod(_rel(path), mode)
         self._after_change(path)
         return 0
 
     @_translate
+    @_held
     def chown(self, path, uid, gid):
         attrs = self.view.getattr(_rel(path))
         self.view.chown(_rel(path), attrs["st_uid"] if uid == -1 else uid,
@@ -281,6 +306,7 @@ class UnionOperations(mfusepy.Operations):
         return 0
 
     @_translate
+    @_held
     def utimens(self, path, times=None):
         now = time.time_ns()
         attrs = self.view.getattr(_rel(path))

@@ -9,12 +9,16 @@ keeps a dead FUSE mount ("Transport endpoint is not connected") until it is unmo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 
 from store import Store, StoreError
@@ -192,7 +196,63 @@ def serve_container(store: Store, c: Container, mountpoint: str, *, read_only: b
     lower = StoreLower(store.tree(image), store.blobs)
     view = UnionView(lower, store.containers.upper(c), store.containers.work(c),
                      volatile=volatile, read_only=read_only)
+    threading.Thread(target=_control_server, args=(c.id, view), daemon=True).start()
     serve(view, mountpoint, foreground=True, options=options, on_ready=on_ready)
+
+
+def _control_address(container_id: str) -> str:
+    # Abstract socket namespace: no path-length limit from deep store roots, nothing to clean up.
+    return "\0layerfs-" + container_id
+
+
+def _control_server(container_id: str, view) -> None:
+    """Serve pause requests: "pause" holds every change until "resume" or a hang-up."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(_control_address(container_id))
+    srv.listen(4)
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=_control_session, args=(conn, view), daemon=True).start()
+
+
+def _control_session(conn: socket.socket, view) -> None:
+    with conn:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        if uid not in (0, os.geteuid()):
+            return
+        f = conn.makefile("rwb", buffering=0)
+        if f.readline().strip() != b"pause":
+            return
+        view.gate.pause()
+        try:
+            f.write(b"paused\n")
+            f.readline()  # "resume", or EOF when the committing process went away
+        finally:
+            view.gate.resume()
+
+
+@contextlib.contextmanager
+def paused(c: Container):
+    """Hold a mounted container's changes while the block runs (a no-op if unmounted)."""
+    if state(c) != "mounted":
+        yield
+        return
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(_control_address(c.id))
+    except OSError as e:
+        raise MountError(f"cannot reach the mount of {c.name} to pause it: {e.strerror}") from None
+    with sock:
+        sock.sendall(b"pause\n")
+        sock.settimeout(60)
+        reply = sock.makefile("rb").readline()
+        if reply.strip() != b"paused":
+            raise MountError(f"the mount of {c.name} did not pause")
+        try:
+            yield
+        finally:
+            sock.sendall(b"resume\n")
 
 
 def _main() -> None:

@@ -70,6 +70,42 @@ def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
+class PauseGate:
+    """Lets changes run concurrently, and lets a commit stop them all for a while."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._paused = False
+
+    @contextlib.contextmanager
+    def hold(self):
+        """Around one change: waits while paused."""
+        with self._cond:
+            while self._paused:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if not self._active:
+                    self._cond.notify_all()
+
+    def pause(self) -> None:
+        """Stop new changes and wait for those under way to finish."""
+        with self._cond:
+            self._paused = True
+            while self._active:
+                self._cond.wait()
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+
 @dataclass(slots=True)
 class Node:
     """What one path of the union shows."""
@@ -105,6 +141,7 @@ class UnionView:
         self.volatile = volatile
         self.read_only = read_only
         self.lock = threading.RLock()  # namespace changes and copy-ups, one at a time
+        self.gate = PauseGate()  # closed while a commit reads the upper layer
         self._inos: dict[object, int] = {}
         self._names: dict[tuple[int, int], set[str]] = {}  # upper inode -> paths (hard links)
         self._next_ino = itertools.count(2)  # 1 is the root

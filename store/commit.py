@@ -1,0 +1,106 @@
+"""Commit a container's upper layer as a new layer and image; show its diff.
+
+The new layer is written in the canonical form (so identical changes give the same
+layer id) and recorded all or nothing; the image is the container's image plus that
+layer, with the config changes and a history entry, as ``docker commit`` makes it.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from . import images as imagesmod
+from .containers import Container
+from .dirimport import record_tree
+from .errors import StoreCorrupt, StoreError
+from .records import ImageRecord, Source
+from .store import Store
+from .upper import Change, UpperReader
+
+_CHANGE_KEYS = ("ENV", "CMD", "ENTRYPOINT", "WORKDIR", "USER", "LABEL", "EXPOSE")
+
+
+def _reader(store: Store, c: Container) -> UpperReader:
+    image = store.resolve_image(c.image_id)
+    return UpperReader(store.containers.upper(c), store.tree(image))
+
+
+def diff(store: Store, c: Container) -> list[Change]:
+    """What the container changed: A added, C changed, D deleted, sorted by path."""
+    try:
+        return _reader(store, c).changes()
+    except OSError as e:
+        raise StoreCorrupt(f"cannot read the container's upper layer at {e.filename}: {e.strerror}") from None
+
+
+def _command(value: str) -> list[str]:
+    """CMD/ENTRYPOINT in exec form (a JSON list) or shell form, as a Dockerfile takes them."""
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            raise StoreError(f"invalid JSON list {value!r}") from None
+        if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
+            raise StoreError(f"{value!r} is not a list of strings")
+        return parsed
+    return ["/bin/sh", "-c", value]
+
+
+def apply_change(config: dict, change: str) -> None:
+    """Apply one ``--change`` instruction (ENV, CMD, ENTRYPOINT, WORKDIR, USER, LABEL, EXPOSE)."""
+    key, _, value = change.strip().partition(" ")
+    key = key.upper()
+    if key not in _CHANGE_KEYS or not value.strip():
+        raise StoreError(f"invalid change {change!r}: expected one of {', '.join(_CHANGE_KEYS)} with a value")
+    cfg = config.setdefault("config", {})
+    value = value.strip()
+    if key == "ENV":
+        name, sep, val = value.partition("=")
+        if not sep:
+            name, _, val = value.partition(" ")
+        env = [e for e in cfg.get("Env", []) if e.split("=", 1)[0] != name]
+        cfg["Env"] = env + [f"{name}={val}"]
+    elif key in ("CMD", "ENTRYPOINT"):
+        cfg["Cmd" if key == "CMD" else "Entrypoint"] = _command(value)
+    elif key == "WORKDIR":
+        cfg["WorkingDir"] = value
+    elif key == "USER":
+        cfg["User"] = value
+    elif key == "LABEL":
+        for item in shlex.split(value):
+            k, sep, v = item.partition("=")
+            if not sep:
+                raise StoreError(f"invalid LABEL {item!r}: expected key=value")
+            cfg.setdefault("Labels", {})[k] = v
+    elif key == "EXPOSE":
+        for port in value.split():
+            cfg.setdefault("ExposedPorts", {})[port if "/" in port else f"{port}/tcp"] = {}
+
+
+def commit(store: Store, c: Container, tag: str | None = None, message: str = "",
+           author: str = "", changes: tuple[str, ...] = ()) -> ImageRecord:
+    """Record the container's changes as a new layer on its image; return the new image.
+
+    If the container is mounted, the caller holds its writes while this runs.
+    """
+    tag = imagesmod.parse_reference(tag) if tag else None
+    base = store.resolve_image(c.image_id)
+    config = json.loads(base.config)
+    for change in changes:
+        apply_change(config, change)
+    reader = UpperReader(store.containers.upper(c), store.tree(base))
+    try:
+        entries, files = reader.layer()
+        layer = record_tree(store.index, store.blobs, entries, files, Source.COMMIT,
+                            f"commit of {c.name}")
+    except OSError as e:
+        raise StoreCorrupt(f"cannot read the container's upper layer at {e.filename}: {e.strerror}") from None
+    history = {"created_by": "layerfs commit"}
+    if message:
+        history["comment"] = message
+    if author:
+        history["author"] = author
+        config["author"] = author
+    return store.new_image(base, layer, history, tag, config=config)
