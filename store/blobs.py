@@ -25,6 +25,7 @@ from typing import BinaryIO
 import xxhash
 
 from .errors import StoreCorrupt, StoreError, StoreFull
+from . import leases
 from .index import Index
 
 CHUNK = 1 << 20
@@ -114,9 +115,12 @@ class Ingest:
 
     def __init__(self, blobs: BlobStore) -> None:
         self.blobs = blobs
-        self.dir = os.path.join(blobs.tmp, "ingest-" + uuid.uuid4().hex)
+        self.id = "ingest-" + uuid.uuid4().hex
+        self.dir = os.path.join(blobs.tmp, self.id)
+        leases.take(blobs.index, self.id)  # gc leaves a live ingest's staging alone
         os.makedirs(self.dir)
         self.staged: dict[str, int] = {}  # blob id -> size, staged here
+        self.held: dict[str, str] = {}  # blob id -> our own copy of a blob that already exists
         self.published: list[str] = []  # blob files this ingest added to blobs/
         self.used: dict[str, int] = {}  # every blob id this ingest returned -> size
         self._n = 0
@@ -185,7 +189,12 @@ class Ingest:
             final = self.blobs.path(cand)
             if os.path.exists(final):
                 if same_content(final, tmp):
-                    os.unlink(tmp)
+                    # Keep our copy until publish: gc may take an unreferenced blob
+                    # before this ingest is recorded (publish checks, under the lock).
+                    if cand in self.held:
+                        os.unlink(tmp)
+                    else:
+                        self.held[cand] = tmp
                     return cand
                 continue
             os.rename(tmp, staged)
@@ -199,6 +208,13 @@ class Ingest:
         The caller records the returned blobs in the index in the same transaction as
         whatever refers to them.
         """
+        for blob_id, copy in self.held.items():
+            if self._recorded(blob_id) and os.path.exists(self.blobs.path(blob_id)):
+                os.unlink(copy)
+            else:  # collected meanwhile (or never recorded): publish our copy
+                os.rename(copy, os.path.join(self.dir, blob_id))
+                self.staged[blob_id] = self.used[blob_id]
+        self.held.clear()
         try:
             if self.staged:
                 for blob_id in self.staged:
@@ -221,6 +237,10 @@ class Ingest:
             raise os_error(e, "publishing blobs") from None
         return dict(self.used)
 
+    def _recorded(self, blob_id: str) -> bool:
+        with self.blobs.index.read() as txn:
+            return txn.get(blob_id.encode(), db=self.blobs.index.db("blobs")) is not None
+
     def unpublish(self) -> None:
         """Take back the blob files this ingest published (its record was not written).
 
@@ -235,8 +255,12 @@ class Ingest:
         self.published.clear()
 
     def abort(self) -> None:
-        """Drop everything staged (a no-op for blobs already published)."""
+        """Drop everything staged (a no-op for blobs already published) and the lease."""
         shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            leases.release(self.blobs.index, self.id)
+        except StoreError:
+            pass  # an expired lease is collected by gc
 
 
 class BlobWriter:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import lmdb
 
@@ -20,6 +22,8 @@ from .errors import BadArchive, HostileArchive
 from .index import Index
 from .records import (IMPLICIT, OPAQUE, Entry, Kind, LayerRecord, Source, digest_bytes,
                       entry_key, pack_entry, pack_layer, unpack_layer)
+
+T = TypeVar("T")
 
 _IMPLICIT_DIR = Entry(Kind.DIR, mode=0o755, flags=IMPLICIT)
 
@@ -174,41 +178,52 @@ def existing_layer(index: Index, diff_id: str) -> LayerRecord | None:
     return unpack_layer(diff_id, raw) if raw is not None else None
 
 
-def record_layer(index: Index, ingest: Ingest, diff_id: str, tar_size: int,
-                 entries: dict[str, Entry], source: Source, comment: str,
-                 tarsplit_chunks: Iterable[bytes] = ()) -> LayerRecord:
-    """Publish the ingest's blobs and record the layer, all or nothing.
+@dataclass(slots=True)
+class PendingLayer:
+    """A layer read from its source, its blobs staged, not yet recorded."""
 
-    Returns the existing record if the layer is already stored (nothing new is written).
+    diff_id: str
+    tar_size: int
+    entries: dict[str, Entry]
+    source: Source
+    comment: str
+    tarsplit: list[bytes] = field(default_factory=list)
+
+
+def record_layer(index: Index, ingest: Ingest, pending: PendingLayer,
+                 then: Callable[[lmdb.Transaction, LayerRecord], T]) -> T:
+    """Publish the ingest's blobs and record the layer and what ``then`` writes, in one
+    transaction: all or nothing. An already stored layer is reused (nothing new written).
+
+    The caller holds the store's lock shared, so gc cannot run between the publish and
+    the transaction.
     """
-    found = existing_layer(index, diff_id)
-    if found is not None:
-        return found
-    blobs = ingest.publish()
-    chunks = list(tarsplit_chunks)
+    found = existing_layer(index, pending.diff_id)
+    blobs = ingest.publish() if found is None else {}
     created = time.time_ns()
-    fbytes = file_bytes(entries)
+    fbytes = file_bytes(pending.entries)
 
-    def txn_fn(txn: lmdb.Transaction) -> LayerRecord:
-        key = digest_bytes(diff_id)
+    def txn_fn(txn: lmdb.Transaction) -> T:
+        key = digest_bytes(pending.diff_id)
         raw = txn.get(key, db=index.db("layers"))
         if raw is not None:
-            return unpack_layer(diff_id, raw)
+            return then(txn, unpack_layer(pending.diff_id, raw))
         num = index.next_counter(txn, b"layer-num")
-        rec = LayerRecord(diff_id, num, tar_size, len(entries), fbytes, created, source, comment)
+        rec = LayerRecord(pending.diff_id, num, pending.tar_size, len(pending.entries), fbytes,
+                          created, pending.source, pending.comment)
         txn.put(key, pack_layer(rec), db=index.db("layers"))
         prefix = struct.pack(">I", num)
         txn.put(prefix, key, db=index.db("layernums"))
         edb = index.db("entries")
-        for path, e in entries.items():
+        for path, e in pending.entries.items():
             txn.put(entry_key(prefix, path), pack_entry(e), db=edb)
         tdb = index.db("tarsplit")
-        for i, chunk in enumerate(chunks):
+        for i, chunk in enumerate(pending.tarsplit):
             txn.put(prefix + struct.pack(">I", i), chunk, db=tdb)
         bdb = index.db("blobs")
         for blob_id, size in blobs.items():
             txn.put(blob_id.encode(), blob_size_record(size), db=bdb)
-        return rec
+        return then(txn, rec)
 
     try:
         return index.write(txn_fn)

@@ -12,7 +12,7 @@ import shlex
 
 from . import images as imagesmod
 from .containers import Container
-from .dirimport import record_tree
+from .dirimport import canonical_layer
 from .errors import StoreCorrupt, StoreError
 from .records import ImageRecord, Source
 from .store import Store
@@ -90,17 +90,19 @@ def commit(store: Store, c: Container, tag: str | None = None, message: str = ""
     config = json.loads(base.config)
     for change in changes:
         apply_change(config, change)
-    reader = UpperReader(store.containers.upper(c), store.tree(base))
-    try:
-        entries, files = reader.layer()
-        layer = record_tree(store.index, store.blobs, entries, files, Source.COMMIT,
-                            f"commit of {c.name}")
-    except OSError as e:
-        raise StoreCorrupt(f"cannot read the container's upper layer at {e.filename}: {e.strerror}") from None
     history = {"created_by": "layerfs commit"}
     if message:
         history["comment"] = message
     if author:
         history["author"] = author
         config["author"] = author
-    return store.new_image(base, layer, history, tag, config=config)
+    reader = UpperReader(store.containers.upper(c), store.tree(base))
+    with store.blobs.ingest() as ingest:
+        try:
+            entries, files = reader.layer()
+            pending = canonical_layer(ingest, store.blobs, entries, files, Source.COMMIT,
+                                      f"commit of {c.name}")
+        except OSError as e:
+            raise StoreCorrupt(f"cannot read the container's upper layer at {e.filename}: "
+                               f"{e.strerror}") from None
+        return store.record(ingest, pending, base, history, tag, config=config)

@@ -14,11 +14,10 @@ import hashlib
 import os
 import stat
 
-from .blobs import CHUNK, BlobStore
-from .builder import LayerBuilder, record_layer
+from .blobs import CHUNK, BlobStore, Ingest
+from .builder import LayerBuilder, PendingLayer
 from .errors import StoreCorrupt, StoreError
-from .index import Index
-from .records import OPAQUE, Entry, Kind, LayerRecord, Source
+from .records import OPAQUE, Entry, Kind, Source
 from .tarformat import OPAQUE_MARKER, WHITEOUT_PREFIX, canonical_order, canonical_tar
 from .tarimport import PRIVATE_XATTR_PREFIXES
 
@@ -154,43 +153,42 @@ def _primary_first(entries: dict[str, Entry]) -> dict[str, Entry]:
             for p, e in entries.items()}
 
 
-def import_dir(index: Index, blobs: BlobStore, root: str, comment: str = "") -> LayerRecord:
-    """Record the tree at ``root`` as a layer whose id is the sha256 of its canonical tar."""
+def read_dir(ingest: Ingest, blobs: BlobStore, root: str, comment: str = "") -> PendingLayer:
+    """Read the tree at ``root`` as a layer whose id is the sha256 of its canonical tar."""
     entries, files = scan_dir(root)
     try:
-        return record_tree(index, blobs, entries, files, Source.DIR, comment)
+        return canonical_layer(ingest, blobs, entries, files, Source.DIR, comment)
     except StoreCorrupt as e:
         raise StoreError(f"{root} changed while it was imported: {e}") from None
 
 
-def record_tree(index: Index, blobs: BlobStore, entries: dict[str, Entry], files: dict[str, str],
-                source: Source, comment: str) -> LayerRecord:
-    """Record a layer in canonical form, reading each file in ``files`` once.
+def canonical_layer(ingest: Ingest, blobs: BlobStore, entries: dict[str, Entry],
+                    files: dict[str, str], source: Source, comment: str) -> PendingLayer:
+    """A layer in canonical form, reading each file in ``files`` once.
 
-    Files in ``files`` are read from disk into new blobs while the canonical tar is
+    Files in ``files`` are copied from disk into new blobs while the canonical tar is
     hashed; every other regular file already names a stored blob, which is read for the
     hash only (nothing is copied).
     """
     sha = hashlib.sha256()
     size = 0
-    with blobs.ingest() as ingest:
-        blob_of: dict[str, str] = {}
+    blob_of: dict[str, str] = {}
 
-        def file_chunks(path: str, entry: Entry):
-            if path not in files:
-                with blobs.open(entry.blob) as f:
-                    while chunk := f.read(CHUNK):
-                        yield chunk
-                return
-            blob_of[path] = yield from ingest.copy_file(files[path])
+    def file_chunks(path: str, entry: Entry):
+        if path not in files:
+            with blobs.open(entry.blob) as f:
+                while chunk := f.read(CHUNK):
+                    yield chunk
+            return
+        blob_of[path] = yield from ingest.copy_file(files[path])
 
-        for chunk in canonical_tar(entries, file_chunks):
-            sha.update(chunk)
-            size += len(chunk)
-        final = {}
-        for path, e in entries.items():
-            key = e.hardlink or path
-            if e.kind == Kind.REG and e.size and key in blob_of:
-                e = dataclasses.replace(e, blob=blob_of[key])
-            final[path] = e
-        return record_layer(index, ingest, "sha256:" + sha.hexdigest(), size, final, source, comment)
+    for chunk in canonical_tar(entries, file_chunks):
+        sha.update(chunk)
+        size += len(chunk)
+    final = {}
+    for path, e in entries.items():
+        key = e.hardlink or path
+        if e.kind == Kind.REG and e.size and key in blob_of:
+            e = dataclasses.replace(e, blob=blob_of[key])
+        final[path] = e
+    return PendingLayer("sha256:" + sha.hexdigest(), size, final, source, comment)

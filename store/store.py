@@ -15,16 +15,18 @@ from typing import BinaryIO
 import lmdb
 
 from . import images as imagesmod
-from .blobs import BlobStore
+from .blobs import BlobStore, Ingest
+from .builder import PendingLayer, record_layer
 from .containers import Containers
-from .dirimport import import_dir
+from .dirimport import read_dir
 from .errors import (AmbiguousName, ImageNotFound, LayerNotFound, NotAStore, StoreError)
 from .export import export_to_path, layer_entries, write_layer
 from .index import Index, prefix_scan
 from .merged import MergedTree
 from .records import (Entry, ImageRecord, LayerRecord, bytes_digest, digest_bytes, pack_image,
                       unpack_image, unpack_layer)
-from .tarimport import import_tar, open_input
+from .lock import StoreLock
+from .tarimport import open_input, read_tar
 
 _STORE_DIRS = ("blobs", "tmp", "containers")
 
@@ -72,6 +74,7 @@ class Store:
         self.index = Index(index_path, map_size)
         self.blobs = BlobStore(self.root, self.index)
         self.containers = Containers(self.root, self.index)
+        self.lock = StoreLock(self.root)
 
     def close(self) -> None:
         self.index.close()
@@ -89,38 +92,44 @@ class Store:
         """Import a layer tarball ("-" for stdin) as a new image on top of ``parent``."""
         tag = imagesmod.parse_reference(tag) if tag else None
         base = self.resolve_image(parent) if parent else None
+        name = os.path.basename(path)
         src_cm = contextlib.nullcontext(open_input(path)) if path == "-" else open_input(path)
-        with src_cm as src:
-            layer = import_tar(self.index, self.blobs, src, os.path.basename(path), progress)
-        return self.new_image(base, layer, {"created_by": f"layerfs import-layer {os.path.basename(path)}"}, tag)
+        with src_cm as src, self.blobs.ingest() as ingest:
+            pending = read_tar(ingest, src, name, progress)
+            return self.record(ingest, pending, base, {"created_by": f"layerfs import-layer {name}"}, tag)
 
     def import_dir(self, path: str, parent: str | None = None, tag: str | None = None) -> ImageRecord:
         """Import a directory tree as a new image on top of ``parent``."""
         tag = imagesmod.parse_reference(tag) if tag else None
         base = self.resolve_image(parent) if parent else None
-        layer = import_dir(self.index, self.blobs, path, os.path.abspath(path))
         name = os.path.basename(os.path.abspath(path))
-        return self.new_image(base, layer, {"created_by": f"layerfs import-dir {name}"}, tag)
+        with self.blobs.ingest() as ingest:
+            pending = read_dir(ingest, self.blobs, path, os.path.abspath(path))
+            return self.record(ingest, pending, base, {"created_by": f"layerfs import-dir {name}"}, tag)
 
-    def new_image(self, base: ImageRecord | None, layer: LayerRecord, history: dict,
-                  tag: str | None, config: dict | None = None) -> ImageRecord:
-        """Record the image ``base`` + ``layer`` (``config``: base's config, edited)."""
+    def record(self, ingest: Ingest, pending: PendingLayer, base: ImageRecord | None, history: dict,
+               tag: str | None, config: dict | None = None) -> ImageRecord:
+        """Record a read layer and the image ``base`` + that layer, in one transaction.
+
+        ``config`` is the base's config, edited (commit --change); history is the new entry.
+        """
         created = imagesmod.now_ns()
         parent = config if config is not None else (base.config if base else None)
-        config = imagesmod.new_config(parent, layer.diff_id, created, history)
-        rec = ImageRecord(imagesmod.digest(config), (base.layers if base else ()) + (layer.diff_id,),
-                          config, created)
+        raw_config = imagesmod.new_config(parent, pending.diff_id, created, history)
+        rec = ImageRecord(imagesmod.digest(raw_config), (base.layers if base else ()) + (pending.diff_id,),
+                          raw_config, created)
 
-        def txn_fn(txn: lmdb.Transaction) -> None:
-            for d in rec.layers:  # a concurrent rmi/gc must not have taken a layer meanwhile
+        def add_image(txn: lmdb.Transaction, layer: LayerRecord) -> ImageRecord:
+            for d in rec.layers:  # an rmi and gc may have taken the base meanwhile
                 if txn.get(digest_bytes(d), db=self.index.db("layers")) is None:
                     raise LayerNotFound(f"layer {d} disappeared while the image was created")
             txn.put(digest_bytes(rec.image_id), pack_image(rec), db=self.index.db("images"))
             if tag:
                 txn.put(tag.encode(), digest_bytes(rec.image_id), db=self.index.db("tags"))
+            return rec
 
-        self.index.write(txn_fn)
-        return rec
+        with self.lock.shared():
+            return record_layer(self.index, ingest, pending, add_image)
 
     # -- lookups -------------------------------------------------------------------
 

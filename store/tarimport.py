@@ -24,12 +24,10 @@ from typing import BinaryIO
 
 import zstandard
 
-from .blobs import CHUNK
-from .builder import LayerBuilder, clean_path, record_layer
+from .blobs import CHUNK, Ingest
+from .builder import LayerBuilder, PendingLayer, clean_path
 from .errors import BadArchive, HostileArchive, StoreError
-from .index import Index
-from .blobs import BlobStore
-from .records import OPAQUE, Entry, Kind, LayerRecord, Source
+from .records import OPAQUE, Entry, Kind, Source
 from .tarformat import OPAQUE_MARKER, WHITEOUT_PREFIX
 from .tarsplit import TarSplitWriter
 
@@ -245,35 +243,32 @@ def _entry(ti: tarfile.TarInfo, kind: Kind, xattrs, **kw) -> Entry:
                  xattrs=xattrs, **kw)
 
 
-def import_tar(index: Index, blobs: BlobStore, src: BinaryIO, comment: str = "",
-               progress: Callable[[int], None] | None = None) -> LayerRecord:
-    """Read a (possibly compressed) layer tar from ``src`` and record it as a layer."""
+def read_tar(ingest: Ingest, src: BinaryIO, comment: str = "",
+             progress: Callable[[int], None] | None = None) -> PendingLayer:
+    """Read a (possibly compressed) layer tar from ``src``, staging its file contents."""
     if progress is not None:
         src = _Counting(src, progress)  # type: ignore[assignment]
     stream_src, kind = _decompressed(src)
     split = TarSplitWriter()
     stream = _TarStream(stream_src, kind, split)
     builder = LayerBuilder()
-    with blobs.ingest() as ingest:
-        try:
-            tf = tarfile.open(fileobj=stream, mode="r:", encoding="utf-8", errors="surrogateescape")
-            while True:
-                ti = tf.next()
-                if ti is None:
-                    break
-                tf.members.clear()  # tarfile keeps every member otherwise
-                _add_member(builder, ingest, stream, split, ti)
-            if stream.last != b"\0" * 512:
-                raise BadArchive("the tar is truncated (no end-of-archive blocks)")
-            stream.drain()
-        except tarfile.TarError as e:
-            raise BadArchive(f"not a valid tar archive ({e})") from None
-        except UnicodeError as e:
-            raise BadArchive(f"a tar header has an undecodable field ({e})") from None
-        entries = builder.finish(canonical=False)
-        diff_id = "sha256:" + stream.sha.hexdigest()
-        return record_layer(index, ingest, diff_id, stream.pos, entries, Source.TAR, comment,
-                            split.chunks())
+    try:
+        tf = tarfile.open(fileobj=stream, mode="r:", encoding="utf-8", errors="surrogateescape")
+        while True:
+            ti = tf.next()
+            if ti is None:
+                break
+            tf.members.clear()  # tarfile keeps every member otherwise
+            _add_member(builder, ingest, stream, split, ti)
+        if stream.last != b"\0" * 512:
+            raise BadArchive("the tar is truncated (no end-of-archive blocks)")
+        stream.drain()
+    except tarfile.TarError as e:
+        raise BadArchive(f"not a valid tar archive ({e})") from None
+    except UnicodeError as e:
+        raise BadArchive(f"a tar header has an undecodable field ({e})") from None
+    return PendingLayer("sha256:" + stream.sha.hexdigest(), stream.pos,
+                        builder.finish(canonical=False), Source.TAR, comment, split.chunks())
 
 
 def _add_member(builder: LayerBuilder, ingest, stream: _TarStream, split: TarSplitWriter,
