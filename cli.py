@@ -266,7 +266,7 @@ def _cat(store: Store, image: str, path: str) -> None:
     if entry.kind != Kind.REG:
         raise StoreError(f"{path}: not a regular file ({entry.kind.name.lower()})")
     out = sys.stdout.buffer
-    with store.blobs.open(entry.blob) as f:
+    with store.blobs.open_verified(entry.blob) as f:
         while chunk := f.read(1 << 20):
             out.write(chunk)
     out.flush()
@@ -276,16 +276,97 @@ def _cat(store: Store, image: str, path: str) -> None:
 @json_option
 @with_store
 def df(store: Store, as_json: bool) -> None:
-    """Show blobs, bytes stored, and bytes that dedup saved."""
+    """Show blobs, bytes stored, bytes that dedup saved, and per image unique/shared bytes."""
     u = store.df()
+    per_image = store.image_usage()
     if as_json:
         click.echo(json.dumps({"images": u.images, "layers": u.layers, "blobs": u.blobs,
                                "stored_bytes": u.stored_bytes, "logical_bytes": u.logical_bytes,
-                               "saved_bytes": u.saved_bytes}, indent=2))
+                               "saved_bytes": u.saved_bytes,
+                               "per_image": [{"id": i.image_id, "tags": tags, "unique_bytes": uniq,
+                                              "shared_bytes": shared}
+                                             for i, tags, uniq, shared in per_image]}, indent=2))
         return
     table([["IMAGES", "LAYERS", "BLOBS", "STORED", "LOGICAL", "SAVED BY DEDUP"],
            [str(u.images), str(u.layers), str(u.blobs), human(u.stored_bytes),
             human(u.logical_bytes), human(u.saved_bytes)]])
+    if per_image:
+        click.echo()
+        rows = [["IMAGE ID", "TAGS", "UNIQUE", "SHARED"]]
+        rows += [[short(i.image_id), ",".join(tags) or "<none>", human(uniq), human(shared)]
+                 for i, tags, uniq, shared in per_image]
+        table(rows)
+
+
+def _gc_json(report) -> dict:
+    return {"dry_run": report.dry_run, "layers": report.layers, "blobs": report.blobs,
+            "bytes": report.bytes, "chains": report.chains, "tmp_removed": report.tmp_removed,
+            "unrecorded_files": report.unrecorded_files, "txn_seconds": round(report.txn_seconds, 4)}
+
+
+def _print_gc(report) -> None:
+    verb = "would free" if report.dry_run else "freed"
+    click.echo(f"{verb} {len(report.layers)} layers, {report.blobs} blobs, {human(report.bytes)}"
+               f" ({report.chains} merged views, {report.tmp_removed} leftovers in tmp/, "
+               f"{report.unrecorded_files} unrecorded blob files)")
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Say what would be freed; change nothing.")
+@json_option
+@with_store
+def gc(store: Store, dry_run: bool, as_json: bool) -> None:
+    """Free every layer and blob that no image, tag, container or lease needs."""
+    report = store.gc(dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(_gc_json(report), indent=2))
+    else:
+        _print_gc(report)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; change nothing.")
+@json_option
+@with_store
+def prune(store: Store, dry_run: bool, as_json: bool) -> None:
+    """Remove untagged images that no container uses, then collect garbage."""
+    removed, report = store.prune(dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps({"images": removed, **_gc_json(report)}, indent=2))
+        return
+    for image_id in removed:
+        click.echo(f"{'Would delete' if dry_run else 'Deleted'}: {image_id}")
+    _print_gc(report)
+
+
+@cli.command()
+@click.option("--fast", is_flag=True, help="Check blob presence and size only, not contents.")
+@click.option("--repair", is_flag=True, help="Move damaged blobs aside and drop their records.")
+@json_option
+@with_store
+def fsck(store: Store, fast: bool, repair: bool, as_json: bool) -> None:
+    """Check the store; exit 0 if it is clean, 1 if anything is damaged."""
+    r = store.fsck(fast=fast, repair=repair)
+    if as_json:
+        click.echo(json.dumps({"clean": r.clean, "blobs_checked": r.blobs_checked,
+                               "layers_checked": r.layers_checked, "images_checked": r.images_checked,
+                               "problems": [{"kind": p.kind, "subject": p.subject, "detail": p.detail}
+                                            for p in r.problems],
+                               "damaged_layers": r.damaged_layers, "damaged_images": r.damaged_images,
+                               "moved_aside": r.repaired}, indent=2))
+    else:
+        for p in r.problems:
+            click.echo(f"{p.kind}: {p.subject}: {p.detail}")
+        for d in r.damaged_layers:
+            click.echo(f"damaged layer: {d}")
+        for d in r.damaged_images:
+            click.echo(f"damaged image: {d}")
+        for b in r.repaired:
+            click.echo(f"moved aside: {b}")
+        click.echo(f"{'clean' if r.clean else 'DAMAGED'}: {r.blobs_checked} blobs, "
+                   f"{r.layers_checked} layers, {r.images_checked} images checked")
+    if not r.clean:
+        click.get_current_context().exit(1)
 
 
 @cli.command()

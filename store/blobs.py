@@ -89,6 +89,7 @@ class BlobStore:
         self.dir = os.path.join(root, "blobs")
         self.tmp = os.path.join(root, "tmp")
         self.index = index
+        self._verified: set[str] = set()
 
     def path(self, blob_id: str) -> str:
         return os.path.join(self.dir, blob_id[:2], blob_id[2:])
@@ -101,6 +102,20 @@ class BlobStore:
             return open(self.path(blob_id), "rb")
         except FileNotFoundError:
             raise StoreCorrupt(f"blob {blob_id} is missing from the store") from None
+
+    def open_verified(self, blob_id: str) -> BinaryIO:
+        """Open a blob after checking its contents against its id (once per blob and store
+        object): damaged data gives StoreCorrupt, never wrong bytes."""
+        if blob_id and blob_id not in self._verified:
+            with self.open(blob_id) as f:
+                h = new_hasher()
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+            if h.hexdigest() != blob_id.split("-", 1)[0]:
+                raise StoreCorrupt(f"blob {blob_id} is damaged (its contents do not match its "
+                                   "hash); run layerfs fsck")
+            self._verified.add(blob_id)
+        return self.open(blob_id)
 
     def exists(self, blob_id: str) -> bool:
         return os.path.exists(self.path(blob_id))

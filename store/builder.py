@@ -198,8 +198,9 @@ def record_layer(index: Index, ingest: Ingest, pending: PendingLayer,
     The caller holds the store's lock shared, so gc cannot run between the publish and
     the transaction.
     """
-    found = existing_layer(index, pending.diff_id)
-    blobs = ingest.publish() if found is None else {}
+    # Publish even for a layer already stored: a blob that fsck --repair moved aside is
+    # staged again by this ingest, and so comes back.
+    blobs = ingest.publish()
     created = time.time_ns()
     fbytes = file_bytes(pending.entries)
 

@@ -206,6 +206,7 @@ class Store:
         Returns (tags removed, image id removed or None). Layers and blobs stay until gc.
         """
         rec = self.resolve_image(ref)
+        users = [c.name for c in self.containers.list() if c.image_id == rec.image_id]
         by_tag = not ref.startswith("sha256:") and not rec.image_id[7:].startswith(ref.lower())
         tag = imagesmod.parse_reference(ref) if by_tag else None
 
@@ -217,6 +218,9 @@ class Store:
                 txn.delete(name.encode(), db=tdb)
             if len(removed) < len(names):
                 return removed, None
+            if users:
+                raise StoreError(f"image {rec.image_id[7:19]} is used by container "
+                                 f"{', '.join(users)}; remove the container first (layerfs rm)")
             txn.delete(key, db=self.index.db("images"))
             return removed, rec.image_id
 
@@ -241,6 +245,47 @@ class Store:
         if isinstance(out, str):
             return export_to_path(self.index, self.blobs, layer, out)
         return write_layer(self.index, self.blobs, layer, out)
+
+    def image_usage(self) -> list[tuple[ImageRecord, list[str], int, int]]:
+        """Per image: (image, tags, bytes of blobs only it uses, bytes of blobs it shares)."""
+        images = self.images()
+        with self.index.read() as txn:
+            sizes = {bytes(k).decode(): struct.unpack("<Q", v)[0]
+                     for k, v in txn.cursor(db=self.index.db("blobs"))}
+        layer_blobs: dict[str, set[str]] = {}
+        for layer in self.layers():
+            layer_blobs[layer.diff_id] = {e.blob for e in self.layer_entries(layer).values() if e.blob}
+        used_by: dict[str, int] = {}
+        per_image = []
+        for image, tags in images:
+            blobs = set().union(*(layer_blobs.get(d, set()) for d in image.layers))
+            per_image.append((image, tags, blobs))
+            for b in blobs:
+                used_by[b] = used_by.get(b, 0) + 1
+        return [(image, tags, sum(sizes.get(b, 0) for b in blobs if used_by[b] == 1),
+                 sum(sizes.get(b, 0) for b in blobs if used_by[b] > 1))
+                for image, tags, blobs in per_image]
+
+    def gc(self, dry_run: bool = False, grace_seconds: float = 0.0):
+        """Free what nothing reaches (see store.gc)."""
+        from .gc import collect
+        return collect(self, dry_run=dry_run, grace_seconds=grace_seconds)
+
+    def prune(self, dry_run: bool = False):
+        """Remove untagged images that no container uses, then collect; returns (ids, report)."""
+        used = {c.image_id for c in self.containers.list()}
+        removed = [image.image_id for image, tags in self.images() if not tags and image.image_id not in used]
+        if not dry_run:
+            def txn_fn(txn: lmdb.Transaction) -> None:
+                for image_id in removed:
+                    txn.delete(digest_bytes(image_id), db=self.index.db("images"))
+            self.index.write(txn_fn)
+        return removed, self.gc(dry_run=dry_run)
+
+    def fsck(self, fast: bool = False, repair: bool = False):
+        """Check the store (see store.fsck)."""
+        from .fsck import check
+        return check(self, fast=fast, repair=repair)
 
     def df(self) -> Usage:
         """Blobs, bytes stored, and what the layers would take without dedup."""

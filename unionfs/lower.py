@@ -8,6 +8,7 @@ the fuse-overlayfs compatible mount program.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from collections.abc import Hashable, Iterator
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from store.blobs import BlobStore
+from store.errors import StoreError
 from store.index import prefix_scan
 from store.merged import MergedTree
 from store.dirimport import dir_entry, entry_of
@@ -58,9 +60,12 @@ class StoreLower:
             yield name, self._node(f"{path}/{name}" if path else name, layer, e)
 
     def open(self, path: str, node: LowerNode) -> int:
-        if not node.entry.blob:
-            return os.open(os.devnull, os.O_RDONLY)
-        return os.open(self.blobs.path(node.entry.blob), os.O_RDONLY)
+        """An fd of the file's data; EIO if its blob is missing or damaged."""
+        try:
+            with self.blobs.open_verified(node.entry.blob) as f:
+                return os.dup(f.fileno())
+        except StoreError as e:
+            raise OSError(errno.EIO, str(e), path) from None
 
     def hardlink_names(self, node: LowerNode) -> list[str]:
         """Every path of the layer that names the same file (the group)."""

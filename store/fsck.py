@@ -1,0 +1,158 @@
+"""fsck: prove the store whole, or say exactly what is damaged.
+
+Checks every blob (present, the recorded size, and, unless ``fast``, the xxh3 its id
+names), every layer's entries and tar-split record against the blobs, every image
+against its config and layers, every tag, container and merged-view chain. With
+``repair``, damaged blobs are moved to ``corrupt/`` and their records dropped (a later
+import of the same content stores a good copy again), and the report names the layers
+and images that lost data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+
+from . import blobs as blobsmod
+from .blobs import CHUNK
+from .index import prefix_scan
+from .records import bytes_digest, digest_bytes, entry_blob, unpack_image, unpack_layer
+from .tarsplit import segments
+
+
+@dataclass(slots=True, frozen=True)
+class Problem:
+    kind: str  # missing-blob, corrupt-blob, size-mismatch, missing-layer, ...
+    subject: str  # the blob, layer, image, tag or container concerned
+    detail: str
+
+
+@dataclass(slots=True)
+class FsckReport:
+    problems: list[Problem] = field(default_factory=list)
+    blobs_checked: int = 0
+    layers_checked: int = 0
+    images_checked: int = 0
+    damaged_layers: list[str] = field(default_factory=list)
+    damaged_images: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)  # blobs moved aside
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+
+def blob_digest_ok(path: str, blob_id: str) -> bool:
+    """True if the file's xxh3-128 is the hash its blob id names."""
+    h = blobsmod.new_hasher()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest() == blob_id.split("-", 1)[0]
+
+
+def check(store, fast: bool = False, repair: bool = False) -> FsckReport:
+    """Check the whole store; with ``repair``, move damaged blobs aside."""
+    report = FsckReport()
+    index = store.index
+    bad_blobs: dict[str, Problem] = {}
+    with index.read() as txn:
+        recorded: dict[str, int] = {}
+        for key, raw in txn.cursor(db=index.db("blobs")):
+            blob_id = bytes(key).decode()
+            recorded[blob_id] = struct.unpack("<Q", raw)[0]
+        layers = [unpack_layer(bytes_digest(k), v) for k, v in txn.cursor(db=index.db("layers"))]
+        layer_by_num = {layer.num: layer for layer in layers}
+        layer_blobs: dict[str, set[str]] = {}
+        for layer in layers:
+            report.layers_checked += 1
+            prefix = struct.pack(">I", layer.num)
+            if txn.get(prefix, db=index.db("layernums")) != digest_bytes(layer.diff_id):
+                report.problems.append(Problem("index-mismatch", layer.diff_id,
+                                               "the layer-number record disagrees with the layer"))
+            used = {entry_blob(v).decode() for _, v in prefix_scan(txn, index.db("entries"), prefix)}
+            chunks = [v for _, v in prefix_scan(txn, index.db("tarsplit"), prefix)]
+            used.update(b for _, b, size in segments(iter(chunks)) if size)
+            used.discard("")
+            layer_blobs[layer.diff_id] = used
+            for blob_id in sorted(used - recorded.keys()):
+                report.problems.append(Problem("missing-blob-record", blob_id,
+                                               f"used by layer {layer.diff_id} but not recorded"))
+        images = [unpack_image(bytes_digest(k), v) for k, v in txn.cursor(db=index.db("images"))]
+        tags = [(bytes(k).decode(), bytes_digest(v)) for k, v in txn.cursor(db=index.db("tags"))]
+        chains = [(bytes_digest(k), bytes(v)) for k, v in txn.cursor(db=index.db("chains"))]
+        for chain, num in chains:
+            for _, raw in prefix_scan(txn, index.db("merged"), num):
+                layer_num = struct.unpack_from(">I", raw)[0]
+                if layer_num not in layer_by_num:
+                    report.problems.append(Problem("index-mismatch", chain,
+                                                   f"merged view refers to a missing layer #{layer_num}"))
+                    break
+
+    for blob_id, size in sorted(recorded.items()):
+        report.blobs_checked += 1
+        path = store.blobs.path(blob_id)
+        try:
+            actual = os.lstat(path).st_size
+        except FileNotFoundError:
+            bad_blobs[blob_id] = Problem("missing-blob", blob_id, "the blob file is missing")
+            continue
+        if actual != size:
+            bad_blobs[blob_id] = Problem("size-mismatch", blob_id, f"{actual} bytes, recorded {size}")
+        elif not fast and not blob_digest_ok(path, blob_id):
+            bad_blobs[blob_id] = Problem("corrupt-blob", blob_id, "contents do not match the blob's hash")
+    report.problems.extend(bad_blobs.values())
+
+    bad_set = set(bad_blobs) | {p.subject for p in report.problems if p.kind == "missing-blob-record"}
+    report.damaged_layers = sorted(d for d, used in layer_blobs.items() if used & bad_set)
+    known_layers = {layer.diff_id for layer in layers}
+    for image in images:
+        report.images_checked += 1
+        if hashlib.sha256(image.config).hexdigest() != image.image_id[7:]:
+            report.problems.append(Problem("image-mismatch", image.image_id, "the config does not hash to the image id"))
+        try:
+            diff_ids = json.loads(image.config)["rootfs"]["diff_ids"]
+        except (ValueError, KeyError, TypeError):
+            diff_ids = None
+        if diff_ids != list(image.layers):
+            report.problems.append(Problem("image-mismatch", image.image_id, "the config's diff_ids differ from its layers"))
+        for d in image.layers:
+            if d not in known_layers:
+                report.problems.append(Problem("missing-layer", image.image_id, f"layer {d} is missing"))
+    report.damaged_images = sorted(i.image_id for i in images
+                                   if set(i.layers) & (set(report.damaged_layers) | (set(i.layers) - known_layers)))
+    image_ids = {i.image_id for i in images}
+    for name, target in tags:
+        if target not in image_ids:
+            report.problems.append(Problem("dangling-tag", name, f"points to missing image {target}"))
+    for c in store.containers.list():
+        if c.image_id not in image_ids:
+            report.problems.append(Problem("missing-image", c.name, f"its image {c.image_id} is missing"))
+        if not os.path.isdir(store.containers.upper(c)):
+            report.problems.append(Problem("missing-upper", c.name, "its upper directory is missing"))
+
+    if repair and bad_blobs:
+        _move_aside(store, list(bad_blobs), report)
+    return report
+
+
+def _move_aside(store, blob_ids: list[str], report: FsckReport) -> None:
+    """Move damaged blobs to corrupt/ and drop their records."""
+    aside = os.path.join(store.root, "corrupt")
+    os.makedirs(aside, exist_ok=True)
+    with store.lock.exclusive():
+        for blob_id in blob_ids:
+            try:
+                os.rename(store.blobs.path(blob_id), os.path.join(aside, blob_id))
+            except FileNotFoundError:
+                pass
+            report.repaired.append(blob_id)
+
+        def txn_fn(txn) -> None:
+            for blob_id in blob_ids:
+                txn.delete(blob_id.encode(), db=store.index.db("blobs"))
+
+        store.index.write(txn_fn)

@@ -1,0 +1,144 @@
+"""Garbage collection: mark from the roots, sweep the rest.
+
+Roots are the images (tagged or not; a container pins its image, which rmi refuses to
+remove) and the leases of work in progress. Under the store lock held exclusively (so
+no layer is being recorded meanwhile), one write transaction marks what the images
+reach (their layers, the blobs of those layers' entries and tar-split records, the
+merged-view chains of their layer prefixes) and deletes the records of everything else;
+the files go afterwards, outside the transaction. A crash at any point leaves only
+unrecorded files, which the next gc removes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass, field
+
+import lmdb
+
+from . import leases
+from .index import delete_prefix, prefix_scan
+from .merged import chain_ids
+from .records import bytes_digest, digest_bytes, entry_blob, unpack_image, unpack_layer
+from .tarsplit import segments
+
+
+@dataclass(slots=True)
+class GcReport:
+    """What gc freed (or, with dry_run, would free)."""
+
+    layers: list[str] = field(default_factory=list)
+    blobs: int = 0
+    bytes: int = 0
+    chains: int = 0
+    tmp_removed: int = 0
+    unrecorded_files: int = 0
+    txn_seconds: float = 0.0  # how long the index write transaction was held
+    dry_run: bool = False
+
+
+def _layer_blobs(txn, index, num: int) -> set[bytes]:
+    prefix = struct.pack(">I", num)
+    out = {entry_blob(v) for _, v in prefix_scan(txn, index.db("entries"), prefix)}
+    chunks = [v for _, v in prefix_scan(txn, index.db("tarsplit"), prefix)]
+    out.update(blob.encode() for raw, blob, size in segments(iter(chunks)) if size)
+    out.discard(b"")
+    return out
+
+
+def _sweep_records(store, dry_run: bool, report: GcReport) -> list[str]:
+    """Mark and sweep the index in one write transaction; return blob ids to delete."""
+    index = store.index
+
+    def txn_fn(txn: lmdb.Transaction) -> list[str]:
+        report.layers.clear()
+        report.blobs = report.bytes = report.chains = 0
+        live_layers: set[bytes] = set()
+        live_chains: set[bytes] = set()
+        for _, raw in txn.cursor(db=index.db("images")):
+            image = unpack_image("", raw)
+            live_layers.update(digest_bytes(d) for d in image.layers)
+            live_chains.update(digest_bytes(c) for c in chain_ids(list(image.layers)))
+        live_blobs: set[bytes] = set()
+        dead_layers = []
+        for key, raw in txn.cursor(db=index.db("layers")):
+            layer = unpack_layer(bytes_digest(key), raw)
+            if bytes(key) in live_layers:
+                live_blobs |= _layer_blobs(txn, index, layer.num)
+            else:
+                dead_layers.append(layer)
+        dead_blobs = []
+        for key, raw in txn.cursor(db=index.db("blobs")):
+            if bytes(key) not in live_blobs:
+                dead_blobs.append(bytes(key))
+                report.bytes += struct.unpack("<Q", raw)[0]
+        dead_chains = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=index.db("chains"))
+                       if bytes(k) not in live_chains]
+        report.layers = [layer.diff_id for layer in dead_layers]
+        report.blobs = len(dead_blobs)
+        report.chains = len(dead_chains)
+        if dry_run:
+            return []
+        for layer in dead_layers:
+            prefix = struct.pack(">I", layer.num)
+            txn.delete(digest_bytes(layer.diff_id), db=index.db("layers"))
+            txn.delete(prefix, db=index.db("layernums"))
+            delete_prefix(txn, index.db("entries"), prefix)
+            delete_prefix(txn, index.db("tarsplit"), prefix)
+        for key, num in dead_chains:
+            txn.delete(key, db=index.db("chains"))
+            delete_prefix(txn, index.db("merged"), num)
+        for key in dead_blobs:
+            txn.delete(key, db=index.db("blobs"))
+        return [k.decode() for k in dead_blobs]
+
+    start = time.monotonic()
+    doomed = index.write(txn_fn)
+    report.txn_seconds = time.monotonic() - start
+    return doomed
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def collect(store, dry_run: bool = False, grace_seconds: float = 0.0) -> GcReport:
+    """Free every layer, chain and blob that no image reaches; clean tmp/ and blobs/."""
+    report = GcReport(dry_run=dry_run)
+    with store.lock.exclusive():
+        doomed = _sweep_records(store, dry_run, report)
+        for blob_id in doomed:
+            _remove(store.blobs.path(blob_id))
+        # Staging of imports that died or whose lease expired.
+        live = {lease.id for lease in leases.all_leases(store.index) if lease.alive()}
+        for name in os.listdir(store.blobs.tmp):
+            if name not in live:
+                report.tmp_removed += 1
+                if not dry_run:
+                    _remove(os.path.join(store.blobs.tmp, name))
+        if not dry_run:
+            for lease in leases.all_leases(store.index):
+                if lease.id not in live:
+                    leases.release(store.index, lease.id)
+        # Blob files without a record: left by a crash between publish and record.
+        with store.index.read() as txn:
+            recorded = {bytes(k).decode() for k, _ in txn.cursor(db=store.index.db("blobs"))}
+        cutoff = time.time() - grace_seconds
+        for fan in os.listdir(store.blobs.dir):
+            fan_dir = os.path.join(store.blobs.dir, fan)
+            for entry in os.scandir(fan_dir):
+                blob_id = fan + entry.name
+                if blob_id not in recorded and entry.stat(follow_symlinks=False).st_mtime <= cutoff:
+                    report.unrecorded_files += 1
+                    if not dry_run:
+                        _remove(entry.path)
+    return report
