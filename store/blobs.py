@@ -25,7 +25,7 @@ from typing import BinaryIO
 import xxhash
 
 from .errors import StoreCorrupt, StoreError, StoreFull
-from . import leases
+from . import crashpoints, leases
 from .index import Index
 
 CHUNK = 1 << 20
@@ -235,12 +235,14 @@ class Ingest:
                 for blob_id in self.staged:
                     os.chmod(os.path.join(self.dir, blob_id), 0o444)
                 syncfs(self.dir)
+                crashpoints.point("ingest-staged")
                 for blob_id in self.staged:
                     src, dst = os.path.join(self.dir, blob_id), self.blobs.path(blob_id)
                     os.makedirs(os.path.dirname(dst), exist_ok=True)
                     try:
                         os.link(src, dst)
                         self.published.append(dst)
+                        crashpoints.point("ingest-linked")
                     except FileExistsError:
                         # Published meanwhile by another ingest: fine if the same bytes.
                         if not same_content(src, dst):

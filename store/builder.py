@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import lmdb
 
+from . import crashpoints
 from .blobs import Ingest, blob_size_record
 from .errors import BadArchive, HostileArchive
 from .index import Index
@@ -82,6 +83,8 @@ class LayerBuilder:
             return
         self._parent_dir(path)
         old = self.entries.get(path)
+        if old is not None and old.hardlink:
+            self._leave_group(path, old.hardlink)
         if old is not None:
             if old.kind == Kind.DIR and entry.kind == Kind.DIR:
                 # A directory described twice (or after its opaque marker) keeps its flag.
@@ -91,6 +94,13 @@ class LayerBuilder:
             elif old.kind == Kind.DIR:
                 self._drop_descendants(path)
         self.entries[path] = entry
+
+    def _leave_group(self, path: str, group: str) -> None:
+        """``path`` is replaced: the other names of its file stay linked among themselves."""
+        others = [p for p, e in self.entries.items() if e.hardlink == group and p != path]
+        if group == path and others:
+            for p in others:
+                self.entries[p] = dataclasses.replace(self.entries[p], hardlink=others[0])
 
     def _drop_descendants(self, path: str) -> None:
         prefix = path + "/"
@@ -205,6 +215,9 @@ def record_layer(index: Index, ingest: Ingest, pending: PendingLayer,
     fbytes = file_bytes(pending.entries)
 
     def txn_fn(txn: lmdb.Transaction) -> T:
+        bdb = index.db("blobs")
+        for blob_id, size in blobs.items():
+            txn.put(blob_id.encode(), blob_size_record(size), db=bdb)
         key = digest_bytes(pending.diff_id)
         raw = txn.get(key, db=index.db("layers"))
         if raw is not None:
@@ -221,13 +234,14 @@ def record_layer(index: Index, ingest: Ingest, pending: PendingLayer,
         tdb = index.db("tarsplit")
         for i, chunk in enumerate(pending.tarsplit):
             txn.put(prefix + struct.pack(">I", i), chunk, db=tdb)
-        bdb = index.db("blobs")
-        for blob_id, size in blobs.items():
-            txn.put(blob_id.encode(), blob_size_record(size), db=bdb)
-        return then(txn, rec)
+        result = then(txn, rec)
+        crashpoints.point("record-before-commit")
+        return result
 
     try:
-        return index.write(txn_fn)
+        result = index.write(txn_fn)
+        crashpoints.point("record-committed")
+        return result
     except BaseException:
         ingest.unpublish()
         raise

@@ -139,18 +139,24 @@ def scan_dir(root: str) -> tuple[dict[str, Entry], dict[str, str]]:
                 files[path] = full
             else:
                 builder.add(path, e)
-    return _primary_first(builder.finish(canonical=True)), files
+    return primary_first(builder.finish(canonical=True), files)
 
 
-def _primary_first(entries: dict[str, Entry]) -> dict[str, Entry]:
-    """Name each hard-link group by its first path in canonical tar order."""
+def primary_first(entries: dict[str, Entry], files: dict[str, str]
+                  ) -> tuple[dict[str, Entry], dict[str, str]]:
+    """Name each hard-link group by its first path in canonical tar order, the path whose
+    data the tar holds, and key the group's file on disk by that path."""
     primary: dict[str, str] = {}
     for path in canonical_order(entries):
         group = entries[path].hardlink
         if group and group not in primary:
             primary[group] = path
-    return {p: dataclasses.replace(e, hardlink=primary[e.hardlink]) if e.hardlink else e
-            for p, e in entries.items()}
+    new_files = {p: f for p, f in files.items() if not entries[p].hardlink}
+    for p, e in entries.items():
+        if e.hardlink and p in files:
+            new_files[primary[e.hardlink]] = files[p]
+    return ({p: dataclasses.replace(e, hardlink=primary[e.hardlink]) if e.hardlink else e
+             for p, e in entries.items()}, new_files)
 
 
 def read_dir(ingest: Ingest, blobs: BlobStore, root: str, comment: str = "") -> PendingLayer:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from . import leases
+from . import crashpoints, leases
 from .index import delete_prefix, prefix_scan
 from .merged import chain_ids
 from .records import bytes_digest, digest_bytes, entry_blob, unpack_image, unpack_layer
@@ -116,8 +116,10 @@ def collect(store, dry_run: bool = False, grace_seconds: float = 0.0) -> GcRepor
     report = GcReport(dry_run=dry_run)
     with store.lock.exclusive():
         doomed = _sweep_records(store, dry_run, report)
+        crashpoints.point("gc-swept")
         for blob_id in doomed:
             _remove(store.blobs.path(blob_id))
+            crashpoints.point("gc-deleting")
         # Staging of imports that died or whose lease expired.
         live = {lease.id for lease in leases.all_leases(store.index) if lease.alive()}
         for name in os.listdir(store.blobs.tmp):

@@ -63,7 +63,8 @@ def _apply_layer(txn, index: Index, chain_prefix: bytes, layer_num: int) -> None
                 if old_kind == Kind.DIR:
                     _delete_below(txn, mdb, chain_prefix, path)
             continue
-        if old_kind == Kind.DIR and (kind != Kind.DIR or flags & OPAQUE):
+        # An opaque dir hides all below it (the root has no record of its own to go by).
+        if flags & OPAQUE or (old_kind == Kind.DIR and kind != Kind.DIR):
             _delete_below(txn, mdb, chain_prefix, path)
         if kind == Kind.DIR and flags & IMPLICIT and old_kind == Kind.DIR:
             continue  # the directory below keeps its attributes

@@ -75,7 +75,7 @@ class Entry:
         return bool(self.flags & IMPLICIT)
 
 
-_ENTRY = struct.Struct("<BBIIIqQIIIHIIH")
+_ENTRY = struct.Struct("<BBIIIqIQIIIHIIH")  # mtime as seconds and nanoseconds
 
 
 def _b(s: str) -> bytes:
@@ -89,9 +89,10 @@ def _s(b: bytes) -> str:
 def pack_entry(e: Entry) -> bytes:
     """Serialise an entry for the ``entries`` database."""
     blob, target, hardlink = _b(e.blob), _b(e.target), _b(e.hardlink)
+    secs, nsec = divmod(e.mtime_ns, 1_000_000_000)
     parts = [
         _ENTRY.pack(
-            e.kind, e.flags, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.nlink,
+            e.kind, e.flags, e.mode, e.uid, e.gid, secs, nsec, e.size, e.nlink,
             e.rdev_major, e.rdev_minor, len(blob), len(target), len(hardlink), len(e.xattrs),
         ),
         blob, target, hardlink,
@@ -104,7 +105,7 @@ def pack_entry(e: Entry) -> bytes:
     return b"".join(parts)
 
 
-_BLOB_LEN_AT = struct.calcsize("<BBIIIqQIII")  # where the blob id's length is packed
+_BLOB_LEN_AT = struct.calcsize("<BBIIIqIQIII")  # where the blob id's length is packed
 
 
 def entry_blob(buf: bytes) -> bytes:
@@ -115,8 +116,9 @@ def entry_blob(buf: bytes) -> bytes:
 
 def unpack_entry(buf: bytes) -> Entry:
     """Inverse of :func:`pack_entry`."""
-    (kind, flags, mode, uid, gid, mtime_ns, size, nlink, major, minor,
+    (kind, flags, mode, uid, gid, secs, nsec, size, nlink, major, minor,
      lblob, ltarget, lhard, nx) = _ENTRY.unpack_from(buf)
+    mtime_ns = secs * 1_000_000_000 + nsec
     pos = _ENTRY.size
     blob = _s(buf[pos:pos + lblob]); pos += lblob
     target = _s(buf[pos:pos + ltarget]); pos += ltarget

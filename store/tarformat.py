@@ -169,12 +169,13 @@ def canonical_tar(entries: dict[str, Entry],
     primaries: dict[str, str] = {}
     for path in canonical_order(entries):
         entry = entries[path]
-        if entry.implicit:
-            continue
-        if path == "" and entry.kind == Kind.DIR:
-            yield header(".", entry)
+        if path == "":
+            if not entry.implicit:
+                yield header(".", entry)
             if entry.opaque:
                 yield opaque_marker("")
+            continue
+        if entry.implicit:
             continue
         group = entry.hardlink
         if group and group in primaries:

@@ -239,6 +239,9 @@ def _xattrs(ti: tarfile.TarInfo) -> tuple[bool, tuple[tuple[str, bytes], ...]]:
 
 
 def _entry(ti: tarfile.TarInfo, kind: Kind, xattrs, **kw) -> Entry:
+    for what, value in (("uid", ti.uid), ("gid", ti.gid)):
+        if not 0 <= value <= 0xFFFFFFFF:
+            raise BadArchive(f"{ti.name!r} has a {what} of {value}, beyond 32 bits")
     return Entry(kind, mode=ti.mode & 0o7777, uid=ti.uid, gid=ti.gid, mtime_ns=_mtime_ns(ti),
                  xattrs=xattrs, **kw)
 

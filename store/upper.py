@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .builder import LayerBuilder
-from .dirimport import entry_of, read_xattrs
+from .dirimport import entry_of, primary_first, read_xattrs
 from .merged import MergedTree
 from .records import OPAQUE, Entry, Kind
 
@@ -100,8 +100,7 @@ class UpperReader:
             builder.opaque("")
         root_lower = None if is_opaque_dir(self.upper) else ""
         self._walk(builder, files, first_name, self.upper, "", root_lower, explicit=False)
-        entries = builder.finish(canonical=True)
-        return entries, files
+        return primary_first(builder.finish(canonical=True), files)
 
     def _walk(self, builder: LayerBuilder, files: dict[str, str], first_name: dict,
               real: str, rel: str, lower_path: str | None, explicit: bool) -> None:

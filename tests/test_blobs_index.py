@@ -210,8 +210,19 @@ def test_collided_blobs_read_back_in_a_new_process(store_root, tmp_path, collidi
     t = make_tar(str(tmp_path / "collide.tar"), [(k, "f", v) for k, v in CONTENTS.items()])
     with Store(store_root) as s:
         s.import_tar(t, tag="collide:1")
+    # A new process with the same forced hash reads every content back intact.
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import store.blobs, test_blobs_index; "
+            "store.blobs.new_hasher = test_blobs_index.ConstantHasher; import cli; "
+            "sys.argv = ['layerfs', 'cat', 'collide:1', sys.argv[2]]; cli.main()")
+    env = dict(os.environ, LAYERFS_ROOT=store_root)
     for k, v in CONTENTS.items():
-        assert layerfs("cat", "collide:1", "/" + k, check=True).stdout == v
+        proc = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), "/" + k],
+                              capture_output=True, env=env)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert proc.stdout == v
+    # Without the forced hash, reads check contents against the blob id and refuse.
+    proc = layerfs("cat", "collide:1", "/a")
+    assert proc.returncode != 0 and b"damaged" in proc.stderr and proc.stdout == b""
 
 
 # -- (c) a 2 GiB file in bounded memory ---------------------------------------------------------------
