@@ -505,20 +505,57 @@ def commit(store: Store, container: str, tag: str | None, message: str, author: 
 @cli.command()
 @with_store
 def demo(store: Store) -> None:
-    """Import the built-in sample image (3 layers) as sample:latest and list it."""
+    """Walk through the main jobs on the built-in sample image: import, ls, mount, write,
+    commit, gc."""
+    from store.commit import commit as commit_container
     from store.sample import write_sample_layers
+    from unionfs import mount as mnt
+
+    def step(text: str) -> None:
+        click.echo(click.style(f"\n$ {text}", bold=True))
 
     with tempfile.TemporaryDirectory() as tmp:
+        step("layerfs import-layer sample-layer{1,2,3}.tar  # three layers, whiteouts, an opaque dir")
         image = None
         for i, path in enumerate(write_sample_layers(tmp), 1):
-            image = store.import_tar(path, parent=image.image_id if image else None,
-                                     tag=f"sample:layer{i}")
-            click.echo(f"imported layer {i}: image {short(image.image_id)}")
-    store.tag(image.image_id, "sample:latest")
-    click.echo(f"\n$ layerfs --root {store.root} ls -R sample:latest")
-    _ls(store, "sample:latest", "/", recursive=True, as_json=False)
-    click.echo("\n$ layerfs cat sample:latest /etc/os-release")
-    _cat(store, "sample:latest", "/etc/os-release")
+            image = store.import_tar(path, parent=image.image_id if image else None)
+            click.echo(f"layer {i}: image {image.image_id}")
+        store.tag(image.image_id, "sample:latest")
+        step("layerfs ls -R sample:latest  # the merged tree, read from the index")
+        _ls(store, "sample:latest", "/", recursive=True, as_json=False)
+
+        mountpoint = os.path.join(tmp, "mnt")
+        os.mkdir(mountpoint)
+        step(f"layerfs mount sample:latest {mountpoint}")
+        c = mnt.mount(store, "sample:latest", mountpoint)
+        try:
+            step("echo 'hello from a container' > MNT/etc/motd; rm MNT/bin/hi; chmod 700 MNT/bin/hello")
+            with open(os.path.join(mountpoint, "etc/motd"), "w") as f:
+                f.write("hello from a container\n")
+            os.unlink(os.path.join(mountpoint, "bin/hi"))
+            os.chmod(os.path.join(mountpoint, "bin/hello"), 0o700)
+            click.echo(open(os.path.join(mountpoint, "etc/motd")).read(), nl=False)
+            step(f"layerfs diff {c.name}")
+            from store.commit import diff as container_diff
+            for change in container_diff(store, c):
+                click.echo(f"{change.kind} {change.path}")
+            step(f"layerfs commit {c.name} -t sample:v2  # while mounted: writes are held")
+            with mnt.paused(c):
+                new = commit_container(store, c, tag="sample:v2", message="demo")
+            click.echo(new.image_id)
+        finally:
+            step(f"layerfs umount {mountpoint}")
+            mnt.umount(store, mountpoint)
+    store.containers.remove(store.containers.get(c.id))
+    step("layerfs cat sample:v2 /etc/motd")
+    _cat(store, "sample:v2", "/etc/motd")
+    step("layerfs rmi sample:v2 && layerfs gc  # blobs only the removed image used are freed")
+    store.rmi("sample:v2")
+    _print_gc(store.gc())
+    step("layerfs df")
+    u = store.df()
+    click.echo(f"{u.images} images, {u.layers} layers, {u.blobs} blobs, {human(u.stored_bytes)} "
+               f"stored, {human(u.saved_bytes)} saved by dedup")
 
 
 def main() -> None:
