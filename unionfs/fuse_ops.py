@@ -118,7 +118,6 @@ class UnionOperations(mfusepy.Operations):
             config.entry_timeout = self.timeout
             config.attr_timeout = self.timeout
             config.negative_timeout = self.timeout
-            config.hard_remove = 1  # unlinked-but-open files keep working without .fuse_hidden
         if self.on_ready is not None:
             self.on_ready()
 
@@ -257,9 +256,15 @@ class UnionOperations(mfusepy.Operations):
     @_held
     def unlink(self, path):
         node = self.view.resolve(_rel(path))
+        lower_names = self.view.lower_link_names(node) if node.st is None and node.lower \
+            and node.lower.entry.hardlink and node.lower.entry.nlink > 1 else []
         self.view.unlink(_rel(path))
         if node.st is not None and node.st.st_nlink > 1:
             self._refresh_links(node.st, path)
+        fuse = mfusepy._libfuse.fuse_get_context().contents.fuse
+        for other in lower_names:  # the link count the other names show went down
+            if other != _rel(path):
+                _libfuse_invalidate_path(fuse, ("/" + other).encode("utf-8", "surrogateescape"))
         return 0
 
     @_translate
@@ -273,7 +278,8 @@ class UnionOperations(mfusepy.Operations):
     @_held
     def link(self, target, source):
         self.view.link(_rel(source), _rel(target))
-        self._after_change(source)
+        node = self.view.resolve(_rel(source))
+        self._refresh_links(node.st, None)  # the source's own link count changed too
         return 0
 
     @_translate

@@ -47,6 +47,7 @@ class StoreLower:
     def __init__(self, tree: MergedTree, blobs: BlobStore) -> None:
         self.tree = tree
         self.blobs = blobs
+        self._groups: dict[int, dict[str, list[str]]] = {}  # layer -> hard-link groups
 
     def _node(self, path: str, layer: int, e: Entry) -> LowerNode:
         return LowerNode(e, ("L", layer, e.hardlink or path))
@@ -70,14 +71,17 @@ class StoreLower:
     def hardlink_names(self, node: LowerNode) -> list[str]:
         """Every path of the layer that names the same file (the group)."""
         _, layer, group = node.ident
-        index = self.tree.index
-        out = []
-        with index.read() as txn:
-            for key, value in prefix_scan(txn, index.db("entries"), struct.pack(">I", layer)):
-                e = unpack_entry(value)
-                if e.hardlink == group:
-                    out.append(path_from_key(4, key))
-        return out
+        groups = self._groups.get(layer)
+        if groups is None:  # one scan of the layer finds all its groups
+            groups = {}
+            index = self.tree.index
+            with index.read() as txn:
+                for key, value in prefix_scan(txn, index.db("entries"), struct.pack(">I", layer)):
+                    e = unpack_entry(value)
+                    if e.hardlink:
+                        groups.setdefault(e.hardlink, []).append(path_from_key(4, key))
+            self._groups[layer] = groups
+        return list(groups.get(group, [node.ident[2]]))
 
 
 class DirLower:

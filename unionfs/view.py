@@ -45,6 +45,7 @@ REDIRECT = "user.layerfs.redirect"
 HIDDEN_XATTR_PREFIXES = (PRIVATE_PREFIX, "trusted.overlay.", "user.overlay.")
 OVERLAY_OPAQUE = ("trusted.overlay.opaque", "user.overlay.opaque")
 COPY_CHUNK = 1 << 20
+HIDDEN = ".fuse_hidden"  # libfuse's name for files unlinked while open
 
 _KIND_MODE = {Kind.REG: stat.S_IFREG, Kind.DIR: stat.S_IFDIR, Kind.SYMLINK: stat.S_IFLNK,
               Kind.CHR: stat.S_IFCHR, Kind.BLK: stat.S_IFBLK, Kind.FIFO: stat.S_IFIFO}
@@ -64,6 +65,11 @@ def _xattr(path: str, name: str) -> str | None:
 def _is_whiteout_st(st: os.stat_result) -> bool:
     """An overlayfs whiteout: a character device 0/0."""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _group_in(parent: "Node", gid: int) -> int:
+    """The group of a new object: a setgid directory's own, else the creator's."""
+    return parent.st.st_gid if parent.st.st_mode & stat.S_ISGID else gid
 
 
 def _join(parent: str, name: str) -> str:
@@ -144,6 +150,8 @@ class UnionView:
         self.gate = PauseGate()  # closed while a commit reads the upper layer
         self._inos: dict[object, int] = {}
         self._names: dict[tuple[int, int], set[str]] = {}  # upper inode -> paths (hard links)
+        self._hidden_files: dict[str, str] = {}  # ".fuse_hidden" path -> file in work/ ("" lower)
+        self._hidden_nodes: dict[str, Node] = {}
         self._next_ino = itertools.count(2)  # 1 is the root
         self._tmp = itertools.count()
 
@@ -198,6 +206,8 @@ class UnionView:
                 raise _err(errno.ENOTDIR, path)
             if name.startswith(WH):
                 raise _err(errno.ENOENT, path)  # the markers are never visible
+            if len(name) > 255 and len(name.encode("utf-8", "surrogateescape")) > 255:
+                raise _err(errno.ENAMETOOLONG, path)
             child = self._child(node, name)
             if child is None:
                 raise _err(errno.ENOENT, path)
@@ -251,7 +261,10 @@ class UnionView:
             out.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
         else:
             e = node.lower.entry
-            out = {"st_mode": _KIND_MODE[e.kind] | e.mode, "st_nlink": 2 if e.kind == Kind.DIR else e.nlink,
+            nlink = 2 if e.kind == Kind.DIR else e.nlink
+            if e.hardlink and e.nlink > 1:
+                nlink = len(self.lower_link_names(node))  # names removed in the union don't count
+            out = {"st_mode": _KIND_MODE[e.kind] | e.mode, "st_nlink": nlink,
                    "st_uid": e.uid, "st_gid": e.gid,
                    "st_size": e.size if e.kind == Kind.REG else len(e.target.encode("utf-8", "surrogateescape")) if e.kind == Kind.SYMLINK else 0,
                    "st_rdev": os.makedev(e.rdev_major, e.rdev_minor),
@@ -259,6 +272,18 @@ class UnionView:
                    "st_atime": e.mtime_ns, "st_mtime": e.mtime_ns, "st_ctime": e.mtime_ns}
         out["st_ino"] = self.ino(node)
         out["st_blksize"] = 4096
+        return out
+
+    def lower_link_names(self, node: Node) -> list[str]:
+        """The names under which the union still shows a lower hard-linked file."""
+        out = []
+        for name in self.lower.hardlink_names(node.lower):
+            try:
+                other = self.resolve(name)
+            except OSError:
+                continue
+            if other.st is None and other.lower is not None and other.lower.ident == node.lower.ident:
+                out.append(name)
         return out
 
     def other_names(self, st: os.stat_result, path: str | None = None) -> list[str]:
@@ -272,6 +297,8 @@ class UnionView:
         return self.attrs(Node("?", "", st))
 
     def getattr(self, path: str) -> dict:
+        if path in self._hidden_files:
+            return self.hidden_attrs(path)
         return self.attrs(self.resolve(path))
 
     def readdir(self, path: str) -> list[tuple[str, dict]]:
@@ -357,6 +384,13 @@ class UnionView:
                 os.unlink(tmp)
             raise
 
+    @contextlib.contextmanager
+    def _parent_times_kept(self, parent: Node):
+        """A copy-up changes no visible name, so the parent keeps its times (as overlayfs)."""
+        st = os.lstat(parent.upper)
+        yield
+        os.utime(parent.upper, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
     def _sync(self, fd: int) -> None:
         if not self.volatile:
             os.fsync(fd)
@@ -385,7 +419,7 @@ class UnionView:
             return node
         parent = self._upper_dir(path.rpartition("/")[0])
         dst = os.path.join(parent.upper, path.rpartition("/")[2])
-        with self._staged() as tmp:
+        with self._staged() as tmp, self._parent_times_kept(parent):
             os.mkdir(tmp, 0o700)
             self._apply_entry_metadata(tmp, node.lower.entry)
             os.rename(tmp, dst)
@@ -413,7 +447,8 @@ class UnionView:
                     return linked
             parent = self._upper_dir(path.rpartition("/")[0])
             dst = os.path.join(parent.upper, path.rpartition("/")[2])
-            self._copy_up_one(node, dst, data, empty)
+            with self._parent_times_kept(parent):
+                self._copy_up_one(node, dst, data, empty)
             new = self._child(parent, path.rpartition("/")[2])
             self._alias(new.st, node.lower.ident)
             return new
@@ -488,12 +523,13 @@ class UnionView:
                 continue  # replaced or removed in the union: no longer this file
             parent = self._upper_dir(lower_name.rpartition("/")[0])
             dst = os.path.join(parent.upper, lower_name.rpartition("/")[2])
-            if first is None:
-                self._copy_up_one(other, dst, data=True)
-                first = dst
-                self._alias(os.lstat(dst), node.lower.ident)
-            else:
-                os.link(first, dst)
+            with self._parent_times_kept(parent):
+                if first is None:
+                    self._copy_up_one(other, dst, data=True)
+                    first = dst
+                    self._alias(os.lstat(dst), node.lower.ident)
+                else:
+                    os.link(first, dst)
             st = os.lstat(dst)
             self._names.setdefault((st.st_dev, st.st_ino), set()).add(other.path)
         return self.resolve(node.path)
@@ -563,10 +599,11 @@ class UnionView:
             except FileNotFoundError:
                 pass
         os.rename(tmp, dst)
-        try:
-            os.unlink(os.path.join(parent.upper, WH + name))
-        except FileNotFoundError:
-            pass
+        if len(name) <= 251:  # a longer name cannot have an OCI whiteout
+            try:
+                os.unlink(os.path.join(parent.upper, WH + name))
+            except FileNotFoundError:
+                pass
 
     def create(self, path: str, mode: int, flags: int, uid: int, gid: int) -> int:
         """Create and open a regular file; returns an OS file descriptor."""
@@ -575,7 +612,7 @@ class UnionView:
             with self._staged() as tmp:
                 fd = os.open(tmp, (flags | os.O_CREAT | os.O_EXCL) & ~os.O_TRUNC, 0o600)
                 try:
-                    os.fchown(fd, uid, gid)
+                    os.fchown(fd, uid, _group_in(parent, gid))
                     os.fchmod(fd, stat.S_IMODE(mode))
                     self._publish(tmp, parent, name)
                 except OSError:
@@ -590,8 +627,9 @@ class UnionView:
                 os.mkdir(tmp, 0o700)
                 if self._lower_below(parent, name) is not None:
                     self._make_opaque(tmp)  # a dir made where a lower one was removed hides it
-                os.chown(tmp, uid, gid)
-                os.chmod(tmp, stat.S_IMODE(mode))
+                os.chown(tmp, uid, _group_in(parent, gid))
+                setgid = parent.st.st_mode & stat.S_ISGID  # inherited by new directories
+                os.chmod(tmp, stat.S_IMODE(mode) | setgid)
                 self._publish(tmp, parent, name)
 
     def symlink(self, target: str, path: str, uid: int, gid: int) -> None:
@@ -599,7 +637,7 @@ class UnionView:
             parent, name = self._new_name(path)
             with self._staged() as tmp:
                 os.symlink(target, tmp)
-                os.chown(tmp, uid, gid, follow_symlinks=False)
+                os.chown(tmp, uid, _group_in(parent, gid), follow_symlinks=False)
                 self._publish(tmp, parent, name)
 
     def mknod(self, path: str, mode: int, rdev: int, uid: int, gid: int) -> None:
@@ -607,7 +645,7 @@ class UnionView:
             parent, name = self._new_name(path)
             with self._staged() as tmp:
                 os.mknod(tmp, mode, rdev)
-                os.chown(tmp, uid, gid, follow_symlinks=False)
+                os.chown(tmp, uid, _group_in(parent, gid), follow_symlinks=False)
                 os.chmod(tmp, stat.S_IMODE(mode))
                 self._publish(tmp, parent, name)
 
@@ -621,9 +659,17 @@ class UnionView:
             with self._staged() as tmp:
                 os.link(node.upper, tmp, follow_symlinks=False)
                 self._publish(tmp, parent, name)
+            st = os.lstat(node.upper)
+            self._names.setdefault((st.st_dev, st.st_ino), set()).update((src, path))
 
     def unlink(self, path: str) -> None:
         self._check_writable()
+        if path in self._hidden_files:
+            real = self._hidden_files.pop(path)
+            self._hidden_nodes.pop(path, None)
+            if real:
+                os.unlink(real)
+            return
         with self.lock:
             node = self.resolve(path)
             if node.is_dir:
@@ -653,9 +699,41 @@ class UnionView:
                 os.unlink(node.upper)
         self._whiteout(parent, name)
 
+    # libfuse keeps a file that is unlinked while open under a ".fuse_hidden..." name
+    # (renaming it there instead of unlinking). Such files are moved out of the upper
+    # into work/, so no listing, rmdir or commit ever sees them, and show st_nlink 0.
+
+    def _hidden(self, path: str) -> str | None:
+        return self._hidden_files.get(path) if HIDDEN in path else None
+
+    def _hide(self, old: str, new: str) -> None:
+        node = self.resolve(old)
+        target = None
+        if node.upper is not None and not node.is_dir:
+            target = os.path.join(self.work, f"hidden-{os.getpid()}-{next(self._tmp)}")
+            os.rename(node.upper, target)
+        elif node.upper is None and node.lower is not None and node.lower.entry.kind == Kind.REG:
+            # Lower-only: nothing to move; remember the lower data for fstat.
+            target = ""
+        self._hidden_files[new] = target if target is not None else ""
+        self._hidden_nodes[new] = node
+        parent = self._upper_dir(old.rpartition("/")[0])
+        self._whiteout(parent, old.rpartition("/")[2])
+
+    def hidden_attrs(self, path: str) -> dict:
+        real = self._hidden_files[path]
+        node = self._hidden_nodes[path]
+        attrs = self.attrs(Node(path, real, os.lstat(real)) if real else node)
+        attrs["st_nlink"] = 0
+        attrs["st_ino"] = self.ino(node)
+        return attrs
+
     def rename(self, old: str, new: str, flags: int = 0) -> None:
         """rename(2)/renameat2(2) with RENAME_NOREPLACE and RENAME_EXCHANGE."""
         self._check_writable()
+        if new.rpartition("/")[2].startswith(HIDDEN) and not flags:
+            with self.lock:
+                return self._hide(old, new)
         noreplace, exchange = flags & 1, flags & 2
         if flags & ~3:
             raise _err(errno.EINVAL, new)
