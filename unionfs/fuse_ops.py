@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 import time
 
 from store.errors import StoreError
@@ -339,28 +340,54 @@ _FUSE_FILL_DIR_PLUS = 2
 class UnionFUSE(mfusepy.FUSE):
     """mfusepy's FUSE with what it leaves out: renameat2 flags, readdirplus, dir caching."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        self._dir_lock = threading.Lock()
+        self._listings: dict[int, list] = {}
+        self._next_dir = 0
+        super().__init__(*args, **kwargs)
+
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(old.decode(self.encoding, self.errors),
                                       new.decode(self.encoding, self.errors), flags)
 
     def opendir(self, path: bytes, fip) -> int:
         # Every change to a directory goes through this mount, and the kernel drops its
-        # cached listing when one does, so listings may be cached across opens.
-        fip.contents.fh = 0
+        # cached listing when one does, so listings may be cached across opens (libfuse
+        # honours these flags from 3.16 on).
+        with self._dir_lock:
+            self._next_dir += 1
+            fip.contents.fh = self._next_dir
         fip.contents.cache_readdir = 1
         fip.contents.keep_cache = 1
         return 0
 
+    def releasedir(self, path: bytes, fip) -> int:
+        with self._dir_lock:
+            self._listings.pop(fip.contents.fh, None)
+        return 0
+
     def readdir_fuse_3(self, path: bytes, buf, filler, offset: int, fip, flags: int) -> int:
-        # mfusepy hands libfuse only st_mode and st_ino, so the kernel looks every entry up
-        # again; with readdirplus and a complete stat it does not need to.
+        # Offsets (i + 1) rather than mfusepy's 0: in offset mode libfuse passes the full
+        # stat of each entry on to the kernel (readdirplus), which then needs no lookup per
+        # entry. The listing is made once per open directory and served in pieces.
+        fh = fip.contents.fh
+        with self._dir_lock:
+            listing = self._listings.get(fh)
+        if listing is None or offset == 0:
+            try:
+                listing = self.operations.readdir(path.decode(self.encoding, self.errors), fh)
+            except mfusepy.FuseOSError as e:
+                return -e.errno
+            with self._dir_lock:
+                self._listings[fh] = listing
         plus = _FUSE_FILL_DIR_PLUS if flags & _FUSE_READDIR_PLUS else 0
         st = mfusepy.c_stat()
-        items = self.operations.readdir(None if path is None else path.decode(self.encoding, self.errors), 0)
-        for name, attrs, _ in items:
+        for i in range(offset, len(listing)):
+            name, attrs, _ = listing[i]
             ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
             mfusepy.set_st_attrs(st, attrs, use_ns=True)
-            if filler(buf, name.encode(self.encoding, self.errors), st, 0, plus if name not in (".", "..") else 0):
+            if filler(buf, name.encode(self.encoding, self.errors), st, i + 1,
+                      plus if name not in (".", "..") else 0):
                 break
         return 0
 
@@ -372,5 +399,6 @@ def serve(view: UnionView, mountpoint: str, *, foreground: bool = True, options:
     if os.geteuid() == 0:
         opts.update(allow_other=True, suid=True, dev=True)
     opts.update(options or {})
+    debug = bool(opts.pop("debug", debug))
     UnionFUSE(UnionOperations(view, on_ready), mountpoint, raw_fi=True, foreground=foreground,
               debug=debug, **opts)

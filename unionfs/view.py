@@ -150,6 +150,7 @@ class UnionView:
         self.gate = PauseGate()  # closed while a commit reads the upper layer
         self._inos: dict[object, int] = {}
         self._names: dict[tuple[int, int], set[str]] = {}  # upper inode -> paths (hard links)
+        self._redirect_map: dict[str, str] | None = None  # see _redirects()
         self._hidden_files: dict[str, str] = {}  # ".fuse_hidden" path -> file in work/ ("" lower)
         self._hidden_nodes: dict[str, Node] = {}
         self._next_ino = itertools.count(2)  # 1 is the root
@@ -274,16 +275,37 @@ class UnionView:
         out["st_blksize"] = 4096
         return out
 
+    def _redirects(self) -> dict[str, str]:
+        """Renamed lower directories: union path -> lower path (read from the upper once)."""
+        if self._redirect_map is None:
+            found = {}
+            for dirpath, dirnames, _ in os.walk(self.upper):
+                for d in dirnames:
+                    lower = _xattr(os.path.join(dirpath, d), REDIRECT)
+                    if lower is not None:
+                        found[os.path.relpath(os.path.join(dirpath, d), self.upper)] = lower
+            self._redirect_map = found
+        return self._redirect_map
+
+    def _union_paths(self, lower_path: str) -> list[str]:
+        """Where the union may show a lower path: in place, or under a renamed directory."""
+        out = [lower_path]
+        for union_dir, lower_dir in self._redirects().items():
+            if lower_path.startswith(lower_dir + "/"):
+                out.append(union_dir + lower_path[len(lower_dir):])
+        return out
+
     def lower_link_names(self, node: Node) -> list[str]:
-        """The names under which the union still shows a lower hard-linked file."""
+        """The union paths that still show a lower hard-linked file (all its names)."""
         out = []
-        for name in self.lower.hardlink_names(node.lower):
-            try:
-                other = self.resolve(name)
-            except OSError:
-                continue
-            if other.st is None and other.lower is not None and other.lower.ident == node.lower.ident:
-                out.append(name)
+        for lower_name in self.lower.hardlink_names(node.lower):
+            for name in self._union_paths(lower_name):
+                try:
+                    other = self.resolve(name)
+                except OSError:
+                    continue
+                if other.st is None and other.lower is not None and other.lower.ident == node.lower.ident:
+                    out.append(name)
         return out
 
     def other_names(self, st: os.stat_result, path: str | None = None) -> list[str]:
@@ -514,15 +536,10 @@ class UnionView:
     def _copy_up_hardlinks(self, node: Node) -> Node:
         """Copy up every visible name of a lower hard-link group as one upper inode."""
         first: str | None = None
-        for lower_name in self.lower.hardlink_names(node.lower):
-            try:
-                other = self.resolve(lower_name)
-            except OSError:
-                continue
-            if other.st is not None or other.lower is None or other.lower.ident != node.lower.ident:
-                continue  # replaced or removed in the union: no longer this file
-            parent = self._upper_dir(lower_name.rpartition("/")[0])
-            dst = os.path.join(parent.upper, lower_name.rpartition("/")[2])
+        for name in self.lower_link_names(node):
+            other = self.resolve(name)
+            parent = self._upper_dir(name.rpartition("/")[0])
+            dst = os.path.join(parent.upper, name.rpartition("/")[2])
             with self._parent_times_kept(parent):
                 if first is None:
                     self._copy_up_one(other, dst, data=True)
@@ -695,6 +712,7 @@ class UnionView:
             if node.is_dir:
                 self._clear_markers(node.upper)
                 os.rmdir(node.upper)
+                self._redirects().pop(node.path, None)
             else:
                 os.unlink(node.upper)
         self._whiteout(parent, name)
@@ -769,8 +787,19 @@ class UnionView:
             target = os.path.join(new_parent.upper, new_name)
             self._publish(moved.upper, new_parent, new_name)
             if moved.is_dir:
+                self._moved_redirects(old, new, target)
+            if moved.is_dir:
                 self._fix_moved_dir(target, new_parent, new_name)
             self._whiteout(old_parent, old.rpartition("/")[2])
+
+    def _moved_redirects(self, old: str, new: str, real: str) -> None:
+        """Keep the renamed-directory map current after ``old`` moved to ``new``."""
+        redirects = self._redirects()
+        for key in [k for k in redirects if k == old or k.startswith(old + "/")]:
+            redirects[new + key[len(old):]] = redirects.pop(key)
+        lower = _xattr(real, REDIRECT)
+        if lower is not None:
+            redirects[new] = lower
 
     def _copy_up_for_move(self, node: Node) -> Node:
         """Copy a node up without its data; a lower directory gets a redirect."""
@@ -793,6 +822,7 @@ class UnionView:
         a = self._copy_up_for_move(a)
         b = self._copy_up_for_move(b)
         _renameat2(a.upper, b.upper, 2)
+        self._redirect_map = None  # rebuilt from the upper when next needed
         for node, other in ((a, b), (b, a)):
             # after the swap, ``node``'s object sits at ``other``'s path
             if os.path.isdir(other.upper) and not os.path.islink(other.upper):
