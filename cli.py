@@ -16,6 +16,7 @@ import sys
 import tempfile
 
 import click
+import lmdb
 
 from store import Store, StoreError
 from store.records import Entry, Kind, LayerRecord
@@ -28,6 +29,9 @@ class _Cli(click.Group):
         except StoreError as e:
             click.echo(f"layerfs: {e}", err=True)
             ctx.exit(e.exit_code)
+        except lmdb.Error as e:  # a damaged index, caught wherever the store did not
+            click.echo(f"layerfs: the index is damaged ({e}); run layerfs fsck", err=True)
+            ctx.exit(1)
         except BrokenPipeError:
             sys.stderr.close()  # the reader went away (layerfs cat ... | head): not an error
             ctx.exit(0)

@@ -89,7 +89,7 @@ class BlobStore:
         self.dir = os.path.join(root, "blobs")
         self.tmp = os.path.join(root, "tmp")
         self.index = index
-        self._verified: set[str] = set()
+        self._verified: set[tuple] = set()
 
     def path(self, blob_id: str) -> str:
         return os.path.join(self.dir, blob_id[:2], blob_id[2:])
@@ -104,18 +104,25 @@ class BlobStore:
             raise StoreCorrupt(f"blob {blob_id} is missing from the store") from None
 
     def open_verified(self, blob_id: str) -> BinaryIO:
-        """Open a blob after checking its contents against its id (once per blob and store
-        object): damaged data gives StoreCorrupt, never wrong bytes."""
-        if blob_id and blob_id not in self._verified:
-            with self.open(blob_id) as f:
-                h = new_hasher()
-                while chunk := f.read(CHUNK):
-                    h.update(chunk)
+        """Open a blob after checking its contents against its id: damaged data gives
+        StoreCorrupt, never wrong bytes. A check holds while the file's inode, size,
+        mtime and ctime stay the same (any write to it changes them)."""
+        f = self.open(blob_id)
+        if not blob_id:
+            return f
+        st = os.fstat(f.fileno())
+        key = (blob_id, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key not in self._verified:
+            h = new_hasher()
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
             if h.hexdigest() != blob_id.split("-", 1)[0]:
+                f.close()
                 raise StoreCorrupt(f"blob {blob_id} is damaged (its contents do not match its "
                                    "hash); run layerfs fsck")
-            self._verified.add(blob_id)
-        return self.open(blob_id)
+            self._verified.add(key)
+            f.seek(0)
+        return f
 
     def exists(self, blob_id: str) -> bool:
         return os.path.exists(self.path(blob_id))
@@ -202,8 +209,12 @@ class Ingest:
                     return cand
                 continue
             final = self.blobs.path(cand)
-            if os.path.exists(final):
-                if same_content(final, tmp):
+            try:
+                same = same_content(final, tmp) if os.path.exists(final) else None
+            except FileNotFoundError:
+                same = None  # collected by gc while we compared: the name is free
+            if same is not None:
+                if same:
                     # Keep our copy until publish: gc may take an unreferenced blob
                     # before this ingest is recorded (publish checks, under the lock).
                     if cand in self.held:
@@ -259,17 +270,37 @@ class Ingest:
             return txn.get(blob_id.encode(), db=self.blobs.index.db("blobs")) is not None
 
     def unpublish(self) -> None:
-        """Take back the blob files this ingest published (its record was not written).
+        """Take back the blob files this ingest published, its record having failed.
 
-        Until gc has leases, a concurrent import that deduplicated onto one of these in
-        the same instant would lose it; the window is the failed index write.
+        Only files that no record names: another import may have recorded the same
+        bytes meanwhile. The check and the unlink run in one write transaction, which
+        serialises with that import's recording (see :meth:`ensure_published`).
         """
-        for path in self.published:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        paths = list(self.published)
         self.published.clear()
+
+        def txn_fn(txn) -> None:
+            bdb = self.blobs.index.db("blobs")
+            for path in paths:
+                blob_id = os.path.basename(os.path.dirname(path)) + os.path.basename(path)
+                if txn.get(blob_id.encode(), db=bdb) is None:
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+
+        try:
+            self.blobs.index.write(txn_fn)
+        except StoreError:
+            pass  # left for gc, which removes blob files that no record names
+
+    def ensure_published(self) -> None:
+        """Inside the recording transaction: put back any staged blob whose file a failed
+        import took back before this transaction (its unpublish saw no record yet)."""
+        for blob_id in self.staged:
+            final = self.blobs.path(blob_id)
+            if not os.path.exists(final):
+                os.link(os.path.join(self.dir, blob_id), final)
 
     def abort(self) -> None:
         """Drop everything staged (a no-op for blobs already published) and the lease."""

@@ -215,6 +215,7 @@ def record_layer(index: Index, ingest: Ingest, pending: PendingLayer,
     fbytes = file_bytes(pending.entries)
 
     def txn_fn(txn: lmdb.Transaction) -> T:
+        ingest.ensure_published()
         bdb = index.db("blobs")
         for blob_id, size in blobs.items():
             txn.put(blob_id.encode(), blob_size_record(size), db=bdb)

@@ -108,8 +108,12 @@ class Containers:
 
     def list(self) -> list[Container]:
         with self.index.read() as txn:
-            return sorted((_unpack(k, v) for k, v in txn.cursor(db=self.index.db("containers"))),
-                          key=lambda c: c.created_ns)
+            return self.list_in(txn)
+
+    def list_in(self, txn: lmdb.Transaction) -> list[Container]:
+        """The containers as a transaction (read or write) sees them."""
+        return sorted((_unpack(k, v) for k, v in txn.cursor(db=self.index.db("containers"))),
+                      key=lambda c: c.created_ns)
 
     def get(self, ref: str) -> Container:
         """A container by name, full id or unique id prefix."""

@@ -49,7 +49,7 @@ def _layer_blobs(txn, index, num: int) -> set[bytes]:
     return out
 
 
-def _sweep_records(store, dry_run: bool, report: GcReport) -> list[str]:
+def _sweep_records(store, dry_run: bool, report: GcReport, ignore: frozenset[str]) -> list[str]:
     """Mark and sweep the index in one write transaction; return blob ids to delete."""
     index = store.index
 
@@ -58,7 +58,9 @@ def _sweep_records(store, dry_run: bool, report: GcReport) -> list[str]:
         report.blobs = report.bytes = report.chains = 0
         live_layers: set[bytes] = set()
         live_chains: set[bytes] = set()
-        for _, raw in txn.cursor(db=index.db("images")):
+        for key, raw in txn.cursor(db=index.db("images")):
+            if bytes_digest(key) in ignore:
+                continue  # being pruned (a dry run of prune keeps the records)
             image = unpack_image("", raw)
             live_layers.update(digest_bytes(d) for d in image.layers)
             live_chains.update(digest_bytes(c) for c in chain_ids(list(image.layers)))
@@ -111,24 +113,31 @@ def _remove(path: str) -> None:
             pass
 
 
-def collect(store, dry_run: bool = False, grace_seconds: float = 0.0) -> GcReport:
-    """Free every layer, chain and blob that no image reaches; clean tmp/ and blobs/."""
+def collect(store, dry_run: bool = False, grace_seconds: float = 0.0,
+            ignore_images: frozenset[str] = frozenset()) -> GcReport:
+    """Free every layer, chain and blob that no image reaches; clean tmp/ and blobs/.
+
+    ``ignore_images`` are treated as gone (what a dry run of prune would remove)."""
     report = GcReport(dry_run=dry_run)
     with store.lock.exclusive():
-        doomed = _sweep_records(store, dry_run, report)
+        doomed = _sweep_records(store, dry_run, report, ignore_images)
         crashpoints.point("gc-swept")
         for blob_id in doomed:
             _remove(store.blobs.path(blob_id))
             crashpoints.point("gc-deleting")
-        # Staging of imports that died or whose lease expired.
-        live = {lease.id for lease in leases.all_leases(store.index) if lease.alive()}
-        for name in os.listdir(store.blobs.tmp):
+        # Staging of imports that died or whose lease expired. tmp/ is listed before the
+        # leases are read: an ingest takes its lease before it makes its directory, so a
+        # directory listed here without a live lease is not an import that just started.
+        names = os.listdir(store.blobs.tmp)
+        current = leases.all_leases(store.index)
+        live = {lease.id for lease in current if lease.alive()}
+        for name in names:
             if name not in live:
                 report.tmp_removed += 1
                 if not dry_run:
                     _remove(os.path.join(store.blobs.tmp, name))
         if not dry_run:
-            for lease in leases.all_leases(store.index):
+            for lease in current:
                 if lease.id not in live:
                     leases.release(store.index, lease.id)
         # Blob files without a record: left by a crash between publish and record.
@@ -137,6 +146,8 @@ def collect(store, dry_run: bool = False, grace_seconds: float = 0.0) -> GcRepor
         cutoff = time.time() - grace_seconds
         for fan in os.listdir(store.blobs.dir):
             fan_dir = os.path.join(store.blobs.dir, fan)
+            if not os.path.isdir(fan_dir) or os.path.islink(fan_dir):
+                continue  # not ours: gc only ever removes blob files
             for entry in os.scandir(fan_dir):
                 blob_id = fan + entry.name
                 if blob_id not in recorded and entry.stat(follow_symlinks=False).st_mtime <= cutoff:

@@ -88,8 +88,12 @@ class Index:
         except lmdb.MapResizedError:
             self.env.set_mapsize(0)  # another process grew the map: adopt its size
             txn = self.env.begin(buffers=False)
+        except lmdb.Error as e:
+            raise StoreCorrupt(f"the index is damaged ({e}); run layerfs fsck") from None
         try:
             yield txn
+        except lmdb.Error as e:
+            raise StoreCorrupt(f"the index is damaged ({e}); run layerfs fsck") from None
         finally:
             txn.abort()
 

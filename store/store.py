@@ -206,7 +206,6 @@ class Store:
         Returns (tags removed, image id removed or None). Layers and blobs stay until gc.
         """
         rec = self.resolve_image(ref)
-        users = [c.name for c in self.containers.list() if c.image_id == rec.image_id]
         by_tag = not ref.startswith("sha256:") and not rec.image_id[7:].startswith(ref.lower())
         tag = imagesmod.parse_reference(ref) if by_tag else None
 
@@ -218,6 +217,7 @@ class Store:
                 txn.delete(name.encode(), db=tdb)
             if len(removed) < len(names):
                 return removed, None
+            users = [c.name for c in self.containers.list_in(txn) if c.image_id == rec.image_id]
             if users:
                 raise StoreError(f"image {rec.image_id[7:19]} is used by container "
                                  f"{', '.join(users)}; remove the container first (layerfs rm)")
@@ -266,21 +266,29 @@ class Store:
                  sum(sizes.get(b, 0) for b in blobs if used_by[b] > 1))
                 for image, tags, blobs in per_image]
 
-    def gc(self, dry_run: bool = False, grace_seconds: float = 0.0):
+    def gc(self, dry_run: bool = False, grace_seconds: float = 0.0,
+           ignore_images: frozenset[str] = frozenset()):
         """Free what nothing reaches (see store.gc)."""
         from .gc import collect
-        return collect(self, dry_run=dry_run, grace_seconds=grace_seconds)
+        return collect(self, dry_run=dry_run, grace_seconds=grace_seconds, ignore_images=ignore_images)
 
     def prune(self, dry_run: bool = False):
         """Remove untagged images that no container uses, then collect; returns (ids, report)."""
-        used = {c.image_id for c in self.containers.list()}
-        removed = [image.image_id for image, tags in self.images() if not tags and image.image_id not in used]
-        if not dry_run:
-            def txn_fn(txn: lmdb.Transaction) -> None:
-                for image_id in removed:
-                    txn.delete(digest_bytes(image_id), db=self.index.db("images"))
-            self.index.write(txn_fn)
-        return removed, self.gc(dry_run=dry_run)
+
+        def txn_fn(txn: lmdb.Transaction) -> list[str]:
+            # Decided inside the transaction, so an image tagged or given a container
+            # meanwhile is kept.
+            tagged = {bytes(v) for _, v in txn.cursor(db=self.index.db("tags"))}
+            used = {digest_bytes(c.image_id) for c in self.containers.list_in(txn)}
+            doomed = [bytes(k) for k, _ in txn.cursor(db=self.index.db("images"))
+                      if bytes(k) not in tagged and bytes(k) not in used]
+            if not dry_run:
+                for key in doomed:
+                    txn.delete(key, db=self.index.db("images"))
+            return [bytes_digest(k) for k in doomed]
+
+        removed = self.index.write(txn_fn)
+        return removed, self.gc(dry_run=dry_run, ignore_images=frozenset(removed) if dry_run else frozenset())
 
     def fsck(self, fast: bool = False, repair: bool = False):
         """Check the store (see store.fsck)."""

@@ -192,13 +192,16 @@ class UnionOperations(mfusepy.Operations):
     @_held
     def write(self, path, data, offset, fi):
         self._written.add(fi.fh)
-        return os.pwrite(fi.fh, data, offset)
+        n = os.pwrite(fi.fh, data, offset)
+        self.view.version += 1  # sizes in cached listings are outdated
+        return n
 
     @_translate
     @_held
     def truncate(self, path, length, fh=None):
         if fh is not None and getattr(fh, "fh", 0):
             os.ftruncate(fh.fh, length)
+            self.view.version += 1
         else:
             self.view.truncate(_rel(path), length)
         if path is not None:
@@ -211,6 +214,7 @@ class UnionOperations(mfusepy.Operations):
         if mode:
             raise OSError(errno.EOPNOTSUPP, "fallocate mode")
         os.posix_fallocate(fi.fh, offset, size)
+        self.view.version += 1
         return 0
 
     @_translate

@@ -76,6 +76,21 @@ def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
+class _ChangeLock:
+    """The view's re-entrant lock for changes: releasing it outdates cached listings."""
+
+    def __init__(self, view: "UnionView") -> None:
+        self._lock = threading.RLock()
+        self._view = view
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self._view.version += 1
+        self._lock.release()
+
+
 class PauseGate:
     """Lets changes run concurrently, and lets a commit stop them all for a while."""
 
@@ -146,7 +161,10 @@ class UnionView:
         self.work = os.path.abspath(work)
         self.volatile = volatile
         self.read_only = read_only
-        self.lock = threading.RLock()  # namespace changes and copy-ups, one at a time
+        self.lock = _ChangeLock(self)  # namespace changes and copy-ups, one at a time
+        self._ids_lock = threading.Lock()  # inode numbers and hard-link names
+        self.version = 0  # bumped by every change; listings are cached per version
+        self._listings: dict[str, tuple[int, list[tuple[str, dict]]]] = {}
         self.gate = PauseGate()  # closed while a commit reads the upper layer
         self._inos: dict[object, int] = {}
         self._names: dict[tuple[int, int], set[str]] = {}  # upper inode -> paths (hard links)
@@ -227,7 +245,7 @@ class UnionView:
         """The inode number of a node: stable for the mount's life, kept across copy-up."""
         if node.path == "":
             return 1
-        with self.lock:
+        with self._ids_lock:
             if node.st is not None:
                 key = ("U", node.st.st_dev, node.st.st_ino)
                 ino = self._inos.get(key)
@@ -244,7 +262,7 @@ class UnionView:
 
     def _alias(self, st: os.stat_result, ident: object) -> None:
         """Let a new upper inode keep the number of the lower entry it was copied from."""
-        with self.lock:
+        with self._ids_lock:
             ino = self._inos.get(ident)
             if ino is None:
                 ino = self._inos[ident] = next(self._next_ino)
@@ -255,7 +273,7 @@ class UnionView:
         if node.st is not None:
             st = node.st
             if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                with self.lock:
+                with self._ids_lock:
                     self._names.setdefault((st.st_dev, st.st_ino), set()).add(node.path)
             out = {k: getattr(st, k) for k in ("st_mode", "st_nlink", "st_uid", "st_gid",
                                                 "st_size", "st_rdev", "st_blocks")}
@@ -310,7 +328,7 @@ class UnionView:
 
     def other_names(self, st: os.stat_result, path: str | None = None) -> list[str]:
         """Other paths seen for the upper inode ``st`` (its other hard links)."""
-        with self.lock:
+        with self._ids_lock:
             return sorted(self._names.get((st.st_dev, st.st_ino), set()) - {path})
 
     def fd_attrs(self, fd: int) -> dict:
@@ -324,7 +342,22 @@ class UnionView:
         return self.attrs(self.resolve(path))
 
     def readdir(self, path: str) -> list[tuple[str, dict]]:
-        """The names in a directory with their attributes ("." and ".." first)."""
+        """The names in a directory with their attributes ("." and ".." first).
+
+        Listings are cached until the next change made through the view (libfuse 3.14
+        does not let the kernel cache them), so a repeated walk costs no lookups.
+        """
+        version = self.version
+        cached = self._listings.get(path)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        listing = self._readdir(path)
+        if len(self._listings) > 50_000:
+            self._listings.clear()
+        self._listings[path] = (version, listing)
+        return listing
+
+    def _readdir(self, path: str) -> list[tuple[str, dict]]:
         node = self.resolve(path)
         if not node.is_dir:
             raise _err(errno.ENOTDIR, path)
