@@ -382,16 +382,6 @@ def create(store: Store, image: str, name: str | None) -> None:
     click.echo(store.containers.create(store.resolve_image(image).image_id, name).id)
 
 
-def _mount_options(opts: tuple[str, ...]) -> dict:
-    out: dict = {}
-    for item in opts:
-        for opt in item.split(","):
-            if opt:
-                k, _, v = opt.partition("=")
-                out[k] = v if v else True
-    return out
-
-
 @cli.command()
 @click.argument("ref", metavar="IMAGE|CONTAINER")
 @click.argument("mountpoint", type=click.Path())
@@ -404,20 +394,14 @@ def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: 
     """Mount an image or container at MOUNTPOINT (returns once the mount serves)."""
     from unionfs import mount as mnt
 
-    opts = _mount_options(options)
+    opts = mnt.parse_options(options)
     volatile = bool(opts.pop("volatile", False))
     if foreground:
-        path = mnt._check_mountpoint(mountpoint)
-        c = mnt.container_for(store, ref, read_only)
-        c = store.containers.set_mount(c, path, os.getpid())
-        try:
-            mnt.serve_container(store, c, path, read_only=read_only or c.read_only,
-                                volatile=volatile, options=opts)
-        finally:
-            store.containers.set_mount(c, "", 0)
-        return
-    c = mnt.mount(store, ref, mountpoint, read_only=read_only, options=opts, volatile=volatile)
-    click.echo(c.id)
+        mnt.mount_foreground(store, ref, mountpoint, read_only=read_only, options=opts,
+                             volatile=volatile)
+    else:
+        click.echo(mnt.mount(store, ref, mountpoint, read_only=read_only, options=opts,
+                             volatile=volatile).id)
 
 
 @cli.command()

@@ -128,18 +128,24 @@ def scan_dir(root: str) -> tuple[dict[str, Entry], dict[str, str]]:
                     builder.opaque(path)
                 stack.append(path)
             elif e.kind == Kind.REG:
-                key = (st.st_dev, st.st_ino)
-                if st.st_nlink > 1 and key in first_name:
-                    builder.hardlink(path, first_name[key], path)
-                    continue
-                if st.st_nlink > 1:
-                    first_name[key] = path
-                    e = dataclasses.replace(e, hardlink=path)
-                builder.add(path, e)
-                files[path] = full
+                add_file(builder, files, first_name, path, full, st, e)
             else:
                 builder.add(path, e)
     return primary_first(builder.finish(canonical=True), files)
+
+
+def add_file(builder: LayerBuilder, files: dict[str, str], first_name: dict[tuple[int, int], str],
+             path: str, full: str, st: os.stat_result, e: Entry) -> None:
+    """Add a regular file read from disk; a second name of an inode becomes a hard link."""
+    key = (st.st_dev, st.st_ino)
+    if st.st_nlink > 1 and key in first_name:
+        builder.hardlink(path, first_name[key], path)
+        return
+    if st.st_nlink > 1:
+        first_name[key] = path
+        e = dataclasses.replace(e, hardlink=path)
+    builder.add(path, e)
+    files[path] = full
 
 
 def primary_first(entries: dict[str, Entry], files: dict[str, str]

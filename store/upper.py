@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .builder import LayerBuilder
-from .dirimport import entry_of, primary_first, read_xattrs
+from .dirimport import add_file, entry_of, primary_first, read_xattrs
 from .merged import MergedTree
 from .records import OPAQUE, Entry, Kind
 
@@ -151,15 +151,7 @@ class UpperReader:
                         raise_damaged(full, "its metacopy xattr names no lower file")
                     builder.add(path, dataclasses.replace(e, size=data.size, blob=data.blob))
                     continue
-                key = (st.st_dev, st.st_ino)
-                if st.st_nlink > 1 and key in first_name:
-                    builder.hardlink(path, first_name[key], path)
-                    continue
-                if st.st_nlink > 1:
-                    first_name[key] = path
-                    e = dataclasses.replace(e, hardlink=path)
-                builder.add(path, e)
-                files[path] = full
+                add_file(builder, files, first_name, path, full, st, e)
             else:
                 builder.add(path, e)
 

@@ -15,6 +15,8 @@ import os
 import subprocess
 import sys
 
+from .mount import parse_options, spawn_until_ready
+
 # Options handed to libfuse as they are; every other unknown option is ignored, as
 # mount programs must accept the generic ones (rw, noatime, ...) that mount(8) passes.
 _FUSE_PASSTHROUGH = {"allow_other", "allow_root", "default_permissions"}
@@ -35,16 +37,6 @@ def split_lowerdir(value: str) -> list[str]:
             cur += ch
     out.append(cur)
     return [d for d in out if d]
-
-
-def parse_options(items: list[str]) -> dict[str, str | bool]:
-    opts: dict[str, str | bool] = {}
-    for item in items:
-        for opt in item.split(","):
-            if opt:
-                k, sep, v = opt.partition("=")
-                opts[k] = v if sep else True
-    return opts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,18 +99,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _start_in_background(argv: list[str], mountpoint: str) -> None:
     """Run ourselves with -f in a new session and return once the mount serves."""
-    from .mount import _project_path, _wait_ready
-
-    r, w = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-m", "unionfs.compat", "-f", "--ready-fd", str(w), *argv],
-                            pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, cwd="/",
-                            env=dict(os.environ, PYTHONPATH=_project_path()))
-    os.close(w)
-    try:
-        message = _wait_ready(r, proc)
-    finally:
-        os.close(r)
+    _, message = spawn_until_ready([sys.executable, "-m", "unionfs.compat", "-f", *argv],
+                                   subprocess.DEVNULL)
     if message != "ready":
         sys.exit(f"fuse-layerfs: cannot mount {mountpoint}: {message or 'the server exited'}")
 

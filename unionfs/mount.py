@@ -75,6 +75,33 @@ def state(c: Container) -> str:
     return "dead" if mounted_fuse(c.mountpoint) else "created"
 
 
+def parse_options(items: list[str] | tuple[str, ...]) -> dict[str, str | bool]:
+    """``-o a,b=c`` options (given once or repeated) as {"a": True, "b": "c"}."""
+    opts: dict[str, str | bool] = {}
+    for item in items:
+        for opt in item.split(","):
+            if opt:
+                k, sep, v = opt.partition("=")
+                opts[k] = v if sep else True
+    return opts
+
+
+def spawn_until_ready(cmd: list[str], log) -> tuple[subprocess.Popen, str]:
+    """Start a serving process (``cmd --ready-fd N``) in its own session and wait for its
+    first line on that pipe: ``ready``, or why it failed."""
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen(cmd + ["--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, start_new_session=True, cwd="/",
+                                env=dict(os.environ, PYTHONPATH=_project_path()))
+    finally:
+        os.close(w)
+    try:
+        return proc, _wait_ready(r, proc)
+    finally:
+        os.close(r)
+
+
 def _check_mountpoint(mountpoint: str) -> str:
     path = os.path.abspath(mountpoint)
     if not os.path.exists(path):
@@ -93,9 +120,8 @@ def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
     c = container_for(store, ref, read_only)
     if c.mountpoint and state(c) != "created":
         raise MountError(f"container {c.name} is already mounted at {c.mountpoint}")
-    r, w = os.pipe()
     cmd = [sys.executable, "-m", "unionfs.mount", "--root", store.root, "--container", c.id,
-           "--mountpoint", path, "--ready-fd", str(w)]
+           "--mountpoint", path]
     if read_only or c.read_only:
         cmd.append("--read-only")
     if volatile:
@@ -104,18 +130,24 @@ def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
         cmd += ["-o", k if v is True else f"{k}={v}"]
     log_path = os.path.join(store.containers.dir, c.id, "mount.log")
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=log, start_new_session=True,
-                                cwd="/", env=dict(os.environ, PYTHONPATH=_project_path()))
-    os.close(w)
-    try:
-        message = _wait_ready(r, proc)
-    finally:
-        os.close(r)
+        proc, message = spawn_until_ready(cmd, log)
     if message != "ready":
         proc.wait(timeout=10)
         raise MountError(message or f"the serving process exited ({proc.returncode}); see {log_path}")
     return store.containers.set_mount(c, path, proc.pid)
+
+
+def mount_foreground(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
+                     options: dict | None = None, volatile: bool = False) -> None:
+    """Mount and serve in this process until unmounted."""
+    path = _check_mountpoint(mountpoint)
+    c = container_for(store, ref, read_only)
+    c = store.containers.set_mount(c, path, os.getpid())
+    try:
+        serve_container(store, c, path, read_only=read_only or c.read_only, volatile=volatile,
+                        options=options or {})
+    finally:
+        store.containers.set_mount(c, "", 0)
 
 
 def _project_path() -> str:
@@ -191,7 +223,10 @@ def serve_container(store: Store, c: Container, mountpoint: str, *, read_only: b
     work = store.containers.work(c)
     for leftover in os.listdir(work):  # half-built copy-ups of a process that died
         path = os.path.join(work, leftover)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
     image = store.resolve_image(c.image_id)
     lower = StoreLower(store.tree(image), store.blobs)
     view = UnionView(lower, store.containers.upper(c), store.containers.work(c),
@@ -277,11 +312,7 @@ def _main() -> None:
                 pass
             fd = None
 
-    options = {}
-    for item in args.o:
-        for opt in item.split(","):
-            k, _, v = opt.partition("=")
-            options[k] = v if v else True
+    options = parse_options(args.o)
     try:
         with Store(args.root) as store:
             c = store.containers.get(args.container)
