@@ -379,7 +379,7 @@ def fsck(store: Store, fast: bool, repair: bool, as_json: bool) -> None:
 @with_store
 def create(store: Store, image: str, name: str | None) -> None:
     """Create a container (a writable layer on IMAGE); print its id."""
-    click.echo(store.containers.create(store.resolve_image(image).image_id, name).id)
+    click.echo(store.create_container(image, name).id)
 
 
 @cli.command()

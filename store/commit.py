@@ -60,6 +60,8 @@ def apply_change(config: dict, change: str) -> None:
         name, sep, val = value.partition("=")
         if not sep:
             name, _, val = value.partition(" ")
+        if not name.strip() or any(c in name for c in " \t"):
+            raise StoreError(f"invalid change {change!r}: ENV needs a variable name")
         env = [e for e in cfg.get("Env", []) if e.split("=", 1)[0] != name]
         cfg["Env"] = env + [f"{name}={val}"]
     elif key in ("CMD", "ENTRYPOINT"):
@@ -71,12 +73,15 @@ def apply_change(config: dict, change: str) -> None:
     elif key == "LABEL":
         for item in shlex.split(value):
             k, sep, v = item.partition("=")
-            if not sep:
+            if not sep or not k:
                 raise StoreError(f"invalid LABEL {item!r}: expected key=value")
             cfg.setdefault("Labels", {})[k] = v
     elif key == "EXPOSE":
         for port in value.split():
-            cfg.setdefault("ExposedPorts", {})[port if "/" in port else f"{port}/tcp"] = {}
+            number, _, proto = port.partition("/")
+            if not number.isdigit() or not 1 <= int(number) <= 65535 or proto not in ("", "tcp", "udp", "sctp"):
+                raise StoreError(f"invalid change {change!r}: EXPOSE takes PORT[/tcp|udp|sctp]")
+            cfg.setdefault("ExposedPorts", {})[f"{int(number)}/{proto or 'tcp'}"] = {}
 
 
 def commit(store: Store, c: Container, tag: str | None = None, message: str = "",

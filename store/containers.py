@@ -20,7 +20,7 @@ import lmdb
 
 from .errors import AmbiguousName, NotFound, StoreError
 from .index import Index
-from .records import bytes_digest, digest_bytes
+from .records import Entry, bytes_digest, digest_bytes
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 _REC = struct.Struct("<32sqiBHH")  # image id, created ns, pid, flags, len(name), len(mountpoint)
@@ -74,8 +74,10 @@ class Containers:
     def work(self, c: Container) -> str:
         return os.path.join(self.dir, c.id, "work")
 
-    def create(self, image_id: str, name: str | None = None, flags: int = 0) -> Container:
-        """A new container of an image, with an empty upper layer."""
+    def create(self, image_id: str, name: str | None = None, flags: int = 0,
+               root: Entry | None = None) -> Container:
+        """A new container of an image, with an empty upper layer whose root directory
+        has the image root's owner, mode and times (``root``)."""
         cid = secrets.token_hex(32)
         name = name or f"layerfs-{cid[:12]}"
         if not _NAME_RE.match(name):
@@ -85,7 +87,13 @@ class Containers:
         try:
             os.makedirs(os.path.join(base, "upper"))
             os.makedirs(os.path.join(base, "work"))
-            os.chmod(os.path.join(base, "upper"), 0o755)
+            upper = os.path.join(base, "upper")
+            if root is not None:
+                os.chown(upper, root.uid, root.gid)
+                os.chmod(upper, root.mode)
+                os.utime(upper, ns=(root.mtime_ns, root.mtime_ns))
+            else:
+                os.chmod(upper, 0o755)
         except OSError as e:
             shutil.rmtree(base, ignore_errors=True)
             raise StoreError(f"cannot create the container's directories: {e.strerror}") from None

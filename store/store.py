@@ -228,6 +228,11 @@ class Store:
 
     # -- reading -------------------------------------------------------------------
 
+    def create_container(self, image: str, name: str | None = None, flags: int = 0):
+        """A new container of an image (its upper root takes the image root's metadata)."""
+        rec = self.resolve_image(image)
+        return self.containers.create(rec.image_id, name, flags, root=self.tree(rec).lookup(""))
+
     def image_layers(self, image: ImageRecord) -> list[LayerRecord]:
         return [self.resolve_layer(d) for d in image.layers]
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .builder import LayerBuilder
@@ -71,6 +70,7 @@ class UpperReader:
     def __init__(self, upper: str, lower: MergedTree) -> None:
         self.upper = upper
         self.lower = lower
+        self._copied_groups: dict[str, str] = {}  # lower hard-link group -> its first new path
 
     def _lower(self, path: str | None) -> Entry | None:
         return self.lower.lookup(path) if path is not None else None
@@ -80,6 +80,9 @@ class UpperReader:
         names, whiteouts = [], set()
         for name in sorted(os.listdir(real)):
             if name.startswith(WH):
+                st = os.lstat(os.path.join(real, name))
+                if not stat.S_ISREG(st.st_mode) or st.st_size:
+                    raise_damaged(os.path.join(real, name), "a whiteout that is not an empty file")
                 if name != OPQ and not name.startswith(WH + WH):
                     whiteouts.add(name[len(WH):])
                 continue
@@ -87,6 +90,8 @@ class UpperReader:
                 whiteouts.add(name)
                 continue
             names.append(name)
+        for name in whiteouts.intersection(names):
+            raise_damaged(os.path.join(real, WH + name), f"a whiteout beside {name!r} itself")
         return names, whiteouts
 
     # -- the layer --------------------------------------------------------------------
@@ -96,6 +101,12 @@ class UpperReader:
         builder = LayerBuilder()
         files: dict[str, str] = {}
         first_name: dict[tuple[int, int], str] = {}
+        if not stat.S_ISDIR(os.lstat(self.upper).st_mode):
+            raise_damaged(self.upper, "the upper layer is not a directory")
+        root = _public(entry_of(self.upper, os.lstat(self.upper)))
+        below = self.lower.lookup("")
+        if below is None or (root.mode, root.uid, root.gid) != (below.mode, below.uid, below.gid):
+            builder.add("", dataclasses.replace(root, flags=0))  # chmod/chown of "/"
         if is_opaque_dir(self.upper):
             builder.opaque("")
         root_lower = None if is_opaque_dir(self.upper) else ""
@@ -156,8 +167,17 @@ class UpperReader:
                 builder.add(path, e)
 
     def _copy_lower(self, builder: LayerBuilder, path: str, lower_path: str, e: Entry) -> None:
-        """Copy a lower entry (and a directory's subtree) into the layer at ``path``."""
-        builder.add(path, dataclasses.replace(e, hardlink="", nlink=1, flags=0))
+        """Copy a lower entry (and a directory's subtree) into the layer at ``path``;
+        names of one lower file copied together stay hard links of each other."""
+        if e.hardlink:
+            first = self._copied_groups.get(e.hardlink)
+            if first is not None:
+                builder.hardlink(path, first, path)
+                return
+            self._copied_groups[e.hardlink] = path
+            builder.add(path, dataclasses.replace(e, hardlink=path, nlink=1, flags=0))
+            return
+        builder.add(path, dataclasses.replace(e, nlink=1, flags=0))
         if e.kind == Kind.DIR:
             for name, child in self.lower.listdir(lower_path):
                 self._copy_lower(builder, _join(path, name), _join(lower_path, name), child)
@@ -165,50 +185,59 @@ class UpperReader:
     # -- the diff ----------------------------------------------------------------------
 
     def changes(self) -> list[Change]:
-        """What changed, as docker diff shows it, sorted by path."""
+        """What changed, as docker diff shows it, sorted by path.
+
+        Each path of the new tree is compared with the same path of the image: present in
+        both is C, only now is A, only before is D (once, for a removed directory).
+        """
         out: list[Change] = []
-        root_lower = None if is_opaque_dir(self.upper) else ""
-        self._diff(out, self.upper, "", root_lower)
+        self._diff(out, self.upper, "", None if is_opaque_dir(self.upper) else "")
         return sorted(out, key=lambda c: c.path)
 
-    def _diff(self, out: list[Change], real: str, rel: str, lower_path: str | None) -> None:
+    def _before(self, path: str) -> Entry | None:
+        return self.lower.lookup(path)
+
+    def _names_before(self, path: str) -> set[str]:
+        e = self._before(path)
+        return {n for n, _ in self.lower.listdir(path)} if e is not None and e.kind == Kind.DIR else set()
+
+    def _diff(self, out: list[Change], real: str, rel: str, source: str | None) -> None:
+        """Changes under the upper directory ``real`` at union path ``rel``, whose lower
+        contents (if any) come from ``source``."""
         names, whiteouts = self._listing(real)
-        for name in whiteouts:
-            if lower_path is not None and self._lower(_join(lower_path, name)) is not None:
-                out.append(Change("D", "/" + _join(rel, name)))
-        if lower_path is None and rel == "" and is_opaque_dir(real):
-            for name, _ in self.lower.listdir(""):
-                if name not in names:
-                    out.append(Change("D", "/" + name))
+        from_lower = set()
+        if source is not None:
+            from_lower = {n for n, _ in self.lower.listdir(source)} - whiteouts - set(names)
+        for name in sorted(self._names_before(rel) - set(names) - from_lower):
+            out.append(Change("D", "/" + _join(rel, name)))
+        if source is not None and source != rel:  # contents moved here with a renamed dir
+            for name in sorted(from_lower):
+                self._diff_moved(out, _join(source, name), _join(rel, name))
         for name in names:
             full = os.path.join(real, name)
             path = _join(rel, name)
-            below = self._lower(_join(lower_path, name)) if lower_path is not None else None
-            st = os.lstat(full)
-            is_dir = stat.S_ISDIR(st.st_mode)
-            if is_dir and xattr_text(full, REDIRECT) is not None:
-                out.append(Change("A", "/" + path))
-                for sub in self._added_subtree(xattr_text(full, REDIRECT), path):
-                    out.append(Change("A", "/" + sub))
-                continue
-            out.append(Change("C" if below is not None else "A", "/" + path))
-            if is_dir:
-                if is_opaque_dir(full):
-                    if below is not None and below.kind == Kind.DIR:
-                        kept = set(self._listing(full)[0])
-                        for child, _ in self.lower.listdir(_join(lower_path, name)):
-                            if child not in kept:
-                                out.append(Change("D", "/" + _join(path, child)))
-                    self._diff(out, full, path, None)
+            out.append(Change("C" if self._before(path) is not None else "A", "/" + path))
+            if stat.S_ISDIR(os.lstat(full).st_mode):
+                redirect = xattr_text(full, REDIRECT)
+                if redirect is not None:
+                    child_source = redirect
+                elif is_opaque_dir(full):
+                    child_source = None
                 else:
-                    child_lower = _join(lower_path, name) if below is not None and below.kind == Kind.DIR else None
-                    self._diff(out, full, path, child_lower)
+                    below = self.lower.lookup(_join(source, name)) if source is not None else None
+                    child_source = _join(source, name) if below is not None and below.kind == Kind.DIR else None
+                self._diff(out, full, path, child_source)
 
-    def _added_subtree(self, lower_path: str, path: str) -> Iterator[str]:
-        for name, e in self.lower.listdir(lower_path):
-            yield _join(path, name)
-            if e.kind == Kind.DIR:
-                yield from self._added_subtree(_join(lower_path, name), _join(path, name))
+    def _diff_moved(self, out: list[Change], source: str, path: str) -> None:
+        """A lower entry shown at a new path (inside a renamed directory)."""
+        out.append(Change("C" if self._before(path) is not None else "A", "/" + path))
+        e = self.lower.lookup(source)
+        if e is not None and e.kind == Kind.DIR:
+            now = {n for n, _ in self.lower.listdir(source)}
+            for name in sorted(self._names_before(path) - now):
+                out.append(Change("D", "/" + _join(path, name)))
+            for name in sorted(now):
+                self._diff_moved(out, _join(source, name), _join(path, name))
 
 
 def _public(e: Entry) -> Entry:

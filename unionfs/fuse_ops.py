@@ -161,18 +161,22 @@ class UnionOperations(mfusepy.Operations):
     @_held
     def setxattr(self, path, name, value, options, position=0):
         self.view.setxattr(_rel(path), name, value, options)
+        self._after_change(path)
         return 0
 
     @_translate
     @_held
     def removexattr(self, path, name):
         self.view.removexattr(_rel(path), name)
+        self._after_change(path)
         return 0
 
     @_translate
     @_held
     def open(self, path, fi):
         fd, lower_backed = self.view.open(_rel(path), fi.flags)
+        if fi.flags & os.O_TRUNC:
+            self._after_change(path)  # the other names of a hard-linked file are now empty
         fi.fh = fd
         fi.keep_cache = 1 if lower_backed else 0  # lower data never changes
         return 0
@@ -327,6 +331,7 @@ class UnionOperations(mfusepy.Operations):
             return now if value == _UTIME_NOW else current if value == _UTIME_OMIT else value
 
         self.view.utimens(_rel(path), pick(atime, attrs["st_atime"]), pick(mtime, attrs["st_mtime"]))
+        self._after_change(path)
         return 0
 
 

@@ -177,8 +177,7 @@ def container_for(store: Store, ref: str, read_only: bool) -> Container:
     c = store.containers.find(ref)
     if c is not None:
         return c
-    image = store.resolve_image(ref)
-    return store.containers.create(image.image_id, flags=READ_ONLY if read_only else 0)
+    return store.create_container(ref, flags=READ_ONLY if read_only else 0)
 
 
 def umount(store: Store, target: str) -> Container | None:
