@@ -21,7 +21,8 @@ import stat
 from dataclasses import dataclass
 
 from .builder import LayerBuilder
-from .dirimport import add_file, entry_of, primary_first, read_xattrs
+from .dirimport import add_file, entry_of, primary_first
+from .errors import StoreCorrupt
 from .merged import MergedTree
 from .records import OPAQUE, Entry, Kind
 
@@ -249,8 +250,4 @@ def _public(e: Entry) -> Entry:
 
 
 def raise_damaged(path: str, why: str) -> None:
-    from .errors import StoreCorrupt
     raise StoreCorrupt(f"the container's upper layer is damaged at {path}: {why}")
-
-
-__all__ = ["Change", "UpperReader", "WH", "OPQ", "METACOPY", "REDIRECT", "read_xattrs"]

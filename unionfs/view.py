@@ -34,16 +34,12 @@ import threading
 from dataclasses import dataclass
 
 from store.records import Entry, Kind
+from store.upper import (METACOPY, OPQ, OVERLAY_OPAQUE, PRIVATE_PREFIX, REDIRECT, WH,
+                         is_whiteout_st, xattr_text)
 
 from .lower import Lower, LowerNode
 
-WH = ".wh."
-OPQ = ".wh..wh..opq"
-PRIVATE_PREFIX = "user.layerfs."
-METACOPY = "user.layerfs.metacopy"
-REDIRECT = "user.layerfs.redirect"
 HIDDEN_XATTR_PREFIXES = (PRIVATE_PREFIX, "trusted.overlay.", "user.overlay.")
-OVERLAY_OPAQUE = ("trusted.overlay.opaque", "user.overlay.opaque")
 COPY_CHUNK = 1 << 20
 HIDDEN = ".fuse_hidden"  # libfuse's name for files unlinked while open
 
@@ -53,18 +49,6 @@ _KIND_MODE = {Kind.REG: stat.S_IFREG, Kind.DIR: stat.S_IFDIR, Kind.SYMLINK: stat
 
 def _err(code: int, path: str = "") -> OSError:
     return OSError(code, os.strerror(code), path)
-
-
-def _xattr(path: str, name: str) -> str | None:
-    try:
-        return os.getxattr(path, name, follow_symlinks=False).decode("utf-8", "surrogateescape")
-    except OSError:
-        return None
-
-
-def _is_whiteout_st(st: os.stat_result) -> bool:
-    """An overlayfs whiteout: a character device 0/0."""
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def _group_in(parent: "Node", gid: int) -> int:
@@ -194,7 +178,7 @@ class UnionView:
             except FileNotFoundError:
                 if os.path.lexists(os.path.join(parent.upper, WH + name)):
                     return None
-            if st is not None and _is_whiteout_st(st):
+            if st is not None and is_whiteout_st(st):
                 return None
         lower_path = _join(parent.lower_path, name) if parent.merge_lower else None
         if st is None:
@@ -203,7 +187,7 @@ class UnionView:
                 return None
             return Node(path, None, None, low, lower_path, low.entry.kind == Kind.DIR)
         if stat.S_ISDIR(st.st_mode):
-            redirect = _xattr(upper, REDIRECT)
+            redirect = xattr_text(upper, REDIRECT)
             if redirect is not None:
                 lower_path = redirect
             elif self._is_opaque(upper):
@@ -211,7 +195,7 @@ class UnionView:
             low = self.lower.lookup(lower_path) if lower_path is not None else None
             merge = low is not None and low.entry.kind == Kind.DIR
             return Node(path, upper, st, low if merge else None, lower_path if merge else None, merge)
-        origin = _xattr(upper, METACOPY) if stat.S_ISREG(st.st_mode) else None
+        origin = xattr_text(upper, METACOPY) if stat.S_ISREG(st.st_mode) else None
         low = self.lower.lookup(origin) if origin is not None else None
         return Node(path, upper, st, low, origin if low else None, False)
 
@@ -299,7 +283,7 @@ class UnionView:
             found = {}
             for dirpath, dirnames, _ in os.walk(self.upper):
                 for d in dirnames:
-                    lower = _xattr(os.path.join(dirpath, d), REDIRECT)
+                    lower = xattr_text(os.path.join(dirpath, d), REDIRECT)
                     if lower is not None:
                         found[os.path.relpath(os.path.join(dirpath, d), self.upper)] = lower
             self._redirect_map = found
@@ -370,7 +354,7 @@ class UnionView:
                     if name != OPQ:
                         hidden.add(name[len(WH):])
                 elif not entry.is_file(follow_symlinks=False) and not entry.is_dir(follow_symlinks=False) \
-                        and _is_whiteout_st(entry.stat(follow_symlinks=False)):
+                        and is_whiteout_st(entry.stat(follow_symlinks=False)):
                     hidden.add(name)
                 else:
                     names.add(name)
@@ -608,7 +592,8 @@ class UnionView:
     def _is_opaque(self, dir_real: str) -> bool:
         if os.path.lexists(os.path.join(dir_real, OPQ)):
             return True
-        return self.overlay_format and any(_xattr(dir_real, n) == "y" for n in OVERLAY_OPAQUE)
+        # Our own (OCI format) uppers never carry the xattr: spare the getxattr there.
+        return self.overlay_format and any(xattr_text(dir_real, n) == "y" for n in OVERLAY_OPAQUE)
 
     def _whiteout(self, parent: Node, name: str) -> None:
         """Hide the lower ``name`` of ``parent`` (only if the lower has it)."""
@@ -636,7 +621,7 @@ class UnionView:
         """Remove the whiteouts inside an upper directory (before it is removed or replaced)."""
         for name in os.listdir(dir_real):
             full = os.path.join(dir_real, name)
-            if name.startswith(WH) or _is_whiteout_st(os.lstat(full)):
+            if name.startswith(WH) or is_whiteout_st(os.lstat(full)):
                 os.unlink(full)
 
     def _publish(self, tmp: str, parent: Node, name: str) -> None:
@@ -644,7 +629,7 @@ class UnionView:
         dst = os.path.join(parent.upper, name)
         if os.path.isdir(tmp) and not os.path.islink(tmp):
             try:
-                if _is_whiteout_st(os.lstat(dst)):
+                if is_whiteout_st(os.lstat(dst)):
                     os.unlink(dst)  # a directory cannot be renamed over a device
             except FileNotFoundError:
                 pass
@@ -830,7 +815,7 @@ class UnionView:
         redirects = self._redirects()
         for key in [k for k in redirects if k == old or k.startswith(old + "/")]:
             redirects[new + key[len(old):]] = redirects.pop(key)
-        lower = _xattr(real, REDIRECT)
+        lower = xattr_text(real, REDIRECT)
         if lower is not None:
             redirects[new] = lower
 
@@ -840,7 +825,7 @@ class UnionView:
             had_lower = node.merge_lower
             lower_path = node.lower_path
             node = self._upper_dir(node.path)
-            if had_lower and _xattr(node.upper, REDIRECT) is None:
+            if had_lower and xattr_text(node.upper, REDIRECT) is None:
                 os.setxattr(node.upper, REDIRECT, lower_path.encode("utf-8", "surrogateescape"),
                             follow_symlinks=False)
             return node
@@ -848,7 +833,7 @@ class UnionView:
 
     def _fix_moved_dir(self, real: str, parent: Node, name: str) -> None:
         """A moved directory without a redirect must not merge what lies below its new name."""
-        if _xattr(real, REDIRECT) is None and self._lower_below(parent, name) is not None:
+        if xattr_text(real, REDIRECT) is None and self._lower_below(parent, name) is not None:
             self._make_opaque(real)
 
     def _exchange(self, a: Node, b: Node) -> None:
