@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import lmdb
 
@@ -105,10 +105,20 @@ _ROOT = Entry(Kind.DIR, mode=0o755, flags=IMPLICIT)
 class MergedTree:
     """Read-only view of an image's merged tree, served from the flattened index."""
 
-    def __init__(self, index: Index, layers: list[LayerRecord]) -> None:
+    def __init__(self, index: Index, num: int) -> None:
         self.index = index
-        self.num = build_chain(index, layers) if layers else 0
-        self.prefix = struct.pack(">I", self.num)
+        self.num = num  # the flattened chain; 0 for an image without layers
+        self.prefix = struct.pack(">I", num)
+
+    @classmethod
+    def of(cls, index: Index, diff_ids: list[str],
+           layers: Callable[[], list[LayerRecord]]) -> "MergedTree":
+        """The tree of a layer chain; ``layers()`` is called only if it must be flattened."""
+        if not diff_ids:
+            return cls(index, 0)
+        with index.read() as txn:
+            raw = txn.get(digest_bytes(chain_ids(diff_ids)[-1]), db=index.db("chains"))
+        return cls(index, struct.unpack(">I", raw)[0] if raw else build_chain(index, layers()))
 
     def lookup_in_layer(self, path: str) -> tuple[int, Entry] | None:
         """(layer number, entry) shown at ``path`` (relative, "" is the root), or None."""

@@ -239,7 +239,7 @@ class Store:
     def tree(self, image: str | ImageRecord) -> MergedTree:
         """The merged tree of an image (flattened in the index on first use)."""
         rec = image if isinstance(image, ImageRecord) else self.resolve_image(image)
-        return MergedTree(self.index, self.image_layers(rec))
+        return MergedTree.of(self.index, list(rec.layers), lambda: self.image_layers(rec))
 
     def layer_entries(self, layer: LayerRecord) -> dict[str, Entry]:
         return layer_entries(self.index, layer.num)
