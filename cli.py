@@ -35,6 +35,10 @@ class _Cli(click.Group):
         except BrokenPipeError:
             sys.stderr.close()  # the reader went away (layerfs cat ... | head): not an error
             ctx.exit(0)
+        except OSError as e:  # what the store did not turn into a StoreError itself
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"layerfs: {where}{e.strerror or e}", err=True)
+            ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("layerfs: interrupted", err=True)
             ctx.exit(130)

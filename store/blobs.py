@@ -19,7 +19,7 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 import xxhash
@@ -62,7 +62,8 @@ def _copy_fd(src: int, dst: int) -> None:
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
-            shutil.copyfileobj(os.fdopen(os.dup(src), "rb"), os.fdopen(os.dup(dst), "wb"), CHUNK)
+            with os.fdopen(os.dup(src), "rb") as fsrc, os.fdopen(os.dup(dst), "wb") as fdst:
+                shutil.copyfileobj(fsrc, fdst, CHUNK)
             return
         if n == 0:
             return
@@ -124,9 +125,6 @@ class BlobStore:
             f.seek(0)
         return f
 
-    def exists(self, blob_id: str) -> bool:
-        return os.path.exists(self.path(blob_id))
-
     def ingest(self) -> "Ingest":
         """Start staging new blobs; use as a context manager (aborts unless published)."""
         return Ingest(self)
@@ -185,18 +183,6 @@ class Ingest:
         blob_id = self._place(tmp, h.hexdigest(), size)
         self.used[blob_id] = size
         return blob_id
-
-    def add(self, chunks: Iterable[bytes]) -> str:
-        """Store the concatenated ``chunks`` (streamed, bounded memory); return the blob id."""
-        w = self.writer()
-        for chunk in chunks:
-            w.write(chunk)
-        return w.finish()
-
-    def add_file(self, path: str) -> str:
-        """Store the contents of a regular file."""
-        with open(path, "rb") as f:
-            return self.add(iter(lambda: f.read(CHUNK), b""))
 
     def _place(self, tmp: str, digest: str, size: int) -> str:
         # Walk hex, hex-1, hex-2... until a candidate is free or holds these very bytes.

@@ -181,13 +181,6 @@ def file_bytes(entries: dict[str, Entry]) -> int:
     return total
 
 
-def existing_layer(index: Index, diff_id: str) -> LayerRecord | None:
-    """The layer with this diff_id, if the store has it."""
-    with index.read() as txn:
-        raw = txn.get(digest_bytes(diff_id), db=index.db("layers"))
-    return unpack_layer(diff_id, raw) if raw is not None else None
-
-
 @dataclass(slots=True)
 class PendingLayer:
     """A layer read from its source, its blobs staged, not yet recorded."""
@@ -210,7 +203,11 @@ def record_layer(index: Index, ingest: Ingest, pending: PendingLayer,
     """
     # Publish even for a layer already stored: a blob that fsck --repair moved aside is
     # staged again by this ingest, and so comes back.
-    blobs = ingest.publish()
+    try:
+        blobs = ingest.publish()
+    except BaseException:
+        ingest.unpublish()
+        raise
     created = time.time_ns()
     fbytes = file_bytes(pending.entries)
 

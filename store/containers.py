@@ -20,10 +20,11 @@ import lmdb
 
 from .errors import AmbiguousName, NotFound, StoreError
 from .index import Index
+from .leases import process_start
 from .records import Entry, bytes_digest, digest_bytes
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
-_REC = struct.Struct("<32sqiBHH")  # image id, created ns, pid, flags, len(name), len(mountpoint)
+_REC = struct.Struct("<32sqiQBHH")  # image id, created ns, pid, its start time, flags, name, mountpoint
 READ_ONLY = 1
 
 
@@ -41,6 +42,7 @@ class Container:
     created_ns: int
     mountpoint: str = ""  # where it is mounted, "" when not
     pid: int = 0  # the serving process
+    pid_start: int = 0  # its start time (a reused pid is another process)
     flags: int = 0
 
     @property
@@ -50,15 +52,16 @@ class Container:
 
 def _pack(c: Container) -> bytes:
     name, mnt = c.name.encode(), os.fsencode(c.mountpoint)
-    return _REC.pack(digest_bytes(c.image_id), c.created_ns, c.pid, c.flags, len(name), len(mnt)) + name + mnt
+    return (_REC.pack(digest_bytes(c.image_id), c.created_ns, c.pid, c.pid_start, c.flags, len(name),
+                      len(mnt)) + name + mnt)
 
 
 def _unpack(cid: bytes, buf: bytes) -> Container:
-    image, created, pid, flags, ln, lm = _REC.unpack_from(buf)
+    image, created, pid, start, flags, ln, lm = _REC.unpack_from(buf)
     pos = _REC.size
     name = bytes(buf[pos:pos + ln]).decode()
     mnt = os.fsdecode(bytes(buf[pos + ln:pos + ln + lm]))
-    return Container(bytes(cid).decode(), name, bytes_digest(image), created, mnt, pid, flags)
+    return Container(bytes(cid).decode(), name, bytes_digest(image), created, mnt, pid, start, flags)
 
 
 class Containers:
@@ -89,7 +92,8 @@ class Containers:
             os.makedirs(os.path.join(base, "work"))
             upper = os.path.join(base, "upper")
             if root is not None:
-                os.chown(upper, root.uid, root.gid)
+                if os.geteuid() == 0:  # a rootless store keeps its own uid
+                    os.chown(upper, root.uid, root.gid)
                 os.chmod(upper, root.mode)
                 os.utime(upper, ns=(root.mtime_ns, root.mtime_ns))
             else:
@@ -148,9 +152,27 @@ class Containers:
         return None
 
     def set_mount(self, c: Container, mountpoint: str, pid: int) -> Container:
-        new = replace(c, mountpoint=mountpoint, pid=pid)
+        """Record where the container is mounted and by which process (pid 0: nowhere)."""
+        new = replace(c, mountpoint=mountpoint, pid=pid, pid_start=process_start(pid) if pid else 0)
         self.index.write(lambda txn: txn.put(c.id.encode(), _pack(new), db=self.index.db("containers")))
         return new
+
+    def claim(self, c: Container, mountpoint: str, alive) -> Container:
+        """Mark the container as being mounted by this process, in one transaction; refuse
+        if a live process (``alive(record)``) already serves it."""
+        def txn_fn(txn: lmdb.Transaction) -> Container:
+            raw = txn.get(c.id.encode(), db=self.index.db("containers"))
+            if raw is None:
+                raise ContainerNotFound(f"no such container: {c.name}")
+            current = _unpack(c.id.encode(), raw)
+            if current.mountpoint and alive(current):
+                raise StoreError(f"container {c.name} is already mounted at {current.mountpoint}")
+            pid = os.getpid()
+            new = replace(current, mountpoint=mountpoint, pid=pid, pid_start=process_start(pid))
+            txn.put(c.id.encode(), _pack(new), db=self.index.db("containers"))
+            return new
+
+        return self.index.write(txn_fn)
 
     def remove(self, c: Container) -> None:
         """Forget the container and delete its upper layer."""

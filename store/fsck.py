@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from . import blobs as blobsmod
 from .blobs import CHUNK
+from .errors import StoreCorrupt
 from .index import prefix_scan
 from .records import bytes_digest, digest_bytes, entry_blob, unpack_image, unpack_layer
 from .tarsplit import segments
@@ -75,7 +76,10 @@ def check(store, fast: bool = False, repair: bool = False) -> FsckReport:
                                                "the layer-number record disagrees with the layer"))
             used = {entry_blob(v).decode() for _, v in prefix_scan(txn, index.db("entries"), prefix)}
             chunks = [v for _, v in prefix_scan(txn, index.db("tarsplit"), prefix)]
-            used.update(b for _, b, size in segments(iter(chunks)) if size)
+            try:
+                used.update(b for _, b, size in segments(iter(chunks)) if size)
+            except StoreCorrupt as e:
+                report.problems.append(Problem("corrupt-tarsplit", layer.diff_id, str(e)))
             used.discard("")
             layer_blobs[layer.diff_id] = used
             for blob_id in sorted(used - recorded.keys()):

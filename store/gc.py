@@ -1,7 +1,8 @@
 """Garbage collection: mark from the roots, sweep the rest.
 
 Roots are the images (tagged or not; a container pins its image, which rmi refuses to
-remove) and the leases of work in progress. Under the store lock held exclusively (so
+remove). Work in progress is protected twice: its staging in tmp/ by its lease, and
+its publish-and-record step by the store lock, which gc takes exclusively. Under the store lock held exclusively (so
 no layer is being recorded meanwhile), one write transaction marks what the images
 reach (their layers, the blobs of those layers' entries and tar-split records, the
 merged-view chains of their layer prefixes) and deletes the records of everything else;

@@ -35,7 +35,9 @@ DATABASES = (
     "leases",
 )
 
-DEFAULT_MAP_SIZE = 256 << 20
+# Sparse and only address space: large enough that a mount's reader threads never see
+# the map resized under them (LMDB forbids a resize while transactions are open).
+DEFAULT_MAP_SIZE = 1 << 40
 
 T = TypeVar("T")
 
@@ -100,7 +102,8 @@ class Index:
     def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``fn(txn)`` in one write transaction and commit; grow the map when full.
 
-        ``fn`` may run more than once, so it must have no effects outside ``txn``.
+        ``fn`` may run more than once, so whatever it does outside ``txn`` must be
+        idempotent.
         """
         while True:
             try:

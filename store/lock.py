@@ -3,7 +3,7 @@
 A ``flock`` on ``STORE/gc.lock``. Publishing blobs and recording the layer and image
 that use them happens under the shared lock, so gc (exclusive) never sees a blob file
 published but not yet recorded, nor a layer recorded but not yet in an image. Readers
-(ls, cat, mounts) never take it.
+(ls, cat, mounts) never take it (nor LMDB's writer lock, once an image's tree is flattened).
 """
 
 from __future__ import annotations

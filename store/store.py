@@ -158,9 +158,10 @@ class Store:
         """An image by tag, full id or unique id prefix."""
         with self.index.read() as txn:
             key = self._find(txn, "images", ref, tags=True)
-            if key is None:
+            raw = txn.get(key, db=self.index.db("images")) if key is not None else None
+            if raw is None:
                 raise ImageNotFound(f"no such image: {ref}")
-            return unpack_image(bytes_digest(key), txn.get(key, db=self.index.db("images")))
+            return unpack_image(bytes_digest(key), raw)
 
     def resolve_layer(self, ref: str) -> LayerRecord:
         """A layer by full diff_id or unique prefix."""
@@ -206,8 +207,14 @@ class Store:
         Returns (tags removed, image id removed or None). Layers and blobs stay until gc.
         """
         rec = self.resolve_image(ref)
-        by_tag = not ref.startswith("sha256:") and not rec.image_id[7:].startswith(ref.lower())
-        tag = imagesmod.parse_reference(ref) if by_tag else None
+        tag = None
+        if not ref.startswith("sha256:"):
+            try:
+                name = imagesmod.parse_reference(ref)
+                if name in self.tags_of(rec.image_id):
+                    tag = name  # a tag wins over an id prefix, as in resolve_image
+            except StoreError:
+                pass
 
         def txn_fn(txn: lmdb.Transaction) -> tuple[list[str], str | None]:
             tdb, key = self.index.db("tags"), digest_bytes(rec.image_id)

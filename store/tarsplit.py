@@ -11,6 +11,8 @@ import struct
 import zlib
 from collections.abc import Iterator
 
+from .errors import StoreCorrupt
+
 CHUNK = 1 << 20
 _RAW, _FILE = b"R", b"F"
 
@@ -45,6 +47,13 @@ class TarSplitWriter:
 
 def segments(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, str, int]]:
     """Decode stored chunks into ``(raw_bytes, "", 0)`` or ``(b"", blob_id, size)``."""
+    try:
+        yield from _segments(chunks)
+    except (zlib.error, ValueError, struct.error, UnicodeDecodeError) as e:
+        raise StoreCorrupt(f"a tar-split record is damaged ({e}); run layerfs fsck") from None
+
+
+def _segments(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, str, int]]:
     for chunk in chunks:
         buf = zlib.decompress(chunk)
         pos = 0

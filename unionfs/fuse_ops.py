@@ -37,7 +37,7 @@ def load_mfusepy():
         raise FuseMissing("/dev/fuse is missing: load the fuse kernel module (modprobe fuse)")
     try:
         import mfusepy
-    except (OSError, EnvironmentError) as e:
+    except OSError as e:
         raise FuseMissing(f"cannot load libfuse 3 ({e}); install the Debian package fuse3") from None
     return mfusepy
 
@@ -143,6 +143,8 @@ class UnionOperations(mfusepy.Operations):
     @_translate
     def access(self, path, amode):
         self.view.resolve(_rel(path))
+        if amode & os.W_OK and self.view.read_only:
+            raise OSError(errno.EROFS, "read-only mount")
         return 0
 
     @_translate
@@ -407,6 +409,8 @@ def serve(view: UnionView, mountpoint: str, *, foreground: bool = True, options:
     opts = {"fsname": "layerfs", "subtype": "layerfs", "default_permissions": True}
     if os.geteuid() == 0:
         opts.update(allow_other=True, suid=True, dev=True)
+    if view.read_only:
+        opts["ro"] = True
     opts.update(options or {})
     debug = bool(opts.pop("debug", debug))
     UnionFUSE(UnionOperations(view, on_ready), mountpoint, raw_fi=True, foreground=foreground,

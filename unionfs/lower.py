@@ -168,7 +168,7 @@ class DirLower:
     def open(self, path: str, node: LowerNode) -> int:
         found = self._resolve(path)
         if found is None:
-            raise FileNotFoundError(path)
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         return os.open(found[1], os.O_RDONLY)
 
     def hardlink_names(self, node: LowerNode) -> list[str]:

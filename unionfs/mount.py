@@ -1,8 +1,7 @@
 """Mount lifecycle: start a serving process, wait until the mount serves, unmount.
 
 ``mount`` starts ``python -m unionfs.mount`` in its own session and returns only once
-the kernel has sent FUSE INIT (the child reports through a pipe) and the mountpoint
-answers ``stat``. ``umount`` works also when the serving process was killed: the kernel
+the kernel has sent FUSE INIT (the child reports through a pipe). ``umount`` works also when the serving process was killed: the kernel
 keeps a dead FUSE mount ("Transport endpoint is not connected") until it is unmounted.
 """
 
@@ -23,6 +22,7 @@ import time
 
 from store import Store, StoreError
 from store.containers import READ_ONLY, Container
+from store.leases import process_start
 
 READY_TIMEOUT = 30.0
 
@@ -32,7 +32,7 @@ class MountError(StoreError):
 
 
 def mounted_fuse(mountpoint: str) -> bool:
-    """True if ``mountpoint`` is a mount point of a layerfs FUSE filesystem (live or dead)."""
+    """True if ``mountpoint`` is a mount point of a FUSE filesystem (live or dead)."""
     target = os.path.realpath(mountpoint)
     with open("/proc/self/mountinfo") as f:
         for line in f:
@@ -66,11 +66,16 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def server_alive(c: Container) -> bool:
+    """The container's serving process still runs (the same process, not a reused pid)."""
+    return pid_alive(c.pid) and process_start(c.pid) == c.pid_start
+
+
 def state(c: Container) -> str:
     """created, mounted, or dead (mounted, but the serving process is gone)."""
     if not c.mountpoint:
         return "created"
-    if pid_alive(c.pid):
+    if server_alive(c):
         return "mounted"
     return "dead" if mounted_fuse(c.mountpoint) else "created"
 
@@ -117,9 +122,8 @@ def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
           options: dict | None = None, volatile: bool = False) -> Container:
     """Mount a container (or a new one of an image) at ``mountpoint`` in the background."""
     path = _check_mountpoint(mountpoint)
-    c = container_for(store, ref, read_only)
-    if c.mountpoint and state(c) != "created":
-        raise MountError(f"container {c.name} is already mounted at {c.mountpoint}")
+    c, made = container_for(store, ref, read_only)
+    c = store.containers.claim(c, path, server_alive)
     cmd = [sys.executable, "-m", "unionfs.mount", "--root", store.root, "--container", c.id,
            "--mountpoint", path]
     if read_only or c.read_only:
@@ -132,7 +136,15 @@ def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
     with open(log_path, "ab") as log:
         proc, message = spawn_until_ready(cmd, log)
     if message != "ready":
-        proc.wait(timeout=10)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # it may still be starting: it must not mount later
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        if made:
+            store.containers.remove(c)
+        else:
+            store.containers.set_mount(c, "", 0)
         raise MountError(message or f"the serving process exited ({proc.returncode}); see {log_path}")
     return store.containers.set_mount(c, path, proc.pid)
 
@@ -141,8 +153,8 @@ def mount_foreground(store: Store, ref: str, mountpoint: str, *, read_only: bool
                      options: dict | None = None, volatile: bool = False) -> None:
     """Mount and serve in this process until unmounted."""
     path = _check_mountpoint(mountpoint)
-    c = container_for(store, ref, read_only)
-    c = store.containers.set_mount(c, path, os.getpid())
+    c, _ = container_for(store, ref, read_only)
+    c = store.containers.claim(c, path, server_alive)
     try:
         serve_container(store, c, path, read_only=read_only or c.read_only, volatile=volatile,
                         options=options or {})
@@ -172,12 +184,13 @@ def _wait_ready(fd: int, proc: subprocess.Popen) -> str:
     return buf.decode(errors="replace").strip()
 
 
-def container_for(store: Store, ref: str, read_only: bool) -> Container:
-    """The container ``ref`` names, or a new anonymous one of the image ``ref`` names."""
+def container_for(store: Store, ref: str, read_only: bool) -> tuple[Container, bool]:
+    """The container ``ref`` names, or a new anonymous one of the image ``ref`` names;
+    and whether it was made here."""
     c = store.containers.find(ref)
     if c is not None:
-        return c
-    return store.create_container(ref, flags=READ_ONLY if read_only else 0)
+        return c, False
+    return store.create_container(ref, flags=READ_ONLY if read_only else 0), True
 
 
 def umount(store: Store, target: str) -> Container | None:
@@ -196,7 +209,8 @@ def umount(store: Store, target: str) -> Container | None:
             if lazy.returncode != 0:
                 raise MountError(f"cannot unmount {mountpoint}: {res.stderr.strip() or lazy.stderr.strip()}")
     if c is not None:
-        _reap(c.pid)
+        if server_alive(c):
+            _reap(c.pid)
         c = store.containers.set_mount(c, "", 0)
         if c.read_only and c.name.startswith("layerfs-"):
             store.containers.remove(c)  # an anonymous read-only view leaves nothing behind

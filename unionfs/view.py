@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import re
 import itertools
 import os
 import shutil
@@ -41,7 +42,7 @@ from .lower import Lower, LowerNode
 
 HIDDEN_XATTR_PREFIXES = (PRIVATE_PREFIX, "trusted.overlay.", "user.overlay.")
 COPY_CHUNK = 1 << 20
-HIDDEN = ".fuse_hidden"  # libfuse's name for files unlinked while open
+HIDDEN = re.compile(r"\.fuse_hidden[0-9a-f]{16}")  # libfuse's name for files unlinked while open
 
 _KIND_MODE = {Kind.REG: stat.S_IFREG, Kind.DIR: stat.S_IFDIR, Kind.SYMLINK: stat.S_IFLNK,
               Kind.CHR: stat.S_IFCHR, Kind.BLK: stat.S_IFBLK, Kind.FIFO: stat.S_IFIFO}
@@ -209,7 +210,7 @@ class UnionView:
                 raise _err(errno.ENOTDIR, path)
             if name.startswith(WH):
                 raise _err(errno.ENOENT, path)  # the markers are never visible
-            if len(name) > 255 and len(name.encode("utf-8", "surrogateescape")) > 255:
+            if len(name) > 63 and len(name.encode("utf-8", "surrogateescape")) > 255:
                 raise _err(errno.ENAMETOOLONG, path)
             child = self._child(node, name)
             if child is None:
@@ -292,7 +293,7 @@ class UnionView:
     def _union_paths(self, lower_path: str) -> list[str]:
         """Where the union may show a lower path: in place, or under a renamed directory."""
         out = [lower_path]
-        for union_dir, lower_dir in self._redirects().items():
+        for union_dir, lower_dir in list(self._redirects().items()):
             if lower_path.startswith(lower_dir + "/"):
                 out.append(union_dir + lower_path[len(lower_dir):])
         return out
@@ -438,7 +439,11 @@ class UnionView:
         """Give a new upper object the owner, mode, xattrs and times of a lower entry."""
         follow = e.kind != Kind.SYMLINK
         target: str | int = fd if fd is not None else path
-        os.chown(target, e.uid, e.gid, follow_symlinks=follow or fd is not None)
+        try:
+            os.chown(target, e.uid, e.gid, follow_symlinks=follow or fd is not None)
+        except PermissionError:
+            if os.geteuid() == 0:
+                raise  # a rootless mount keeps its own uid, as fuse-overlayfs without mapping
         if e.kind != Kind.SYMLINK:
             os.chmod(target, e.mode)  # after chown, which clears setuid/setgid
         for name, value in e.xattrs:
@@ -739,9 +744,6 @@ class UnionView:
     # (renaming it there instead of unlinking). Such files are moved out of the upper
     # into work/, so no listing, rmdir or commit ever sees them, and show st_nlink 0.
 
-    def _hidden(self, path: str) -> str | None:
-        return self._hidden_files.get(path) if HIDDEN in path else None
-
     def _hide(self, old: str, new: str) -> None:
         node = self.resolve(old)
         target = None
@@ -767,7 +769,7 @@ class UnionView:
     def rename(self, old: str, new: str, flags: int = 0) -> None:
         """rename(2)/renameat2(2) with RENAME_NOREPLACE and RENAME_EXCHANGE."""
         self._check_writable()
-        if new.rpartition("/")[2].startswith(HIDDEN) and not flags:
+        if HIDDEN.fullmatch(new.rpartition("/")[2]) and not flags and not self.resolve(old).is_dir:
             with self.lock:
                 return self._hide(old, new)
         noreplace, exchange = flags & 1, flags & 2
@@ -851,6 +853,9 @@ class UnionView:
 
     def _meta_target(self, path: str) -> Node:
         self._check_writable()
+        hidden = self._hidden_files.get(path)
+        if hidden:  # fchmod, futimens... of a file unlinked while open
+            return Node(path, hidden, os.lstat(hidden))
         return self.copy_up(path, data=False)
 
     def chmod(self, path: str, mode: int) -> None:
@@ -894,8 +899,6 @@ class UnionView:
         flags &= ~(os.O_CREAT | os.O_EXCL)
         if not write:
             node = self.resolve(path)
-            if node.is_dir:
-                return os.open(node.upper or self.upper, os.O_RDONLY | os.O_DIRECTORY), False
             if node.lower is not None and (node.st is None or node.metacopy):
                 return self.lower.open(node.lower_path, node.lower), True
             return os.open(node.upper, flags), False
@@ -912,6 +915,9 @@ class UnionView:
 
     def truncate(self, path: str, length: int) -> None:
         self._check_writable()
+        if self._hidden_files.get(path):
+            os.truncate(self._hidden_files[path], length)
+            return
         with self.lock:
             node = self.resolve(path)
             if node.is_dir:

@@ -1,0 +1,103 @@
+"""Helpers shared by the benchmark scripts (standard library only)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def layerfs_cmd() -> list[str]:
+    """The real ``layerfs`` CLI: the venv's console script, else ``python -m cli``."""
+    script = os.path.join(os.path.dirname(sys.executable), "layerfs")
+    if os.access(script, os.X_OK):
+        return [script]
+    return [sys.executable, os.path.join(REPO, "cli.py")]
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run a command, raising with its stderr if it fails."""
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.decode(errors='replace')}")
+    return p
+
+
+def timed(cmd: list[str], **kw) -> tuple[float, subprocess.CompletedProcess]:
+    """Wall-clock seconds of one command (process start to exit)."""
+    t0 = time.perf_counter()
+    p = run(cmd, **kw)
+    return time.perf_counter() - t0, p
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def rmtree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def quiesce() -> None:
+    """Write back dirty pages (untimed) so a run does not pay for the previous run's writes.
+
+    The page cache is not dropped: inputs stay cached, as they would on a warm machine.
+    This matters because layerfs calls syncfs(), which would otherwise flush whatever
+    the previous run (e.g. a ``tar -x`` of 1 GiB) left dirty on the same filesystem.
+    """
+    os.sync()
+
+
+def fs_type(path: str) -> str:
+    try:
+        out = subprocess.run(["df", "-T", path], stdout=subprocess.PIPE, text=True, check=True).stdout
+        return out.splitlines()[1].split()[1]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "?"
+
+
+def loadavg() -> str:
+    """The 1/5/15-minute load averages: other work on the machine skews the numbers."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def machine(tmp: str) -> dict:
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "tmp_dir": tmp,
+        "tmp_fs": fs_type(tmp),
+        "loadavg_start": loadavg(),
+        "tar": subprocess.run(["tar", "--version"], stdout=subprocess.PIPE, text=True).stdout.splitlines()[0],
+    }
+
+
+def print_table(rows: list[list[str]], align_right_from: int = 1) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for n, r in enumerate(rows):
+        cells = [c.ljust(w) if i < align_right_from else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        print("  ".join(cells).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        print(f"\nJSON written to {path}")
