@@ -446,13 +446,7 @@ def rm(store: Store, containers: tuple[str, ...], force: bool) -> None:
     from unionfs import mount as mnt
 
     for ref in containers:
-        c = store.containers.get(ref)
-        if mnt.state(c) != "created":
-            if not force:
-                raise StoreError(f"container {c.name} is mounted at {c.mountpoint}; umount it or use -f")
-            c = mnt.umount(store, c.id) or c
-        store.containers.remove(c)
-        click.echo(c.id)
+        click.echo(mnt.remove(store, ref, force=force).id)
 
 
 @cli.command()
@@ -485,12 +479,9 @@ def commit(store: Store, container: str, tag: str | None, message: str, author: 
 
     A mounted container's writes are held while the commit runs.
     """
-    from store.commit import commit as commit_container
-    from unionfs.mount import paused
+    from unionfs import mount as mnt
 
-    c = store.containers.get(container)
-    with paused(c):
-        image = commit_container(store, c, tag=tag, message=message, author=author, changes=changes)
+    image = mnt.commit(store, container, tag=tag, message=message, author=author, changes=changes)
     click.echo(image.image_id)
 
 
@@ -499,7 +490,6 @@ def commit(store: Store, container: str, tag: str | None, message: str, author: 
 def demo(store: Store) -> None:
     """Walk through the main jobs on the built-in sample image: import, ls, mount, write,
     commit, gc."""
-    from store.commit import commit as commit_container
     from store.sample import write_sample_layers
     from unionfs import mount as mnt
 
@@ -532,8 +522,7 @@ def demo(store: Store) -> None:
             for change in container_diff(store, c):
                 click.echo(f"{change.kind} {change.path}")
             step(f"layerfs commit {c.name} -t sample:v2  # while mounted: writes are held")
-            with mnt.paused(c):
-                new = commit_container(store, c, tag="sample:v2", message="demo")
+            new = mnt.commit(store, c.id, tag="sample:v2", message="demo")
             click.echo(new.image_id)
         finally:
             step(f"layerfs umount {mountpoint}")

@@ -20,7 +20,7 @@ import lmdb
 from .errors import PathNotFound, StoreError
 from .index import Index, delete_prefix, prefix_scan
 from .records import (IMPLICIT, OPAQUE, Entry, Kind, LayerRecord, children_prefix,
-                      descendants_prefix, digest_bytes, entry_key, unpack_entry)
+                      descendants_prefix, digest_bytes, entry_key, path_from_key, unpack_entry)
 
 _MERGED = struct.Struct(">IB")  # layer num, kind
 MAX_SYMLINKS = 40
@@ -156,6 +156,16 @@ class MergedTree:
                 value = txn.get(struct.pack(">I", layer_num) + key[4:], db=edb)
                 out.append((name.decode("utf-8", "surrogateescape"), layer_num, unpack_entry(value)))
         yield from out
+
+    def hardlink_groups(self, layer_num: int) -> dict[str, list[str]]:
+        """The hard-link groups of one layer: group name -> every path in it."""
+        groups: dict[str, list[str]] = {}
+        with self.index.read() as txn:
+            for key, value in prefix_scan(txn, self.index.db("entries"), struct.pack(">I", layer_num)):
+                e = unpack_entry(value)
+                if e.hardlink:
+                    groups.setdefault(e.hardlink, []).append(path_from_key(4, key))
+        return groups
 
     def listdir(self, path: str) -> Iterator[tuple[str, Entry]]:
         """The children of directory ``path`` in name order."""

@@ -25,9 +25,10 @@ from .dirimport import add_file, entry_of, primary_first
 from .errors import StoreCorrupt
 from .merged import MergedTree
 from .records import OPAQUE, Entry, Kind
+from .tarformat import OPAQUE_MARKER, WHITEOUT_PREFIX
 
-WH = ".wh."
-OPQ = ".wh..wh..opq"
+WH = WHITEOUT_PREFIX
+OPQ = OPAQUE_MARKER
 PRIVATE_PREFIX = "user.layerfs."
 METACOPY = "user.layerfs.metacopy"
 REDIRECT = "user.layerfs.redirect"

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from store.blobs import BlobStore
 from store.errors import StoreError
-from store.index import prefix_scan
 from store.merged import MergedTree
 from store.dirimport import dir_entry, entry_of
-from store.records import Entry, Kind, path_from_key, unpack_entry
+from store.records import Entry, Kind
 
 
 @dataclass(slots=True, frozen=True)
@@ -42,19 +40,34 @@ class Lower(Protocol):
 
 
 class StoreLower:
-    """An image's layers, read from the store's flattened merged view."""
+    """An image's layers, read from the store's flattened merged view.
+
+    The layers never change, so lookups are remembered (bounded): a path walked or
+    missed once costs no index read the next time.
+    """
+
+    CACHE_MAX = 200_000
 
     def __init__(self, tree: MergedTree, blobs: BlobStore) -> None:
         self.tree = tree
         self.blobs = blobs
+        self._lookups: dict[str, LowerNode | None] = {}
         self._groups: dict[int, dict[str, list[str]]] = {}  # layer -> hard-link groups
 
     def _node(self, path: str, layer: int, e: Entry) -> LowerNode:
         return LowerNode(e, ("L", layer, e.hardlink or path))
 
     def lookup(self, path: str) -> LowerNode | None:
+        try:
+            return self._lookups[path]
+        except KeyError:
+            pass
         found = self.tree.lookup_in_layer(path)
-        return self._node(path, *found) if found else None
+        node = self._node(path, *found) if found else None
+        if len(self._lookups) >= self.CACHE_MAX:
+            self._lookups.clear()
+        self._lookups[path] = node
+        return node
 
     def listdir(self, path: str) -> Iterator[tuple[str, LowerNode]]:
         for name, layer, e in self.tree.listdir_in_layers(path):
@@ -72,16 +85,9 @@ class StoreLower:
         """Every path of the layer that names the same file (the group)."""
         _, layer, group = node.ident
         groups = self._groups.get(layer)
-        if groups is None:  # one scan of the layer finds all its groups
-            groups = {}
-            index = self.tree.index
-            with index.read() as txn:
-                for key, value in prefix_scan(txn, index.db("entries"), struct.pack(">I", layer)):
-                    e = unpack_entry(value)
-                    if e.hardlink:
-                        groups.setdefault(e.hardlink, []).append(path_from_key(4, key))
-            self._groups[layer] = groups
-        return list(groups.get(group, [node.ident[2]]))
+        if groups is None:
+            groups = self._groups[layer] = self.tree.hardlink_groups(layer)
+        return list(groups.get(group, [group]))
 
 
 class DirLower:

@@ -22,6 +22,7 @@ import time
 
 from store import Store, StoreError
 from store.containers import READ_ONLY, Container
+from store.records import ImageRecord
 from store.leases import process_start
 
 READY_TIMEOUT = 30.0
@@ -215,6 +216,28 @@ def umount(store: Store, target: str) -> Container | None:
         if c.read_only and c.name.startswith("layerfs-"):
             store.containers.remove(c)  # an anonymous read-only view leaves nothing behind
     return c
+
+
+def remove(store: Store, ref: str, force: bool = False) -> Container:
+    """Remove a container and its upper layer; a mounted one only with ``force``
+    (it is unmounted first)."""
+    c = store.containers.get(ref)
+    if state(c) != "created":
+        if not force:
+            raise MountError(f"container {c.name} is mounted at {c.mountpoint}; umount it or use -f")
+        c = umount(store, c.id) or c
+    store.containers.remove(c)
+    return c
+
+
+def commit(store: Store, ref: str, **kwargs) -> ImageRecord:
+    """Commit a container (see store.commit), holding its writes while it runs if it is
+    mounted, as docker commit pauses the container."""
+    from store.commit import commit as commit_container
+
+    c = store.containers.get(ref)
+    with paused(c):
+        return commit_container(store, c, **kwargs)
 
 
 def _reap(pid: int, timeout: float = 10.0) -> None:
