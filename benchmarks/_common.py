@@ -73,14 +73,42 @@ def loadavg() -> str:
         return "?"
 
 
+def git_commit() -> str:
+    """The checkout's commit, with "+dirty" when the code under test has local changes."""
+    try:
+        head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "store", "unionfs", "cli.py"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def ext4_journal(path: str) -> str:
+    """For ext4: "yes"/"no" (a journal-less ext4 skips recently freed inodes when it
+    allocates, so creating many files soon after deleting many is slower); else "n/a"."""
+    try:
+        src = subprocess.run(["findmnt", "-no", "SOURCE,FSTYPE", "--target", path], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, check=True).stdout.split()
+        if len(src) < 2 or src[1] != "ext4":
+            return "n/a"
+        with open(f"/sys/fs/ext4/{os.path.basename(os.path.realpath(src[0]))}/journal_task") as f:
+            return "no" if f.read().strip() == "<none>" else "yes"
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "?"
+
+
 def machine(tmp: str) -> dict:
     return {
+        "commit": git_commit(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "tmp_dir": tmp,
         "tmp_fs": fs_type(tmp),
+        "tmp_ext4_journal": ext4_journal(tmp),
         "loadavg_start": loadavg(),
         "tar": subprocess.run(["tar", "--version"], stdout=subprocess.PIPE, text=True).stdout.splitlines()[0],
     }

@@ -8,10 +8,11 @@ Workloads (generated in a temporary directory, removed at the end):
 
 Every run starts from scratch: a new store (layerfs) or a new, empty directory (tar).
 Each workload gets one untimed warm-up of each tool, then --repeat timed runs of each,
-alternating layerfs and tar. Before every run the previous run's output is deleted and
-dirty pages are written back with sync(2) (untimed); the page cache is never dropped,
-so the input tarball is read from memory. Times are wall clock of the whole command,
-including interpreter start-up for layerfs.
+alternating layerfs and tar. Before every run dirty pages are written back with sync(2)
+(untimed); the page cache is never dropped, so the input tarball is read from memory.
+Outputs of the small-file workloads are kept until the end (about 1.5 GB at the
+defaults), see Runner; the 1 GiB outputs are deleted after each run. Times are wall
+clock of the whole command, including interpreter start-up for layerfs.
 
     .venv/bin/python benchmarks/bench_import.py [--repeat 3] [--json out.json] [--profile]
 """
@@ -100,6 +101,16 @@ def gzip_file(src: str, dst: str) -> int:
 
 
 class Runner:
+    """Runs each tool into a new output directory.
+
+    Outputs of many-file workloads are kept until the end of the script (``keep``):
+    deleting 20,000 files just before the next run makes that run slower on a
+    filesystem that avoids reusing recently freed inodes (ext4 without a journal skips
+    inodes freed in the last 60 s, or 360 s while their inode-table block is dirty,
+    and walks over each of them on every allocation). Few-file outputs (the 1 GiB
+    file) are deleted at once to save space.
+    """
+
     def __init__(self, tmp: str) -> None:
         self.tmp = tmp
         self.layerfs = layerfs_cmd()
@@ -109,7 +120,7 @@ class Runner:
         self.n += 1
         return os.path.join(self.tmp, f"{name}-{self.n}")
 
-    def layerfs_import(self, tarball: str, check: bool = False) -> float:
+    def layerfs_import(self, tarball: str, keep: bool, check: bool = False) -> float:
         root = self._fresh("store")
         quiesce()
         secs, p = timed(self.layerfs + ["import-layer", "--root", root, tarball])
@@ -117,34 +128,37 @@ class Runner:
             raise RuntimeError(f"unexpected import-layer output: {p.stdout!r}")
         if check:
             self.last_layers = run(self.layerfs + ["layers", "--root", root, "--json"]).stdout
-        rmtree(root)
+        if not keep:
+            rmtree(root)
         return secs
 
-    def tar_extract(self, tarball: str, flags: str, check: bool = False) -> float:
+    def tar_extract(self, tarball: str, flags: str, keep: bool, check: bool = False) -> float:
         out = self._fresh("untar")
         os.mkdir(out)
         quiesce()
         secs, _ = timed(["tar", flags, "-f", tarball, "-C", out])
         if check:
             self.last_count = sum(len(fs) for _, _, fs in os.walk(out))
-        rmtree(out)
+        if not keep:
+            rmtree(out)
         return secs
 
 
 def bench_workload(r: Runner, name: str, tarball: str, tar_flags: str, info: dict,
                    repeat: int) -> dict:
+    keep = info["files"] > 100
     print(f"  {name}: warm-up", flush=True)
-    r.layerfs_import(tarball, check=True)
+    r.layerfs_import(tarball, keep, check=True)
     layers = json.loads(r.last_layers)
     if len(layers) != 1 or layers[0]["entries"] < info["files"]:
         raise RuntimeError(f"{name}: layerfs recorded {layers}")
-    r.tar_extract(tarball, tar_flags, check=True)
+    r.tar_extract(tarball, tar_flags, keep, check=True)
     if r.last_count != info["files"]:
         raise RuntimeError(f"{name}: tar extracted {r.last_count} files, expected {info['files']}")
     lf, tr = [], []
     for i in range(repeat):
-        lf.append(r.layerfs_import(tarball))
-        tr.append(r.tar_extract(tarball, tar_flags))
+        lf.append(r.layerfs_import(tarball, keep))
+        tr.append(r.tar_extract(tarball, tar_flags, keep))
         print(f"  {name}: run {i + 1}/{repeat}: layerfs {lf[-1]:.3f}s, tar {tr[-1]:.3f}s", flush=True)
 
     def summary(times: list[float]) -> dict:
@@ -236,7 +250,8 @@ def main() -> None:
 
         m = results["machine"]
         print(f"\nimport throughput, median of {args.repeat} runs (after 1 warm-up each); "
-              f"{m['cpus']} CPUs, kernel {m['kernel']}, {m['tmp_fs']} at {os.path.dirname(tmp)}")
+              f"{m['cpus']} CPUs, kernel {m['kernel']}, {m['tmp_fs']} at {os.path.dirname(tmp)}"
+              + (" (no journal)" if m["tmp_ext4_journal"] == "no" else "") + f", commit {m['commit']}")
         print("MB/s and files/s from the median; MB = 1e6 uncompressed tar bytes; "
               "ratio = layerfs median / tar median\n")
         rows = [["workload", "tar MB", "tool", "median s", "min s", "MB/s", "files/s", "ratio"]]
@@ -246,11 +261,15 @@ def main() -> None:
                 rows.append([w["workload"] if tool == "layerfs" else "",
                              f"{w['tar_bytes'] / 1e6:.1f}" if tool == "layerfs" else "",
                              label, f"{s['median_s']:.3f}", f"{s['min_s']:.3f}", f"{s['mb_per_s']:.1f}",
-                             f"{s['files_per_s']:.0f}",
+                             f"{s['files_per_s']:.0f}" if s["files_per_s"] >= 10 else f"{s['files_per_s']:.2f}",
                              f"{w['ratio_layerfs_over_tar']:.2f}x" if tool == "layerfs" else ""])
         print_table(rows, align_right_from=3)
         print(f"\nlayerfs CLI start-up (layerfs --help, included in every layerfs time): "
               f"{results['layerfs_startup_s']:.3f}s")
+        if m["tmp_ext4_journal"] == "no":
+            print("note: ext4 without a journal skips inodes freed in the last 60-360 s when it creates "
+                  "files;\n      runs within ~6 minutes of a mass delete (such as the end of a previous "
+                  "run of this\n      script) create files much more slowly")
         if "profile" in results:
             p = results["profile"]
             print(f"\ncProfile of one Store.import_tar of the small-file tar "

@@ -241,7 +241,8 @@ def main() -> None:
 
         m = results["machine"]
         print(f"\npath resolution, median of {args.repeat} repeats, microseconds per operation; "
-              f"{m['cpus']} CPUs, kernel {m['kernel']}, {m['tmp_fs']} at {os.path.dirname(tmp)}")
+              f"{m['cpus']} CPUs, kernel {m['kernel']}, {m['tmp_fs']} at {os.path.dirname(tmp)}"
+              + (" (no journal)" if m["tmp_ext4_journal"] == "no" else "") + f", commit {m['commit']}")
         print(f"base layer: {results['base_layer_paths']} paths; every other layer: 2 files rewritten, "
               f"2 added, 1 whited out; built in {results['build_s']}s\n")
         ds = results["depths"]
