@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from .fuse_ops import serve
     from .lower import DirLower
+    from .markers import OverlayMarkers
     from .view import UnionView
 
     read_only = not upper or opts.get("ro") is True
@@ -77,8 +78,12 @@ def main(argv: list[str] | None = None) -> None:
         upper = tempfile.mkdtemp(prefix="fuse-layerfs-ro-")
         work_dir = upper
     volatile = opts.get("volatile") is True or opts.get("fsync") == "0"
+    # The upper in the kernel's own format: full data copy-up unless metacopy=on, as the
+    # kernel and fuse-overlayfs default; user.overlay.* xattrs under userxattr.
+    markers = OverlayMarkers("user.overlay." if opts.get("userxattr") else "trusted.overlay.",
+                             metacopy=opts.get("metacopy") == "on")
     view = UnionView(DirLower(lowers), str(upper), work_dir, volatile=volatile,
-                     read_only=read_only, overlay_format=True)
+                     read_only=read_only, markers=markers)
     fuse_opts = {k: v for k, v in opts.items() if k in _FUSE_PASSTHROUGH}
     fuse_opts["fsname"] = args.paths[0] if len(args.paths) > 1 else "fuse-layerfs"
 
