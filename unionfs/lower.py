@@ -8,6 +8,7 @@ the fuse-overlayfs compatible mount program.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from collections.abc import Hashable, Iterator
@@ -150,6 +151,8 @@ class DirLower:
         if top is None:
             return None
         e, full, st = top
+        if st.st_nlink > 1 and e.kind != Kind.DIR:
+            e = dataclasses.replace(e, nlink=st.st_nlink)  # hard links within a lower, as overlayfs shows them
         return LowerNode(e, ("D", st.st_dev, st.st_ino)), full, merged
 
     def lookup(self, path: str) -> LowerNode | None:
