@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from unionrunner import fuse_layerfs_pids
+
 BIN = os.path.dirname(sys.executable)
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
                                 reason="needs root and /dev/fuse")
@@ -151,20 +153,6 @@ def test_bad_command_lines(layers):
 # -- a drop-in mount_program ------------------------------------------------------------
 
 
-def _server_pids(mnt: str) -> list[int]:
-    """Serving processes of ``mnt`` (their command line names it)."""
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"unionfs.compat" in args and mnt.encode() in args:
-            out.append(int(pid))
-    return out
-
-
 def test_containers_storage_command_line(layers):
     """What containers/storage runs: lowers as absolute symlinks (overlay/l/SHORTID ->
     ../ID/diff), an empty option that leaves ",," and a trailing comma, volatile, and its
@@ -194,7 +182,7 @@ def test_relative_paths_in_the_background(layers):
     assert res.returncode == 0, res.stderr
     assert _mounted(str(layers / "mnt"))
     assert open(layers / "mnt/etc/a").read() == "a from l2\n"
-    with open(f"/proc/{_server_pids(str(layers / 'mnt'))[0]}/cwd/.probe", "w"):
+    with open(f"/proc/{fuse_layerfs_pids(str(layers / 'mnt'))[0]}/cwd/.probe", "w"):
         pass  # the server does not keep the caller's directory busy
     os.unlink("/.probe")
 
@@ -278,7 +266,7 @@ def test_server_log_in_the_background(layers):
     assert res.returncode != 0
     assert f"(log: {log})" in res.stderr, res.stderr
     assert not _mounted(str(layers / "mnt"))
-    assert not _server_pids(str(layers / "mnt"))
+    assert not fuse_layerfs_pids(str(layers / "mnt"))
 
 
 def test_lower_hard_links_keep_their_link_count(layers):
@@ -288,6 +276,23 @@ def test_lower_hard_links_keep_their_link_count(layers):
     for root in ("mnt", "kmnt"):
         a, b = os.lstat(layers / root / "top"), os.lstat(layers / root / "etc/top-link")
         assert (a.st_nlink, b.st_nlink, a.st_ino == b.st_ino) == (2, 2, True), root
+
+
+def test_lower_hard_links_survive_copy_up(layers):
+    """As the kernel's overlayfs with index=on: a write through one name shows through
+    the other, in the mount and in the upper; removing a name lowers the count."""
+    os.link(layers / "l1/top", layers / "l1/etc/top-link")
+    os.link(layers / "l1/gone/x", layers / "l1/gone/x2")
+    _fuse_layerfs(layers)
+    m = layers / "mnt"
+    with open(m / "etc/top-link", "a") as f:
+        f.write("more\n")
+    assert (m / "top").read_text() == "top\nmore\n"
+    assert os.lstat(m / "top").st_ino == os.lstat(m / "etc/top-link").st_ino
+    assert os.lstat(layers / "upper/top").st_ino == os.lstat(layers / "upper/etc/top-link").st_ino
+    assert (layers / "l1/top").read_text() == "top\n"  # the lower is untouched
+    os.unlink(m / "gone/x2")
+    assert os.lstat(m / "gone/x").st_nlink == 1
 
 
 # mount(8) looks for /sbin/mount.<type> with a reset PATH; mount.fuse3 then runs the
@@ -327,6 +332,6 @@ def test_mount_t_fuse_layerfs(layers, how, fstype):
     assert res.stdout.splitlines() == ["a from l2", "fuse.fuse-layerfs"]
     assert (layers / "upper/etc/b").read_text() == "changed\n"
     deadline = time.monotonic() + 10
-    while _server_pids(str(layers / "mnt")) and time.monotonic() < deadline:
+    while fuse_layerfs_pids(str(layers / "mnt")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _server_pids(str(layers / "mnt")), "the server outlived its unmount"
+    assert not fuse_layerfs_pids(str(layers / "mnt")), "the server outlived its unmount"
