@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -93,6 +94,9 @@ class UnionOperations(mfusepy.Operations):
         self.on_ready = on_ready
         self.timeout = timeout
         self._written: set[int] = set()  # fds written since their last flush
+        self._dir_lock = threading.Lock()
+        self._dir_handles = itertools.count(1)
+        self._listings: dict[int, list | None] = {}  # open directory handle -> its listing
 
     def _refresh_links(self, st: os.stat_result, path: str | None) -> None:
         """Make the kernel forget what it cached for the other names of a hard-linked file.
@@ -132,9 +136,33 @@ class UnionOperations(mfusepy.Operations):
             return self.view.fd_attrs(fh.fh)
         return self.view.getattr(_rel(path))
 
+    # Directory handles: each open directory has its own listing, a snapshot taken by
+    # its first readdir (and again at offset 0, on rewinddir), which later changes and
+    # other handles never disturb. mfusepy installs opendir/releasedir only because
+    # they are defined here.
+
+    def opendir(self, path):
+        with self._dir_lock:
+            fh = next(self._dir_handles)
+            self._listings[fh] = None
+        return fh
+
+    def releasedir(self, path, fh):
+        with self._dir_lock:
+            self._listings.pop(fh, None)
+        return 0
+
     @_translate
-    def readdir(self, path, fh):
-        return [(name, attrs, 0) for name, attrs in self.view.readdir(_rel(path))]
+    def readdir(self, path: str, fh: int, offset: int = 0) -> list[tuple[str, dict]]:
+        """The listing of the open directory ``fh``; made anew when read from offset 0."""
+        with self._dir_lock:
+            listing = self._listings.get(fh)
+        if listing is None or offset == 0:
+            listing = self.view.readdir(_rel(path))
+            with self._dir_lock:
+                if fh in self._listings:
+                    self._listings[fh] = listing
+        return listing
 
     @_translate
     def readlink(self, path):
@@ -349,52 +377,33 @@ _FUSE_FILL_DIR_PLUS = 2
 
 
 class UnionFUSE(mfusepy.FUSE):
-    """mfusepy's FUSE with what it leaves out: renameat2 flags, readdirplus, dir caching."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        self._dir_lock = threading.Lock()
-        self._listings: dict[int, list] = {}
-        self._next_dir = 0
-        super().__init__(*args, **kwargs)
+    """mfusepy's FUSE with what it leaves out: renameat2 flags and readdirplus."""
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(old.decode(self.encoding, self.errors),
                                       new.decode(self.encoding, self.errors), flags)
 
     def opendir(self, path: bytes, fip) -> int:
-        # Every change to a directory goes through this mount, and the kernel drops its
-        # cached listing when one does, so listings may be cached across opens (libfuse
-        # honours these flags from 3.16 on).
-        with self._dir_lock:
-            self._next_dir += 1
-            fip.contents.fh = self._next_dir
+        fip.contents.fh = self.operations.opendir(path.decode(self.encoding, self.errors))
+        # Every change goes through this mount, so the kernel may keep listings across
+        # opens (libfuse honours these flags from 3.16 on).
         fip.contents.cache_readdir = 1
         fip.contents.keep_cache = 1
-        return 0
-
-    def releasedir(self, path: bytes, fip) -> int:
-        with self._dir_lock:
-            self._listings.pop(fip.contents.fh, None)
         return 0
 
     def readdir_fuse_3(self, path: bytes, buf, filler, offset: int, fip, flags: int) -> int:
         # Offsets (i + 1) rather than mfusepy's 0: in offset mode libfuse passes the full
         # stat of each entry on to the kernel (readdirplus), which then needs no lookup per
-        # entry. The listing is made once per open directory and served in pieces.
-        fh = fip.contents.fh
-        with self._dir_lock:
-            listing = self._listings.get(fh)
-        if listing is None or offset == 0:
-            try:
-                listing = self.operations.readdir(path.decode(self.encoding, self.errors), fh)
-            except mfusepy.FuseOSError as e:
-                return -e.errno
-            with self._dir_lock:
-                self._listings[fh] = listing
+        # entry. The listing is served in pieces from the handle's snapshot.
+        try:
+            listing = self.operations.readdir(path.decode(self.encoding, self.errors),
+                                              fip.contents.fh, offset)
+        except mfusepy.FuseOSError as e:
+            return -e.errno
         plus = _FUSE_FILL_DIR_PLUS if flags & _FUSE_READDIR_PLUS else 0
         st = mfusepy.c_stat()
         for i in range(offset, len(listing)):
-            name, attrs, _ = listing[i]
+            name, attrs = listing[i]
             ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
             mfusepy.set_st_attrs(st, attrs, use_ns=True)
             if filler(buf, name.encode(self.encoding, self.errors), st, i + 1,
