@@ -8,8 +8,10 @@ the fuse-overlayfs compatible mount program.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
+import stat
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -101,6 +103,8 @@ class DirLower:
     def __init__(self, dirs: list[str]) -> None:
         self.dirs = [os.path.abspath(d) for d in dirs]
         self._cache: dict[str, tuple[LowerNode, str, list[str]] | None] = {}
+        self._layer_of: dict[tuple[int, int], str] = {}  # hard-linked inode -> its layer
+        self._groups: dict[str, dict[tuple[int, int], list[str]]] = {}  # layer -> hard-link groups
 
     def _resolve(self, path: str) -> tuple[LowerNode, str, list[str]] | None:
         """(node, real path of its topmost copy, lower dirs where it is a merged directory)."""
@@ -150,6 +154,11 @@ class DirLower:
         if top is None:
             return None
         e, full, st = top
+        if st.st_nlink > 1 and e.kind != Kind.DIR:
+            # A hard link within its layer: the union counts and copies up the group's
+            # names (hardlink_names), as the kernel's overlayfs does with index=on.
+            e = dataclasses.replace(e, nlink=st.st_nlink, hardlink=path)
+            self._layer_of[(st.st_dev, st.st_ino)] = full[:len(full) - len(path) - 1]
         return LowerNode(e, ("D", st.st_dev, st.st_ino)), full, merged
 
     def lookup(self, path: str) -> LowerNode | None:
@@ -178,4 +187,30 @@ class DirLower:
         return os.open(found[1], os.O_RDONLY)
 
     def hardlink_names(self, node: LowerNode) -> list[str]:
-        return []  # not tracked for plain directories: copy-up breaks such links, as overlayfs does by default
+        """Every path of the node's layer that names the same file (one walk of the layer,
+        the first time one of its hard links is asked about)."""
+        key = node.ident[1:]
+        layer = self._layer_of.get(key)
+        if layer is None:
+            return []
+        groups = self._groups.get(layer)
+        if groups is None:
+            groups = self._groups[layer] = _hardlink_groups(layer)
+        return list(groups.get(key) or [node.entry.hardlink])  # linked after the walk: itself
+
+
+def _hardlink_groups(root: str) -> dict[tuple[int, int], list[str]]:
+    """(st_dev, st_ino) -> the paths below ``root`` of each file with more than one link."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            if name.startswith(".wh."):
+                continue
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(full)
+            except OSError:
+                continue
+            if st.st_nlink > 1 and not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0):  # shared whiteouts
+                groups.setdefault((st.st_dev, st.st_ino), []).append(os.path.relpath(full, root))
+    return groups
