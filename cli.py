@@ -7,6 +7,7 @@ the error's exit code.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
@@ -86,32 +87,107 @@ def cli() -> None:
     """layerfs: a union filesystem and layer store for container images."""
 
 
-def _progress_import(store: Store, tarball: str, parent, tag):
+def _progress_import(store: Store, tarball: str, parent, tag, created_ns):
     size = os.path.getsize(tarball) if tarball != "-" and os.path.isfile(tarball) else 0
     if not (sys.stderr.isatty() and size):
-        return store.import_tar(tarball, parent=parent, tag=tag)
+        return store.import_tar(tarball, parent=parent, tag=tag, created_ns=created_ns)
     with click.progressbar(length=size, label="importing", file=sys.stderr) as bar:
-        return store.import_tar(tarball, parent=parent, tag=tag, progress=bar.update)
+        return store.import_tar(tarball, parent=parent, tag=tag, progress=bar.update,
+                                created_ns=created_ns)
+
+
+def _created(value: str | None) -> int | None:
+    from store.images import parse_time
+
+    return parse_time(value) if value else None
+
+
+created_option = click.option(
+    "--created", metavar="TIME",
+    help="The image's created time: now, @SECONDS or RFC 3339 [default: SOURCE_DATE_EPOCH, "
+         "else 1970-01-01, so the same input gives the same image id].")
 
 
 @cli.command("import-layer")
 @click.argument("tarball")
 @click.option("--parent", help="Image to put the layer on.")
 @click.option("-t", "--tag", help="Tag the new image NAME[:TAG].")
+@created_option
 @with_store
-def import_layer(store: Store, tarball: str, parent: str | None, tag: str | None) -> None:
+def import_layer(store: Store, tarball: str, parent: str | None, tag: str | None,
+                 created: str | None) -> None:
     """Import a layer tarball (plain, gzip, zstd, bzip2, xz; - for stdin); print the image id."""
-    click.echo(_progress_import(store, tarball, parent, tag).image_id)
+    click.echo(_progress_import(store, tarball, parent, tag, _created(created)).image_id)
 
 
 @cli.command("import-dir")
 @click.argument("directory")
 @click.option("--parent", help="Image to put the layer on.")
 @click.option("-t", "--tag", help="Tag the new image NAME[:TAG].")
+@created_option
 @with_store
-def import_dir(store: Store, directory: str, parent: str | None, tag: str | None) -> None:
+def import_dir(store: Store, directory: str, parent: str | None, tag: str | None,
+               created: str | None) -> None:
     """Import a directory tree as a layer; print the image id."""
-    click.echo(store.import_dir(directory, parent=parent, tag=tag).image_id)
+    click.echo(store.import_dir(directory, parent=parent, tag=tag, created_ns=_created(created)).image_id)
+
+
+class _LoadBars:
+    """A progress bar per layer on a terminal (stderr); silent otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+
+    @contextlib.contextmanager
+    def layer(self, number: int, count: int, diff_id: str, size: int, stored: bool):
+        label = f"layer {number}/{count} {short(diff_id)}"
+        if not self.tty:
+            yield lambda n: None
+        elif stored:
+            click.echo(f"{label}: already stored", err=True)
+            yield lambda n: None
+        else:
+            with click.progressbar(length=size or None, label=label, file=sys.stderr) as bar:
+                yield bar.update
+
+
+def _load(store: Store, path: str, tags: tuple[str, ...], platform: str | None) -> None:
+    from store.oci.loadsave import load as load_images
+
+    for rec, names in load_images(store, path, tags, platform, _LoadBars()):
+        for name in names:
+            click.echo(f"Loaded image: {name}")
+        click.echo(f"Loaded image ID: {rec.image_id}")
+
+
+@cli.command()
+@click.argument("path", default="-")
+@click.option("-t", "--tag", "tags", multiple=True, help="Also tag the image NAME[:TAG].")
+@click.option("--platform", metavar="OS/ARCH[/VARIANT]",
+              help="The platform to take from a multi-platform index [default: this machine's].")
+@with_store
+def load(store: Store, path: str, tags: tuple[str, ...], platform: str | None) -> None:
+    """Load images from an OCI layout (a directory or a tar of one) or a docker archive
+    (- or nothing: stdin); every digest is checked, and nothing is stored on an error."""
+    _load(store, path, tags, platform)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="File or directory to write (- for stdout).")
+@click.option("--format", "fmt", type=click.Choice(["oci", "oci-dir", "docker"]), default="oci",
+              show_default=True, help="A tar of an OCI layout, an OCI layout directory, or a "
+                                      "docker archive.")
+@click.option("--compress", type=click.Choice(["gzip", "zstd", "none"]),
+              help="Layer compression (oci formats) [default: gzip; docker: none].")
+@with_store
+def save(store: Store, images: tuple[str, ...], output: str, fmt: str, compress: str | None) -> None:
+    """Write IMAGES to an OCI layout or a docker archive; the same images give the same bytes."""
+    from store.oci.loadsave import save as save_images
+
+    for image in save_images(store, images, output, fmt, compress):
+        if output != "-":
+            click.echo(f"{image.image.image_id} {image.manifest.descriptor.digest}")
 
 
 @cli.command()
@@ -160,9 +236,11 @@ def layers(store: Store, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("ref")
+@click.option("--config", "raw_config", is_flag=True,
+              help="Print only the image's config, byte for byte (its sha256 is the image id).")
 @with_store
-def inspect(store: Store, ref: str) -> None:
-    """Show an image (or a layer) as JSON."""
+def inspect(store: Store, ref: str, raw_config: bool) -> None:
+    """Show an image (with its OCI config) or a layer as JSON."""
     try:
         rec = store.resolve_image(ref)
     except StoreError as image_error:
@@ -170,7 +248,13 @@ def inspect(store: Store, ref: str) -> None:
             layer = store.resolve_layer(ref)
         except StoreError:
             raise image_error from None
+        if raw_config:
+            raise StoreError(f"{ref} is a layer; only images have a config")
         click.echo(json.dumps({"type": "layer", **_layer_json(layer)}, indent=2))
+        return
+    if raw_config:
+        sys.stdout.buffer.write(rec.config)
+        sys.stdout.buffer.flush()
         return
     click.echo(json.dumps({"type": "image", "id": rec.image_id, "tags": store.tags_of(rec.image_id),
                            "layers": list(rec.layers), "created": rec.created_ns / 1e9,
