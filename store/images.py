@@ -35,6 +35,12 @@ def parse_reference(ref: str) -> str:
     if len(name) > 255 or not _NAME_RE.match(name) or not _TAG_RE.match(tag):
         raise InvalidReference(f"invalid reference {ref!r}: expected NAME[:TAG] "
                                "(lowercase name components, tag of [A-Za-z0-9_.-])")
+    # Docker Hub names in their short form, as docker shows them: archives written by
+    # skopeo and podman spell them out (docker.io/library/busybox), users do not.
+    for hub in ("docker.io/library/", "docker.io/"):
+        if name.startswith(hub) and (hub == "docker.io/" or "/" not in name[len(hub):]):
+            name = name[len(hub):]
+            break
     return f"{name}:{tag}"
 
 
