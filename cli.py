@@ -147,7 +147,7 @@ class _LoadBars:
             click.echo(f"{label}: already stored", err=True)
             yield lambda n: None
         else:
-            with click.progressbar(length=size or None, label=label, file=sys.stderr) as bar:
+            with click.progressbar(length=max(size, 1), label=label, file=sys.stderr) as bar:
                 yield bar.update
 
 

@@ -433,3 +433,56 @@ def test_bad_archives(tmp_path, layerfs, store_root):
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from None
         assert store_snapshot(store_root) == before, name
+
+
+# -- the API a registry client uses ------------------------------------------------------
+
+
+def test_export_then_import_through_the_api(tmp_path, store):
+    """A stored image out as blobs, then in again through a fetch function (what a
+    registry push and pull do), with progress reported per layer."""
+    import contextlib
+    import io
+
+    from store import Store
+    from store.oci import LoadProgress, export_image, import_manifest
+
+    path, config = _image_layout(str(tmp_path / "lay"))
+    from store.oci.loadsave import load
+    load(store, path)
+    blobs: dict[str, bytes] = {}
+    with export_image(store, "app:1", "zstd") as image:
+        for blob in image.blobs:
+            with blob.open() as f:
+                data = f.read()
+            assert sha(data) == blob.descriptor.digest and len(data) == blob.descriptor.size
+            blobs[blob.descriptor.digest] = data
+        manifest = blobs[image.manifest.descriptor.digest]
+        assert image.tags == ["app:1"]
+
+    events = []
+
+    class Recorder(LoadProgress):
+        @contextlib.contextmanager
+        def layer(self, number, count, diff_id, size, stored):
+            got = []
+            yield got.append
+            events.append((number, count, diff_id, size, stored, sum(got)))
+
+    fetched = []
+
+    def fetch(desc):
+        fetched.append(desc.digest)
+        return contextlib.nullcontext(io.BytesIO(blobs[desc.digest]))
+
+    with Store(str(tmp_path / "other")) as other:
+        rec = import_manifest(other, manifest, fetch, ["pulled:1"], Recorder())
+        assert rec.image_id == sha(config)
+        assert [(e[0], e[4]) for e in events] == [(1, False), (2, False)]
+        assert all(e[3] == e[5] > 0 for e in events)  # every byte of each blob reported
+        events.clear()
+        fetched.clear()
+        # Again: both layers are stored, so only the config is fetched.
+        assert import_manifest(other, manifest, fetch, (), Recorder()).image_id == rec.image_id
+        assert fetched == [json.loads(manifest)["config"]["digest"]]
+        assert [e[4] for e in events] == [True, True]
