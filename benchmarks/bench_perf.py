@@ -38,12 +38,22 @@ recorded at the start and end of every depth.
     dd         dd if=/dev/zero bs=4k of a --dd-mib MiB new file (small writes)
     mount      every fresh mount (until it serves); "first mount": the first at a depth
                (for layerfs, the image's first mount ever)
+    apt        (not in --quick) a Debian bookworm minbase tree made by debootstrap (kept
+               in --cache-dir for the next run) as the one lower layer (layerfs: its
+               import-dir): in a chroot on each mount (/proc, /dev, resolv.conf mounted in,
+               FUSE mounts with allow_other), apt-get update && apt-get install -y
+               --apt-packages; plain is a fresh cp -a of the tree
+    commit     bench_commit.py as it is: commit of --commit-files new small files, next
+               to tar -c of the same upper
+    import     bench_import.py as it is: import of a tar of --import-files small files,
+               next to tar -x
 
-Needs root, /dev/fuse, the overlay module, fuse-overlayfs and fio. Everything mounted
-is unmounted in a ``finally``, also on Ctrl-C and SIGTERM.
+Needs root, /dev/fuse, the overlay module, fuse-overlayfs and fio; for apt, debootstrap
+and the mirror. Everything mounted is unmounted in a ``finally``, also on Ctrl-C and
+SIGTERM.
 
     .venv/bin/python benchmarks/bench_perf.py --quick            # layers 1,32; < 5 minutes
-    .venv/bin/python benchmarks/bench_perf.py [--json perf.json] # layers 1,8,32,128,1000
+    .venv/bin/python benchmarks/bench_perf.py [--json perf.json] # layers 1,8,32,128,1000, apt
 """
 
 from __future__ import annotations
@@ -57,8 +67,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 
-from _common import layerfs_cmd, loadavg, machine, median, print_table, write_json
+from _common import cached_debootstrap, layerfs_cmd, loadavg, machine, median, print_table, write_json
 from _stack import (BIG, FUSE_OVERLAYFS, Bench, Check, Interrupted, Mount, NotAvailable, Plan, build_flat,
                     cpu_seconds, layerfs_code, mountpoints_under, read_all, version, walk, write_layers)
 
@@ -67,6 +78,7 @@ from store import Store
 SYSTEMS = Bench.SYSTEMS
 FRONT_ENDS = ("layerfs", "fuse-layerfs")
 RATIO_BASE = "fuse-overlayfs"
+EXTRAS = ("apt", "commit", "import")  # not per depth: a real image, and the store's own work
 GROUPS = {  # each group runs on one fresh mount
     "walk": ("first_walk", "warm_walk"),
     "negative": ("negative",),
@@ -77,6 +89,7 @@ GROUPS = {  # each group runs on one fresh mount
     "read_big": ("seq_read", "fio"),
     "dd": ("dd",),
 }
+ALL_GROUPS = (*GROUPS, *EXTRAS)
 # workload -> (label, unit); a unit other than "s" is a throughput (higher is better)
 ROWS = {
     "mount": ("mount", "s"),
@@ -113,6 +126,8 @@ TARGETS = {
     "apt": "<=1.5x the kernel",
 }
 DD_BLOCK = 4096
+TICK = 1 / os.sysconf("SC_CLK_TCK")  # the resolution of /proc/PID/stat CPU times
+VS_KERNEL = ("dd", "apt")  # rows whose target is a ratio to the kernel's overlay
 
 
 # -- measuring ------------------------------------------------------------------------
@@ -310,13 +325,21 @@ def ratio(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}x"
 
 
+def cpu_ratio(r: dict) -> str:
+    """The CPU ratio; ">Nx" when fuse-overlayfs used less than one clock tick."""
+    if r.get("cpu") is not None:
+        return ratio(r["cpu"])
+    return f">{r['cpu_above']:.0f}x" if r.get("cpu_above") else "n/a"
+
+
 def depth_rows(names: list[str]) -> list[str]:
     return [w for w in ["mount", "first_mount"] + names if w in ROWS]
 
 
-def print_depth(depth: dict, systems: list[str], names: list[str], repeat: int) -> None:
+def print_depth(depth: dict, systems: list[str], names: list[str], repeat: int, title: str | None = None) -> None:
     n = depth["layers"]
-    print(f"\n{n} layer{'s' if n > 1 else ''}: medians of {repeat} interleaved runs; seconds unless "
+    title = title or f"{n} layer{'s' if n > 1 else ''}"
+    print(f"\n{title}: medians of {repeat} interleaved runs; seconds unless "
           f"marked; cpu = serving process CPU s; ratios to {RATIO_BASE} (for MB/s and IOPS: "
           f"throughput, higher is better); load {depth['loadavg_start']} -> {depth['loadavg_end']}")
     for s, why in depth["not_available"].items():
@@ -332,6 +355,8 @@ def print_depth(depth: dict, systems: list[str], names: list[str], repeat: int) 
     for w in depth_rows(names):
         label, unit = ROWS[w]
         med = {s: depth["median"].get(s, {}).get(w) for s in systems}
+        if not any(med.values()):
+            continue
         row = [label + ("" if unit == "s" else f", {unit}")]
         for s in systems:
             row.append(fmt(med[s]["value"], unit) if med[s] else ("n/a" if s in depth["not_available"] else "-"))
@@ -342,11 +367,11 @@ def print_depth(depth: dict, systems: list[str], names: list[str], repeat: int) 
                 r = depth["ratio_to_fuse"].get(s, {}).get(w, {})
                 row.append(ratio(r.get("value")))
                 if s != "kernel":
-                    row.append(ratio(r.get("cpu")))
+                    row.append(cpu_ratio(r))
         rows.append(row)
     print_table(rows)
-    if depth.get("dd_vs_kernel"):
-        print("  small writes / kernel overlay: " + ", ".join(f"{s} {v:.1f}x" for s, v in depth["dd_vs_kernel"].items()))
+    for w, by_system in depth.get("vs_kernel", {}).items():
+        print(f"  {ROWS[w][0]} / kernel overlay: " + ", ".join(f"{s} {v:.2f}x" for s, v in by_system.items()))
     for err in depth["errors"]:
         print(f"  error: {err}")
 
@@ -354,10 +379,11 @@ def print_depth(depth: dict, systems: list[str], names: list[str], repeat: int) 
 def print_summary(results: dict, systems: list[str], names: list[str]) -> None:
     """Per front end: wall ratio (cpu ratio) to fuse-overlayfs at every depth, with the target."""
     depths = results["depths"]
+    if not depths or RATIO_BASE not in systems:
+        return
     for s in [s for s in FRONT_ENDS if s in systems]:
-        if RATIO_BASE not in systems:
-            return
-        print(f"\n{s} / {RATIO_BASE}: wall (server CPU), medians; MB/s and IOPS rows: throughput ratio")
+        print(f"\n{s} / {RATIO_BASE}: wall (server CPU), medians; MB/s and IOPS rows: throughput ratio; "
+              "mount: the median time (its ratio)")
         rows = [["workload", "target"] + [f"{d['layers']} layer{'s' if d['layers'] > 1 else ''}" for d in depths]]
         for w in depth_rows(names):
             if w == "first_mount":
@@ -365,16 +391,19 @@ def print_summary(results: dict, systems: list[str], names: list[str]) -> None:
             row = [ROWS[w][0], TARGETS.get(w, "")]
             for d in depths:
                 r = d["ratio_to_fuse"].get(s, {}).get(w)
-                if not r:
+                if w == "mount":  # the target is absolute
+                    v = d["median"].get(s, {}).get(w)
+                    row.append(f"{v['wall'] * 1000:.0f} ms ({ratio(r and r.get('value'))})" if v else "n/a")
+                elif not r:
                     row.append("n/a")
-                elif r.get("cpu") is None:
+                elif r.get("cpu") is None and not r.get("cpu_above"):
                     row.append(ratio(r.get("value")))
                 else:
-                    row.append(f"{ratio(r.get('value'))} ({ratio(r.get('cpu'))})")
+                    row.append(f"{ratio(r.get('value'))} ({cpu_ratio(r)})")
             rows.append(row)
         if "dd" in names and "kernel" in systems:
             rows.append(["small writes / kernel", TARGETS["dd"]]
-                        + [ratio(d.get("dd_vs_kernel", {}).get(s)) for d in depths])
+                        + [ratio(d.get("vs_kernel", {}).get("dd", {}).get(s)) for d in depths])
         print_table(rows)
 
 
@@ -404,6 +433,8 @@ def summarise(runs: dict) -> tuple[dict, dict]:
             r = {"value": round(v["value"] / b["value"], 3) if b["value"] else None, "cpu": None}
             if v["cpu"] is not None and b["cpu"]:
                 r["cpu"] = round(v["cpu"] / b["cpu"], 3)
+            elif v["cpu"] and b["cpu"] == 0:  # the base used less than one clock tick
+                r["cpu_above"] = round(v["cpu"] / TICK, 1)
             ratios[s][w] = r
     return med, ratios
 
@@ -418,12 +449,59 @@ def import_layers(store_root: str, layer_dirs: list[str], depths: list[int]) -> 
             parent = store.import_dir(d, parent=parent, tag=tag).image_id
 
 
+def interleave(bench: Bench, record: dict, systems: list[str], groups: list[str], repeat: int, label: str,
+               mount: Callable[[str], Mount], work: Callable[[str, Mount], dict[str, dict]]) -> None:
+    """``repeat`` times, for every group, every system in turn (the order rotates with each
+    repetition): a fresh mount, ``work(group, mount)``, unmount; runs go into ``record``."""
+    runs = record["runs"]
+    for rep in range(repeat):
+        order = systems[rep % len(systems):] + systems[:rep % len(systems)]
+        for g in groups:
+            for s in order:
+                if s in record["not_available"]:
+                    continue
+                try:
+                    m = mount(s)
+                except NotAvailable as e:
+                    record["not_available"][s] = str(e)
+                    print(f"[{label}] {s}: n/a: {e}", flush=True)
+                    continue
+                try:
+                    mount_cpu = cpu_seconds(m.pid) if m.pid else None
+                    first = not runs[s]["first_mount"]
+                    runs[s]["first_mount" if first else "mount"].append(
+                        {"wall": round(m.seconds, 6), "cpu": mount_cpu, "value": round(m.seconds, 6)})
+                    got = work(g, m)
+                except (OSError, Check, subprocess.SubprocessError, ValueError) as e:
+                    record["errors"].append(f"{s} {g} (run {rep + 1}): {e}")
+                    print(f"[{label}] {s} {g}: ERROR {e}", flush=True)
+                    got = {}
+                finally:
+                    bench.unmount(m)
+                for w, r in got.items():
+                    runs[s][w].append(r)
+                print(f"[{label}, run {rep + 1}/{repeat}] {g} {s}: mount {m.seconds:.3f}s; " + ", ".join(
+                    f"{w} {fmt(r['value'], ROWS[w][1])}{' ' + ROWS[w][1] if ROWS[w][1] != 's' else 's'}"
+                    + (f" (cpu {r['cpu']:.2f})" if r["cpu"] is not None else "") for w, r in got.items()),
+                    flush=True)
+    record["loadavg_end"] = loadavg()
+    record["median"], record["ratio_to_fuse"] = summarise(runs)
+    kernel = record["median"].get("kernel", {})
+    record["vs_kernel"] = {w: {s: round(v[w]["wall"] / kernel[w]["wall"], 2) for s, v in record["median"].items()
+                               if s not in ("plain", "kernel") and v.get(w)}
+                           for w in VS_KERNEL if kernel.get(w)}
+
+
+def new_record(systems: list[str], names: list[str], **info) -> dict:
+    return {**info, "not_available": {}, "loadavg_start": loadavg(), "errors": [],
+            "runs": {s: {w: [] for w in ["mount", "first_mount"] + names} for s in systems}}
+
+
 def run_depth(bench: Bench, plan: Plan, n: int, systems: list[str], groups: list[str], repeat: int,
               args, results: dict) -> dict:
-    names = [w for g in groups for w in GROUPS[g]]
-    depth = {"layers": n, "visible_files": len(plan.visible(n)) + 1, "not_available": {},
-             "loadavg_start": loadavg(), "errors": [],
-             "runs": {s: {w: [] for w in ["mount", "first_mount"] + names} for s in systems}}
+    """Every group at depth ``n`` (the bottom ``n`` generated layers)."""
+    depth = new_record(systems, [w for g in groups for w in GROUPS[g]], layers=n,
+                       visible_files=len(plan.visible(n)) + 1)
     if "plain" in systems:
         t0 = time.perf_counter()
         bench.flat = os.path.join(bench.tmp, f"flat-{n}")
@@ -432,46 +510,93 @@ def run_depth(bench: Bench, plan: Plan, n: int, systems: list[str], groups: list
     t0 = time.perf_counter()
     warm_lower(bench.layer_dirs[:n] + [os.path.join(bench.store, "blobs")])
     results["setup_s"][f"warm_{n}"] = round(time.perf_counter() - t0, 2)
-    for rep in range(repeat):
-        order = systems[rep % len(systems):] + systems[:rep % len(systems)]
-        for g in groups:
-            for s in order:
-                if s in depth["not_available"]:
-                    continue
-                try:
-                    m = bench.mount(s, n)
-                except NotAvailable as e:
-                    depth["not_available"][s] = str(e)
-                    print(f"[{n} layers] {s}: n/a: {e}", flush=True)
-                    continue
-                try:
-                    mount_cpu = cpu_seconds(m.pid) if m.pid else None
-                    first = not depth["runs"][s]["first_mount"]
-                    depth["runs"][s]["first_mount" if first else "mount"].append(
-                        {"wall": m.seconds, "cpu": mount_cpu, "value": m.seconds})
-                    got = run_group(bench, g, m, plan, n, args)
-                except (OSError, Check, subprocess.SubprocessError, ValueError) as e:
-                    depth["errors"].append(f"{s} {g} (run {rep + 1}): {e}")
-                    print(f"[{n} layers] {s} {g}: ERROR {e}", flush=True)
-                    got = {}
-                finally:
-                    bench.unmount(m)
-                for w, r in got.items():
-                    depth["runs"][s][w].append(r)
-                print(f"[{n} layers, run {rep + 1}/{repeat}] {g} {s}: mount {m.seconds:.3f}s; " + ", ".join(
-                    f"{w} {fmt(r['value'], ROWS[w][1])}{' ' + ROWS[w][1] if ROWS[w][1] != 's' else 's'}"
-                    + (f" (cpu {r['cpu']:.2f})" if r["cpu"] is not None else "") for w, r in got.items()),
-                    flush=True)
-    if bench.flat:
-        shutil.rmtree(bench.flat, ignore_errors=True)
-        bench.flat = None
-    depth["loadavg_end"] = loadavg()
-    depth["median"], depth["ratio_to_fuse"] = summarise(depth["runs"])
-    if "dd" in names and "kernel" in depth["median"] and depth["median"]["kernel"].get("dd"):
-        k = depth["median"]["kernel"]["dd"]["wall"]
-        depth["dd_vs_kernel"] = {s: round(v["dd"]["wall"] / k, 2) for s, v in depth["median"].items()
-                                 if s not in ("plain", "kernel") and v.get("dd")}
+    try:
+        interleave(bench, depth, systems, groups, repeat, f"{n} layers", lambda s: bench.mount(s, n),
+                   lambda g, m: run_group(bench, g, m, plan, n, args))
+    finally:
+        if bench.flat:
+            shutil.rmtree(bench.flat, ignore_errors=True)
+            bench.flat = None
     return depth
+
+
+# -- apt-get in a chroot on a real image ------------------------------------------------
+
+
+class Chroot:
+    """/proc, /dev and the host's resolv.conf mounted into ``root`` for a with block."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.mounted: list[str] = []
+
+    def __enter__(self) -> "Chroot":
+        resolv = os.path.join(self.root, "etc", "resolv.conf")
+        if os.path.islink(resolv) or not os.path.isfile(resolv):
+            # a symlink would be followed by mount --bind, out of the tree: a plain file instead
+            if os.path.lexists(resolv):
+                os.unlink(resolv)
+            open(resolv, "w").close()
+        for args, path in ((["-t", "proc", "proc"], "proc"), (["--bind", "/dev"], "dev"),
+                           (["--bind", "/etc/resolv.conf"], "etc/resolv.conf")):
+            target = os.path.join(self.root, path)
+            subprocess.run(["mount", *args, target], check=True, capture_output=True)
+            self.mounted.append(target)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for target in reversed(self.mounted):
+            if subprocess.run(["umount", target], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", target], capture_output=True)
+
+
+def run_apt(bench: Bench, m: Mount, packages: list[str]) -> dict[str, dict]:
+    """``apt-get update && apt-get install -y PACKAGES`` in a chroot on ``m``, timed; then
+    dpkg must list every package as installed."""
+    bench.seq += 1
+    log = os.path.join(bench.tmp, f"apt-{m.system}-{bench.seq}.log")
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+           "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"}
+    script = f"apt-get update -q && apt-get install -y -q --no-install-recommends {' '.join(packages)}"
+    with Chroot(m.path):
+        os.sync()
+        with open(log, "wb") as out, Clock(m.pid) as c:
+            p = subprocess.run(["chroot", m.path, "/bin/sh", "-c", script], env=env, stdin=subprocess.DEVNULL,
+                               stdout=out, stderr=subprocess.STDOUT)
+        if p.returncode != 0:
+            with open(log, errors="replace") as f:
+                tail = " | ".join(f.read().strip().splitlines()[-3:])
+            raise Check(f"apt-get failed ({p.returncode}): {tail} (log {log})")
+        q = subprocess.run(["chroot", m.path, "dpkg-query", "-W", "-f=${Package} ${Status}\n", *packages],
+                           env=env, capture_output=True, text=True)
+        installed = {line.split()[0] for line in q.stdout.splitlines() if line.endswith(" installed")}
+        if installed != set(packages):
+            raise Check(f"apt: dpkg lists {sorted(installed)} installed, expected {sorted(packages)}")
+    return {"apt": result(c)}
+
+
+def run_apt_row(bench: Bench, rootfs: str, systems: list[str], repeat: int, args) -> dict:
+    """The apt group on the debootstrap tree (one lower layer; layerfs: its import, apt:1)."""
+    record = new_record(systems, ["apt"], layers=1, image=rootfs, packages=args.apt_packages)
+    fuse_opts = ("allow_other",)  # apt downloads as the user _apt, as it does on the kernel's overlay
+
+    def mount(s: str) -> Mount:
+        if s == "plain":
+            bench.seq += 1
+            bench.flat = os.path.join(bench.tmp, f"apt-flat-{bench.seq}")
+            subprocess.run(["cp", "-a", rootfs, bench.flat], check=True)
+        return bench.mount(s, 1, lowers=[rootfs], image="apt:1", options=fuse_opts)
+
+    def work(g: str, m: Mount) -> dict[str, dict]:
+        try:
+            return run_apt(bench, m, args.apt_packages.split(","))
+        finally:
+            if m.system == "plain":
+                shutil.rmtree(bench.flat, ignore_errors=True)
+                bench.flat = None
+
+    interleave(bench, record, systems, ["apt"], repeat, "apt", mount, work)
+    return record
 
 
 def startup_costs() -> dict:
@@ -488,40 +613,110 @@ def startup_costs() -> dict:
     return out
 
 
+def run_sibling(script: str, argv: list[str], tmp: str) -> dict:
+    """Run another benchmark script of this folder as it is; returns its JSON."""
+    out = os.path.join(tmp, script.replace(".py", ".json"))
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script), *argv, "--json", out]
+    print(f"running {script} {' '.join(argv)} ...", flush=True)
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{script} failed ({p.returncode}): {' | '.join(p.stderr.strip().splitlines()[-3:])}")
+    with open(out) as f:
+        return json.load(f)
+
+
+def store_ops(groups: list[str], args, tmp: str) -> dict:
+    """Commit of --commit-files new small files against tar -c, import of --import-files
+    small files against tar -x: bench_commit.py and bench_import.py, medians of --repeat."""
+    out: dict = {}
+    where = ["--tmpdir", args.tmpdir] if args.tmpdir else []
+    if "commit" in groups:
+        load0 = loadavg()
+        try:
+            r = run_sibling("bench_commit.py", ["--only", "small", "--files", str(args.commit_files),
+                                                "--repeat", str(args.repeat), *where], tmp)
+            w = r["workloads"]["small"]
+            out["commit"] = {"label": f"commit of {args.commit_files} new small files", "peer": "tar -c",
+                             "layerfs_s": median(w["commit_s"]), "peer_s": median(w["tar_s"]),
+                             "runs": {"layerfs": w["commit_s"], "tar": w["tar_s"]}}
+        except (RuntimeError, OSError, KeyError, ValueError) as e:
+            out["commit"] = {"label": f"commit of {args.commit_files} new small files", "error": str(e)}
+        out["commit"]["loadavg"] = [load0, loadavg()]
+    if "import" in groups:
+        load0 = loadavg()
+        try:
+            r = run_sibling("bench_import.py", ["--only", "small", "--files", str(args.import_files),
+                                                "--repeat", str(args.repeat), *where], tmp)
+            w = r["workloads"][0]
+            out["import"] = {"label": f"import of {args.import_files} small files (tar)", "peer": "tar -x",
+                             "layerfs_s": w["layerfs"]["median_s"], "peer_s": w["tar"]["median_s"],
+                             "runs": {"layerfs": w["layerfs"]["runs_s"], "tar": w["tar"]["runs_s"]}}
+        except (RuntimeError, OSError, KeyError, IndexError, ValueError) as e:
+            out["import"] = {"label": f"import of {args.import_files} small files (tar)", "error": str(e)}
+        out["import"]["loadavg"] = [load0, loadavg()]
+    for r in out.values():
+        if "error" not in r:
+            r["ratio"] = round(r["layerfs_s"] / r["peer_s"], 3)
+    return out
+
+
+def print_store_ops(ops: dict, repeat: int) -> None:
+    print(f"\nstore operations (bench_commit.py, bench_import.py; medians of {repeat}; tar = tar -c / tar -x)")
+    rows = [["workload", "layerfs s", "tar s", "layerfs/tar", "target", "load"]]
+    for r in ops.values():
+        if "error" in r:
+            rows.append([r["label"], "error", "", "", "", " -> ".join(r["loadavg"])])
+            print(f"  error: {r['label']}: {r['error']}")
+        else:
+            rows.append([r["label"], fmt(r["layerfs_s"]), fmt(r["peer_s"]), ratio(r["ratio"]),
+                         f"<=2x {r['peer']}", " -> ".join(r["loadavg"])])
+    print_table(rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="layers 1,32; fewer files; 64 MiB big file (still --repeat 3)")
+                    help="layers 1,32; fewer files; 64 MiB big file; no apt (still --repeat 3)")
     ap.add_argument("--layers", help="comma-separated depths (default 1,8,32,128,1000; --quick 1,32)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of every group (default 3)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"subset of {','.join(SYSTEMS)}")
     ap.add_argument("--workloads", default=None,
-                    help=f"subset of {','.join(GROUPS)} (default all)")
+                    help=f"subset of {','.join(ALL_GROUPS)} (default all; --quick: all but apt)")
     ap.add_argument("--files", type=int, help="small files in the bottom layer (10000; --quick 2000)")
     ap.add_argument("--dirs", type=int, help="leaf directories of the bottom layer (400; --quick 100)")
     ap.add_argument("--wide", type=int, default=2000, help="entries of wide/ (default 2000)")
     ap.add_argument("--readdirs", type=int, default=20, help="repeated listdirs of wide/ (default 20)")
     ap.add_argument("--small-reads", type=int, help="small files read (2000; --quick 500)")
-    ap.add_argument("--negatives", type=int, help="stats of missing names (20000; --quick 5000)")
-    ap.add_argument("--creates", type=int, help="files created (5000; --quick 1000)")
-    ap.add_argument("--mkdir-chains", type=int, default=50, help="mkdir -p chains (default 50)")
+    ap.add_argument("--negatives", type=int, help="stats of missing names (20000; --quick 2000)")
+    ap.add_argument("--creates", type=int, help="files created (5000; --quick 500)")
+    ap.add_argument("--mkdir-chains", type=int, help="mkdir -p chains (50; --quick 20)")
     ap.add_argument("--mkdir-depth", type=int, default=16, help="levels of each chain (default 16)")
     ap.add_argument("--big-mib", type=int, help="size of big.bin in MiB (512; --quick 64)")
     ap.add_argument("--fio-mib", type=int, default=64, help="MiB that fio reads in 4 KiB reads (default 64)")
-    ap.add_argument("--dd-mib", type=int, default=40, help="MiB that dd writes in 4 KiB writes (default 40)")
+    ap.add_argument("--dd-mib", type=int, help="MiB that dd writes in 4 KiB writes (40; --quick 16)")
+    ap.add_argument("--apt-packages", default="hello,cowsay", help="what apt-get installs (default hello,cowsay)")
+    ap.add_argument("--mirror", default="http://deb.debian.org/debian", help="debootstrap's mirror")
+    ap.add_argument("--cache-dir", help="where the debootstrap tree is kept between runs "
+                                        "(default TMPDIR/layerfs-bench-cache)")
+    ap.add_argument("--commit-files", type=int, help="files of the commit row (10000; --quick 1000)")
+    ap.add_argument("--import-files", type=int, help="files of the import row (20000; --quick 2000)")
     ap.add_argument("--json", help="write every run, the medians and the ratios as JSON to this path")
     ap.add_argument("--tmpdir", default=None, help="where layers, stores and uppers go (default /tmp)")
     args = ap.parse_args()
     q = args.quick
     depths = [int(x) for x in (args.layers or ("1,32" if q else "1,8,32,128,1000")).split(",")]
     for name, full, quick in (("files", 10000, 2000), ("dirs", 400, 100), ("small_reads", 2000, 500),
-                              ("negatives", 20000, 5000), ("creates", 5000, 1000), ("big_mib", 512, 64)):
+                              ("negatives", 20000, 2000), ("creates", 5000, 500), ("big_mib", 512, 64),
+                              ("mkdir_chains", 50, 20), ("dd_mib", 40, 16), ("commit_files", 10000, 1000),
+                              ("import_files", 20000, 2000)):
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    groups = [g.strip() for g in (args.workloads or ",".join(GROUPS)).split(",") if g.strip()]
-    if bad := [s for s in systems if s not in SYSTEMS] + [g for g in groups if g not in GROUPS]:
+    default = [g for g in ALL_GROUPS if not (q and g == "apt")]
+    chosen = [g.strip() for g in args.workloads.split(",") if g.strip()] if args.workloads else default
+    if bad := [s for s in systems if s not in SYSTEMS] + [g for g in chosen if g not in ALL_GROUPS]:
         ap.error(f"unknown system or workload: {', '.join(bad)}")
+    groups = [g for g in chosen if g in GROUPS]
     if min(depths) < 1 or args.repeat < 1:
         ap.error("depths and --repeat start at 1")
     if os.geteuid() != 0:
@@ -547,54 +742,62 @@ def main() -> int:
         names = [w for g in groups for w in GROUPS[g]]
         results: dict = {
             "benchmark": "perf", "quick": q, "machine": machine(tmp), "repeat": args.repeat, "layers": depths,
-            "systems": systems, "groups": groups,
+            "systems": systems, "workloads": chosen,
             "config": {k: getattr(args, k) for k in ("files", "dirs", "wide", "readdirs", "small_reads",
                                                      "negatives", "creates", "mkdir_chains", "mkdir_depth",
-                                                     "big_mib", "fio_mib", "dd_mib")},
+                                                     "big_mib", "fio_mib", "dd_mib", "apt_packages",
+                                                     "commit_files", "import_files")},
             "fuse_overlayfs": version([FUSE_OVERLAYFS, "--version"]), "fio": version(["fio", "--version"]),
             "layerfs_cmd": layerfs_cmd(), "layerfs_code": layerfs_code(), "setup_s": {},
             "startup_s": startup_costs(), "depths": []}
         print(f"working in {tmp} (short lowerdir links in {short}); load {results['machine']['loadavg_start']}",
               flush=True)
-        nlayers = max(depths)
+        rootfs = None
+        if "apt" in chosen:
+            cache = args.cache_dir or os.path.join(args.tmpdir or tempfile.gettempdir(), "layerfs-bench-cache")
+            t0 = time.perf_counter()
+            try:
+                rootfs, cached = cached_debootstrap(cache, args.mirror)
+                results["apt_image"] = {"path": rootfs, "cached": cached}
+                if not cached:
+                    results["setup_s"]["debootstrap"] = round(time.perf_counter() - t0, 2)
+            except (OSError, RuntimeError) as e:
+                results["apt"] = {"not_available": f"no debootstrap image: {e}"}
+                print(f"apt: n/a: no debootstrap image: {e}", flush=True)
+        if not groups:
+            depths = []  # only apt, commit or import
+        nlayers = max(depths, default=0)
         t0 = time.perf_counter()
         plan = Plan(args.files, args.dirs, nlayers, args.small_reads, args.negatives, wide=args.wide)
-        print(f"writing {nlayers} layers: {args.files} small files in {len(plan.leaves)} dirs, wide/ of "
-              f"{args.wide} and a {args.big_mib} MiB file at the bottom ...", flush=True)
-        layer_dirs = write_layers(plan, os.path.join(tmp, "layers"), big_bytes)
+        if nlayers:
+            print(f"writing {nlayers} layers: {args.files} small files in {len(plan.leaves)} dirs, wide/ of "
+                  f"{args.wide} and a {args.big_mib} MiB file at the bottom ...", flush=True)
+        layer_dirs = write_layers(plan, os.path.join(tmp, "layers"), big_bytes) if nlayers else []
         results["setup_s"]["write_layers"] = round(time.perf_counter() - t0, 2)
         store = os.path.join(tmp, "store")
         bench = Bench(tmp, short, layer_dirs, store, big_bytes)
-        if "layerfs" in systems:
+        if "layerfs" in systems and nlayers:
             print(f"importing {nlayers} layers into a layerfs store ...", flush=True)
             t0 = time.perf_counter()
             import_layers(store, layer_dirs, depths)
             results["setup_s"]["import"] = round(time.perf_counter() - t0, 2)
-        if "plain" in systems:
+        if "plain" in systems and nlayers:
             shutil.copyfile(os.path.join(layer_dirs[0], BIG), os.path.join(tmp, "big-copy.bin"))
 
         for n in depths:
             results["depths"].append(run_depth(bench, plan, n, systems, groups, args.repeat, args, results))
+        if rootfs:
+            if "layerfs" in systems:
+                t0 = time.perf_counter()
+                with Store(store) as st:
+                    st.import_dir(rootfs, tag="apt:1")
+                results["setup_s"]["import_apt_image"] = round(time.perf_counter() - t0, 2)
+            results["apt"] = run_apt_row(bench, rootfs, systems, args.repeat, args)
+        results["store_ops"] = store_ops(chosen, args, tmp)
 
         results["total_wall_s"] = round(time.perf_counter() - t_start, 1)
         results["loadavg_end"] = loadavg()
-        m = results["machine"]
-        label = "--quick, " if q else ""
-        print(f"\nbench_perf ({label}commit {m['commit']}, {m['date']}): {args.files} small files in "
-              f"{len(plan.leaves)} dirs, wide/ of {args.wide}, big.bin {args.big_mib} MiB at the bottom; each "
-              f"layer above: 2 files rewritten, 2 added, 1 whited out")
-        print(f"{m['cpus']} CPUs, kernel {m['kernel']}, {m['tmp_fs']} at {os.path.dirname(tmp)}; "
-              f"{results['fuse_overlayfs']}; {results['fio']}; python start-up "
-              f"{results['startup_s']['python -c pass']:.3f}s, layerfs --help {results['startup_s']['layerfs --help']:.3f}s")
-        print(f"negative = {args.negatives} stats, small = {args.small_reads} files, readdir = {args.wide} "
-              f"entries ({args.readdirs} repeats), mkdir -p = {args.mkdir_chains} x {args.mkdir_depth} levels, "
-              f"create = {args.creates} files, fio = {args.fio_mib} MiB, dd = {args.dd_mib} MiB")
-        for depth in results["depths"]:
-            print_depth(depth, systems, names, args.repeat)
-        print_summary(results, systems, names)
-        print("\nsetup (untimed): " + ", ".join(f"{k} {v}s" for k, v in results["setup_s"].items()))
-        print(f"total wall time {results['total_wall_s']}s; load average at start {m['loadavg_start']}, "
-              f"at end {results['loadavg_end']}")
+        report(results, plan, args, systems, names)
         write_json(args.json, results)
         return 0
     except (KeyboardInterrupt, Interrupted) as e:
@@ -609,6 +812,37 @@ def main() -> int:
             shutil.rmtree(short, ignore_errors=True)
         else:
             print(f"left {tmp} and {short} in place because something is still mounted there", file=sys.stderr)
+
+
+def report(results: dict, plan: Plan, args, systems: list[str], names: list[str]) -> None:
+    """Everything on stdout: the setting, a table per depth, the summary per front end."""
+    m = results["machine"]
+    label = "--quick, " if args.quick else ""
+    print(f"\nbench_perf ({label}commit {m['commit']}, {m['date']}): {args.files} small files in "
+          f"{len(plan.leaves)} dirs, wide/ of {args.wide}, big.bin {args.big_mib} MiB at the bottom; each "
+          f"layer above: 2 files rewritten, 2 added, 1 whited out")
+    print(f"{m['cpus']} CPUs, kernel {m['kernel']}, {m['tmp_fs']} at {os.path.dirname(m['tmp_dir'])}; "
+          f"{results['fuse_overlayfs']}; {results['fio']}; python start-up "
+          f"{results['startup_s']['python -c pass']:.3f}s, layerfs --help {results['startup_s']['layerfs --help']:.3f}s")
+    print(f"negative = {args.negatives} stats, small = {args.small_reads} files, readdir = {args.wide} "
+          f"entries ({args.readdirs} repeats), mkdir -p = {args.mkdir_chains} x {args.mkdir_depth} levels, "
+          f"create = {args.creates} files, fio = {args.fio_mib} MiB, dd = {args.dd_mib} MiB")
+    for depth in results["depths"]:
+        print_depth(depth, systems, names, args.repeat)
+    if "apt" in results:
+        apt = results["apt"]
+        if "median" in apt:
+            print_depth(apt, systems, ["apt"], args.repeat,
+                        title=f"apt-get install {args.apt_packages.replace(',', ' ')} in a chroot on Debian "
+                              f"bookworm minbase (debootstrap, 1 layer)")
+        else:
+            print(f"\napt-get: n/a: {apt['not_available']}")
+    print_summary(results, systems, names)
+    if results.get("store_ops"):
+        print_store_ops(results["store_ops"], args.repeat)
+    print("\nsetup (untimed): " + ", ".join(f"{k} {v}s" for k, v in results["setup_s"].items()))
+    print(f"total wall time {results['total_wall_s']}s; load average at start {m['loadavg_start']}, "
+          f"at end {results['loadavg_end']}")
 
 
 if __name__ == "__main__":
