@@ -231,7 +231,8 @@ def mount_overlay_fsapi(lowers: list[str], upper: str, work: str, target: str) -
         log = []
         buf = ctypes.create_string_buffer(4096)
         while fd >= 0 and (n := _libc.read(fd, buf, len(buf))) > 0:
-            log.append(buf.raw[:n].decode(errors="replace").strip())
+            line = buf.raw[:n].decode(errors="replace").strip()
+            log.append(line[2:] if line[1:2] == " " else line)  # "e overlay: ...": drop the level
         return OSError(code, f"{what}: {os.strerror(code)}" + (f" ({'; '.join(log)})" if log else ""))
 
     fd = sc(_SYS_FSOPEN, b"overlay", _CLOEXEC)
