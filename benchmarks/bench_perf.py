@@ -472,7 +472,7 @@ def interleave(bench: Bench, record: dict, systems: list[str], groups: list[str]
                     runs[s]["first_mount" if first else "mount"].append(
                         {"wall": round(m.seconds, 6), "cpu": mount_cpu, "value": round(m.seconds, 6)})
                     got = work(g, m)
-                except (OSError, Check, subprocess.SubprocessError, ValueError) as e:
+                except (OSError, Check, subprocess.SubprocessError, ValueError, KeyError, IndexError) as e:
                     record["errors"].append(f"{s} {g} (run {rep + 1}): {e}")
                     print(f"[{label}] {s} {g}: ERROR {e}", flush=True)
                     got = {}
