@@ -34,6 +34,30 @@ class Interrupted(BaseException):
     """SIGTERM/SIGHUP, turned into an exception so that the cleanup runs."""
 
 
+def catch_signals() -> None:
+    """Ctrl-C as KeyboardInterrupt (also when started with SIGINT ignored), SIGTERM and
+    SIGHUP as Interrupted: either way the ``finally`` that unmounts runs."""
+    def on_signal(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+
+def finish(bench: "Bench | None", tmp: str, short: str) -> None:
+    """Unmount everything below ``tmp`` and ``short``, then remove them (kept, with a
+    warning, if something could not be unmounted); a second Ctrl-C cannot stop it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    clean = bench.cleanup() if bench is not None else not mountpoints_under(short, tmp)
+    if clean:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(short, ignore_errors=True)
+    else:
+        print(f"left {tmp} and {short} in place because something is still mounted there", file=sys.stderr)
+
+
 # -- the layers ---------------------------------------------------------------------
 
 

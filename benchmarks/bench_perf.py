@@ -62,7 +62,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -71,7 +70,7 @@ from typing import Callable
 
 from _common import cached_debootstrap, layerfs_cmd, loadavg, machine, median, print_table, write_json
 from _stack import (BIG, FUSE_OVERLAYFS, Bench, Check, Interrupted, Mount, NotAvailable, Plan, build_flat,
-                    cpu_seconds, layerfs_code, mountpoints_under, read_all, version, walk, write_layers)
+                    catch_signals, cpu_seconds, finish, layerfs_code, read_all, version, walk, write_layers)
 
 from store import Store
 
@@ -726,13 +725,7 @@ def main() -> int:
         print("bench_perf.py needs fio for the read_big group (apt-get install -y fio)", file=sys.stderr)
         return 2
 
-    def on_signal(signum, frame):
-        raise Interrupted(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-
+    catch_signals()
     t_start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="layerfs-bench-perf-", dir=args.tmpdir)
     short = tempfile.mkdtemp(prefix="lb", dir="/tmp")  # /tmp/lbXXXXXXXX: short lowerdir paths
@@ -804,14 +797,7 @@ def main() -> int:
         print(f"\ninterrupted ({str(e) or 'SIGINT'}); unmounting and cleaning up ...", file=sys.stderr, flush=True)
         return 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the cleanup
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        clean = bench.cleanup() if bench is not None else not mountpoints_under(short, tmp)
-        if clean:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(short, ignore_errors=True)
-        else:
-            print(f"left {tmp} and {short} in place because something is still mounted there", file=sys.stderr)
+        finish(bench, tmp, short)
 
 
 def report(results: dict, plan: Plan, args, systems: list[str], names: list[str]) -> None:

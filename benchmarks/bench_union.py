@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import stat
 import sys
 import tempfile
@@ -70,7 +69,7 @@ import time
 
 from _common import layerfs_cmd, loadavg, machine, median, print_table, run, write_json
 from _stack import (BIG, FUSE_OVERLAYFS, Bench, Check, Interrupted, Mount, NotAvailable, Plan, build_flat,
-                    drop_caches, layerfs_code, mountpoints_under, read_all, version, walk, write_layers)
+                    catch_signals, drop_caches, finish, layerfs_code, read_all, version, walk, write_layers)
 
 SYSTEMS = ("plain", "kernel", "fuse-overlayfs", "layerfs")
 RATIO_BASE = "fuse-overlayfs"
@@ -275,18 +274,11 @@ def main() -> int:
         print("bench_union.py needs root (mount(2), drop_caches)", file=sys.stderr)
         return 2
 
-    def on_signal(signum, frame):
-        raise Interrupted(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-
+    catch_signals()
     t_start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="layerfs-bench-union-", dir=args.tmpdir)
     short = tempfile.mkdtemp(prefix="lb", dir="/tmp")  # /tmp/lbXXXXXXXX: short lowerdir paths
     bench = None
-    clean = False
     try:
         big_bytes = big_mib << 20
         nlayers = max(depths)
@@ -397,17 +389,7 @@ def main() -> int:
         print(f"\ninterrupted ({str(e) or 'SIGINT'}); unmounting and cleaning up ...", file=sys.stderr, flush=True)
         return 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the cleanup
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if bench is not None:
-            clean = bench.cleanup()
-        else:
-            clean = not mountpoints_under(short, tmp)
-        if clean:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(short, ignore_errors=True)
-        else:
-            print(f"left {tmp} and {short} in place because something is still mounted there", file=sys.stderr)
+        finish(bench, tmp, short)
 
 
 if __name__ == "__main__":
