@@ -62,6 +62,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -560,8 +561,16 @@ def run_apt(bench: Bench, m: Mount, packages: list[str]) -> dict[str, dict]:
     with Chroot(m.path):
         os.sync()
         with open(log, "wb") as out, Clock(m.pid) as c:
-            p = subprocess.run(["chroot", m.path, "/bin/sh", "-c", script], env=env, stdin=subprocess.DEVNULL,
-                               stdout=out, stderr=subprocess.STDOUT)
+            # its own process group: an interrupted run must not leave apt's children
+            # holding the mount
+            p = subprocess.Popen(["chroot", m.path, "/bin/sh", "-c", script], env=env, stdin=subprocess.DEVNULL,
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                p.wait()
+            finally:
+                if p.returncode is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
         if p.returncode != 0:
             with open(log, errors="replace") as f:
                 tail = " | ".join(f.read().strip().splitlines()[-3:])
