@@ -104,26 +104,42 @@ class BlobStore:
         except FileNotFoundError:
             raise StoreCorrupt(f"blob {blob_id} is missing from the store") from None
 
+    VERIFIED_MAX = 200_000  # checks remembered (then forgotten at once and made again)
+
     def open_verified(self, blob_id: str) -> BinaryIO:
         """Open a blob after checking its contents against its id: damaged data gives
         StoreCorrupt, never wrong bytes. A check holds while the file's inode, size,
         mtime and ctime stay the same (any write to it changes them)."""
-        f = self.open(blob_id)
+        return os.fdopen(self.verified_fd(blob_id), "rb")
+
+    def verified_fd(self, blob_id: str) -> int:
+        """:meth:`open_verified` as a bare descriptor, which the caller closes (a mount
+        opens blobs at every first open of a file: no file object on that path)."""
         if not blob_id:
-            return f
-        st = os.fstat(f.fileno())
-        key = (blob_id, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        if key not in self._verified:
-            h = new_hasher()
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-            if h.hexdigest() != blob_id.split("-", 1)[0]:
-                f.close()
-                raise StoreCorrupt(f"blob {blob_id} is damaged (its contents do not match its "
-                                   "hash); run layerfs fsck")
-            self._verified.add(key)
-            f.seek(0)
-        return f
+            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = os.open(self.path(blob_id), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StoreCorrupt(f"blob {blob_id} is missing from the store") from None
+        try:
+            st = os.fstat(fd)
+            key = (blob_id, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if key not in self._verified:
+                h = new_hasher()
+                offset = 0
+                while chunk := os.pread(fd, CHUNK, offset):
+                    h.update(chunk)
+                    offset += len(chunk)
+                if h.hexdigest() != blob_id.split("-", 1)[0]:
+                    raise StoreCorrupt(f"blob {blob_id} is damaged (its contents do not match its "
+                                       "hash); run layerfs fsck")
+                if len(self._verified) >= self.VERIFIED_MAX:
+                    self._verified.clear()
+                self._verified.add(key)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def ingest(self) -> "Ingest":
         """Start staging new blobs; use as a context manager (aborts unless published)."""
