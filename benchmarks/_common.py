@@ -56,6 +56,25 @@ def quiesce() -> None:
     os.sync()
 
 
+def drop_caches() -> None:
+    """Write back dirty pages, then drop the page cache, dentries and inodes (root only)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def mountpoints_under(*roots: str) -> list[str]:
+    """Mount points at or below any of ``roots`` (deepest first)."""
+    roots = tuple(os.path.realpath(r) for r in roots)
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mnt = line.split()[4].encode().decode("unicode_escape")
+            if any(mnt == r or mnt.startswith(r + "/") for r in roots):
+                out.append(mnt)
+    return sorted(out, key=len, reverse=True)
+
+
 def fs_type(path: str) -> str:
     try:
         out = subprocess.run(["df", "-T", path], stdout=subprocess.PIPE, text=True, check=True).stdout
