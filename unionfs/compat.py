@@ -60,8 +60,6 @@ _REFUSED = {
     "xattr_permissions": "owners and modes kept in xattrs (containers/storage's force_mask) "
                          "are not supported",
     "redirect_dir": "directory renames are always allowed; the option cannot change that",
-    "metacopy": "metadata-only copy-up cannot be configured",
-    "userxattr": "overlay markers are written as trusted.overlay.* only",
     "index": "the overlay index is not supported",
     "xino": "inode numbers are always the server's own",
     "timeout": "fuse-overlayfs's tuning options are not supported",
@@ -90,6 +88,8 @@ class MountConfig:
     read_only: bool
     volatile: bool
     fuse_options: dict[str, str | bool] = field(default_factory=dict)
+    metacopy: bool = False  # metadata-only copy-up (-o metacopy=on), written as the kernel does
+    userxattr: bool = False  # user.overlay.* markers instead of trusted.overlay.*
 
     def log_path(self) -> str | None:
         """Where the background server logs (None: choose a temporary file)."""
@@ -104,6 +104,10 @@ class MountConfig:
             opts.append("ro")
         if self.volatile:
             opts.append("volatile")
+        if self.metacopy:
+            opts.append("metacopy=on")
+        if self.userxattr:
+            opts.append("userxattr")
         opts += [k if v is True else f"{k}={v}" for k, v in self.fuse_options.items()]
         return ["-o", ",".join(opts), self.source, self.mountpoint]
 
@@ -146,6 +150,8 @@ def _check_options(opts: dict[str, str | bool]) -> None:
             continue
         if key == "fsync" and value in ("0", "1"):
             continue
+        if (key == "metacopy" and value in ("on", "off")) or (key == "userxattr" and value is True):
+            continue
         raise UsageError(f"unknown option {key if value is True else f'{key}={value}'}")
 
 
@@ -175,7 +181,8 @@ def parse_command_line(paths: list[str], options: list[str]) -> MountConfig:
     fuse_options.setdefault("fsname", paths[0] if len(paths) > 1 else "fuse-layerfs")
     fuse_options.setdefault("subtype", "fuse-layerfs")  # the type is fuse.fuse-layerfs, as mounted
     return MountConfig(lowers, upper, work, mountpoint, paths[0] if len(paths) > 1 else "fuse-layerfs",
-                       read_only, volatile, fuse_options)
+                       read_only, volatile, fuse_options, metacopy=opts.get("metacopy") == "on",
+                       userxattr=opts.get("userxattr") is True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -218,6 +225,7 @@ def _serve(config: MountConfig, ready_fd: int | None, debug: bool) -> None:
     try:
         from .fuse_ops import serve
         from .lower import DirLower
+        from .markers import OverlayMarkers
         from .view import UnionView
 
         if config.upper:
@@ -226,8 +234,12 @@ def _serve(config: MountConfig, ready_fd: int | None, debug: bool) -> None:
         else:
             # A read-only union still needs an (empty) upper to resolve against.
             upper = work_dir = scratch = tempfile.mkdtemp(prefix="fuse-layerfs-ro-")
+        # The upper in the kernel's own format: full data copy-up unless metacopy=on, as
+        # the kernel and fuse-overlayfs default to.
+        markers = OverlayMarkers("user.overlay." if config.userxattr else "trusted.overlay.",
+                                 metacopy=config.metacopy)
         view = UnionView(DirLower(config.lowers), upper, work_dir, volatile=config.volatile,
-                         read_only=config.read_only, overlay_format=True)
+                         read_only=config.read_only, markers=markers)
         log.info("mounting %s: lowerdir=%s upperdir=%s%s%s", config.mountpoint, ":".join(config.lowers),
                  config.upper or "(none)", " read-only" if config.read_only else "",
                  " volatile" if config.volatile else "")

@@ -99,22 +99,21 @@ class UnionOperations(mfusepy.Operations):
         self._listings: dict[int, list | None] = {}  # open directory handle -> its listing
 
     def _refresh_links(self, st: os.stat_result, path: str | None) -> None:
-        """Make the kernel forget what it cached for the other names of a hard-linked file.
+        """Make the kernel forget what it cached for the other names of a hard-linked file."""
+        self._invalidate(self.view.other_names(st, _rel(path) if path else None))
+
+    def _invalidate(self, names: list[str]) -> None:
+        """Drop the kernel's cached attributes of ``names``.
 
         libfuse's high-level API gives each name its own kernel inode, so a change made
-        through one name would leave the others' cached size and mode stale.
+        through one name (or to the link count) would leave the other names' cached
+        size, mode, ctime and link count stale.
         """
-        fuse = mfusepy._libfuse.fuse_get_context().contents.fuse
-        for other in self.view.other_names(st, _rel(path) if path else None):
-            _libfuse_invalidate_path(fuse, ("/" + other).encode("utf-8", "surrogateescape"))
-
-    def _after_change(self, path: str) -> None:
-        try:
-            st = os.lstat(self.view.resolve(_rel(path)).upper or "/nonexistent")
-        except OSError:
+        if not names:
             return
-        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-            self._refresh_links(st, path)
+        fuse = mfusepy._libfuse.fuse_get_context().contents.fuse
+        for name in names:
+            _libfuse_invalidate_path(fuse, ("/" + name).encode("utf-8", "surrogateescape"))
 
     def init_with_config(self, conn, config) -> None:
         if config is not None:
@@ -190,23 +189,20 @@ class UnionOperations(mfusepy.Operations):
     @_translate
     @_held
     def setxattr(self, path, name, value, options, position=0):
-        self.view.setxattr(_rel(path), name, value, options)
-        self._after_change(path)
+        self._invalidate(self.view.setxattr(_rel(path), name, value, options))
         return 0
 
     @_translate
     @_held
     def removexattr(self, path, name):
-        self.view.removexattr(_rel(path), name)
-        self._after_change(path)
+        self._invalidate(self.view.removexattr(_rel(path), name))
         return 0
 
     @_translate
     @_held
     def open(self, path, fi):
-        fd, lower_backed = self.view.open(_rel(path), fi.flags)
-        if fi.flags & os.O_TRUNC:
-            self._after_change(path)  # the other names of a hard-linked file are now empty
+        fd, lower_backed, truncated = self.view.open(_rel(path), fi.flags)
+        self._invalidate(truncated)  # the other names of a hard-linked file are now empty
         fi.fh = fd
         fi.keep_cache = 1 if lower_backed else 0  # lower data never changes
         return 0
@@ -236,19 +232,23 @@ class UnionOperations(mfusepy.Operations):
         if fh is not None and getattr(fh, "fh", 0):
             os.ftruncate(fh.fh, length)
             self.view.version += 1
+            st = os.fstat(fh.fh)
+            if st.st_nlink > 1:
+                self._refresh_links(st, path)
         else:
-            self.view.truncate(_rel(path), length)
-        if path is not None:
-            self._after_change(path)
+            self._invalidate(self.view.truncate(_rel(path), length))
         return 0
 
     @_translate
     @_held
     def fallocate(self, path, mode, offset, size, fi):
-        if mode:
-            raise OSError(errno.EOPNOTSUPP, "fallocate mode")
-        os.posix_fallocate(fi.fh, offset, size)
+        # Every mode the backing filesystem has (keep size, punch hole, zero range...).
+        if _fallocate(fi.fh, mode, offset, size) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), path)
         self.view.version += 1
+        if mode:
+            self._written.add(fi.fh)  # the size or data changed: refreshed at flush
         return 0
 
     @_translate
@@ -294,16 +294,7 @@ class UnionOperations(mfusepy.Operations):
     @_translate
     @_held
     def unlink(self, path):
-        node = self.view.resolve(_rel(path))
-        lower_names = self.view.lower_link_names(node) if node.st is None and node.lower \
-            and node.lower.entry.hardlink and node.lower.entry.nlink > 1 else []
-        self.view.unlink(_rel(path))
-        if node.st is not None and node.st.st_nlink > 1:
-            self._refresh_links(node.st, path)
-        fuse = mfusepy._libfuse.fuse_get_context().contents.fuse
-        for other in lower_names:  # the link count the other names show went down
-            if other != _rel(path):
-                _libfuse_invalidate_path(fuse, ("/" + other).encode("utf-8", "surrogateescape"))
+        self._invalidate(self.view.unlink(_rel(path)))  # the others' link count went down
         return 0
 
     @_translate
@@ -316,9 +307,7 @@ class UnionOperations(mfusepy.Operations):
     @_translate
     @_held
     def link(self, target, source):
-        self.view.link(_rel(source), _rel(target))
-        node = self.view.resolve(_rel(source))
-        self._refresh_links(node.st, None)  # the source's own link count changed too
+        self._invalidate(self.view.link(_rel(source), _rel(target)))  # their link count went up
         return 0
 
     @_translate
@@ -331,23 +320,21 @@ class UnionOperations(mfusepy.Operations):
     @_translate
     @_held
     def rename(self, old, new, flags=0):
-        self.view.rename(_rel(old), _rel(new), flags)
+        self._invalidate(self.view.rename(_rel(old), _rel(new), flags))
         return 0
 
     @_translate
     @_held
     def chmod(self, path, mode):
-        self.view.chmod(_rel(path), mode)
-        self._after_change(path)
+        self._invalidate(self.view.chmod(_rel(path), mode))
         return 0
 
     @_translate
     @_held
     def chown(self, path, uid, gid):
         attrs = self.view.getattr(_rel(path))
-        self.view.chown(_rel(path), attrs["st_uid"] if uid == -1 else uid,
-                        attrs["st_gid"] if gid == -1 else gid)
-        self._after_change(path)
+        self._invalidate(self.view.chown(_rel(path), attrs["st_uid"] if uid == -1 else uid,
+                                         attrs["st_gid"] if gid == -1 else gid))
         return 0
 
     @_translate
@@ -360,8 +347,8 @@ class UnionOperations(mfusepy.Operations):
         def pick(value: int, current: int) -> int:
             return now if value == _UTIME_NOW else current if value == _UTIME_OMIT else value
 
-        self.view.utimens(_rel(path), pick(atime, attrs["st_atime"]), pick(mtime, attrs["st_mtime"]))
-        self._after_change(path)
+        self._invalidate(self.view.utimens(_rel(path), pick(atime, attrs["st_atime"]),
+                                           pick(mtime, attrs["st_mtime"])))
         return 0
 
 
@@ -371,6 +358,10 @@ def _libfuse_invalidate_path(fuse, path: bytes) -> None:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     fn(fuse, path)  # -ENOENT for a name the kernel never looked up: nothing to drop
 
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 _FUSE_READDIR_PLUS = 1
 _FUSE_FILL_DIR_PLUS = 2
