@@ -17,7 +17,8 @@ writes every object and file itself through the mount; timed once, reported as o
 then ``git status`` runs once untimed (git refreshes its index after a clone). Then, for
 --repeat rounds, the systems take turns:
 
-* ``status warm``  ``git status --porcelain`` with everything cached;
+* ``status warm``  ``git status --porcelain`` right after an untimed one (everything
+                   cached, whatever the cold runs dropped);
 * ``status cold``  the same after ``sync; echo 3 > /proc/sys/vm/drop_caches`` (page
                    cache, dentries and inodes dropped), unless --no-cold.
 
@@ -204,6 +205,8 @@ def main() -> int:
                 for s, c in containers.items():
                     if w == "status cold":
                         drop_caches()
+                    else:  # another system's cold run dropped this one's caches too
+                        git_status(c, home)
                     wall, cpu, out = git_status(c, home)
                     if out:
                         wrong.setdefault(s, f"{w} printed {len(out.splitlines())} lines: {out[:200]!r}")
