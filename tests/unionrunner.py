@@ -494,7 +494,20 @@ def do_op(root: str, op: tuple):
         return norm_stat(os.lstat(P(args[0])))
     if name == "listdir":
         return sorted(os.listdir(P(args[0])))
+    if name == "fallocate":  # (path, mode, offset, length) on a file opened read-write
+        fd = os.open(P(args[0]), os.O_RDWR)
+        try:
+            if _libc.fallocate(fd, args[1], ctypes.c_int64(args[2]), ctypes.c_int64(args[3])) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code))
+            return None
+        finally:
+            os.close(fd)
     raise ValueError(f"unknown op {name}")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 
 
 # ops whose path argument should keep its inode number (copy-up must not renumber it)

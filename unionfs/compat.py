@@ -175,6 +175,10 @@ def parse_command_line(paths: list[str], options: list[str]) -> MountConfig:
         if d == mountpoint or d.startswith(mountpoint.rstrip("/") + "/"):
             # The server reads its layers by path: under its own mount it would wait on itself.
             raise UsageError(f"{d} lies under the mountpoint {mountpoint}")
+    if opts.get("metacopy") == "on" and opts.get("userxattr") is True:
+        # As the kernel: metacopy files are found through redirects, which a kernel
+        # mounted with userxattr does not follow.
+        raise UsageError("metacopy=on and userxattr do not go together")
     read_only = not upper or opts.get("ro") is True
     volatile = opts.get("volatile") is True or opts.get("fsync") == "0"
     fuse_options = {k: v for k, v in opts.items() if k in _LIBFUSE_OPTIONS}

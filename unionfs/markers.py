@@ -158,6 +158,10 @@ class OverlayMarkers(OciMarkers):
     def write_redirect(self, dirfd: int, name: str, lower_path: str, parent_lower: str | None) -> None:
         # As the kernel writes it: a bare name when the directory stays in its lower
         # parent, else the absolute path from the layer root.
+        if self.prefix.startswith("user."):
+            # A kernel mounted with userxattr never follows redirects: renaming a lower
+            # directory gives EXDEV there, and so it does here (mv copies instead).
+            raise OSError(errno.EXDEV, "directory renames are not recorded under userxattr")
         parent, _, base = lower_path.rpartition("/")
         value = base if parent_lower is not None and parent == parent_lower else "/" + lower_path
         try:

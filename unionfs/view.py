@@ -33,8 +33,10 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
+
+import xxhash
 
 from store.records import Entry, Kind
 from store.upper import METACOPY, OPQ, REDIRECT, WH
@@ -156,14 +158,14 @@ class UnionView:
         self.lock = _ChangeLock(self)  # namespace changes and copy-ups, one at a time
         self._ids_lock = threading.Lock()  # inode numbers and hard-link names
         self.version = 0  # bumped by every change; listings are cached per version
-        self._listings: dict[str, tuple[int, list[tuple[str, dict]]]] = {}
+        self._listings: dict[str, tuple[int, list[tuple[str, dict]]]] = {}  # oldest first
+        self._listed = 0  # names in self._listings
         self.gate = PauseGate()  # closed while a commit reads the upper layer
-        self._inos: dict[object, int] = {}
+        self._inos: dict[tuple[int, int], int] = {}  # copied-up upper inode -> its lower number
         self._names: dict[tuple[int, int], set[str]] = {}  # upper inode -> paths (hard links)
         self._redirect_map: dict[str, str] | None = None  # see _redirects()
         self._hidden_files: dict[str, str] = {}  # ".fuse_hidden" path -> its name in work/ ("" lower)
         self._hidden_nodes: dict[str, Node] = {}
-        self._next_ino = itertools.count(2)  # 1 is the root
         self._tmp = itertools.count()
 
     def close(self) -> None:
@@ -279,32 +281,41 @@ class UnionView:
 
     # -- identity and attributes ----------------------------------------------------
 
+    # Inode numbers: 1 for the root; a lower entry's is a digest of its identity (hard
+    # links share it), so the server keeps no table that grows with what is walked; an
+    # upper object's is its upper inode number, tagged, unless it was copied up, when it
+    # keeps the number it had below (a table as large as the copy-ups). The tags keep
+    # the two kinds apart and below 2**63 (signed 64-bit readers). Two lower entries
+    # share a number with probability about n**2 / 2**62: 2e-7 at a million entries.
+    _LOWER_TAG, _UPPER_TAG, _MASK = 1 << 61, 1 << 62, (1 << 61) - 1
+
     def ino(self, node: Node) -> int:
         """The inode number of a node: stable for the mount's life, kept across copy-up."""
         if node.path == "":
             return 1
-        with self._ids_lock:
-            if node.st is not None:
-                key = ("U", node.st.st_dev, node.st.st_ino)
-                ino = self._inos.get(key)
-                if ino is None:
-                    ino = self._inos.get(node.lower.ident) if node.lower else None
-                    ino = ino or next(self._next_ino)
-                    self._inos[key] = ino
+        if node.st is not None:
+            ino = self._inos.get((node.st.st_dev, node.st.st_ino))
+            if ino is not None:
                 return ino
-            assert node.lower is not None
-            ino = self._inos.get(node.lower.ident)
-            if ino is None:
-                ino = self._inos[node.lower.ident] = next(self._next_ino)
-            return ino
+            if node.lower is not None and stat.S_ISREG(node.st.st_mode):
+                return self._lower_ino(node.lower.ident)  # a metacopy file: still the lower's
+            return self._UPPER_TAG | (node.st.st_ino & self._MASK)
+        return self._lower_ino(node.lower.ident)
 
-    def _alias(self, st: os.stat_result, ident: object) -> None:
+    def _lower_ino(self, ident: Hashable) -> int:
+        return self._LOWER_TAG | (xxhash.xxh3_64_intdigest(repr(ident).encode("utf-8", "surrogateescape"))
+                                  & self._MASK)
+
+    def _alias(self, st: os.stat_result, ident: Hashable) -> None:
         """Let a new upper inode keep the number of the lower entry it was copied from."""
         with self._ids_lock:
-            ino = self._inos.get(ident)
-            if ino is None:
-                ino = self._inos[ident] = next(self._next_ino)
-            self._inos[("U", st.st_dev, st.st_ino)] = ino
+            self._inos[(st.st_dev, st.st_ino)] = self._lower_ino(ident)
+
+    def _drop_alias(self, st: os.stat_result | None) -> None:
+        """The upper inode ``st`` is gone: a new file may get its inode number."""
+        if st is not None and (stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1):
+            with self._ids_lock:
+                self._inos.pop((st.st_dev, st.st_ino), None)
 
     def attrs(self, node: Node) -> dict:
         """``stat`` fields of a node, as the FUSE adapter returns them."""
@@ -401,20 +412,30 @@ class UnionView:
             return self.hidden_attrs(path)
         return self.attrs(self.resolve(path))
 
+    LISTINGS_MAX_ENTRIES = 100_000  # names kept in cached listings, all directories together
+
     def readdir(self, path: str) -> list[tuple[str, dict]]:
         """The names in a directory with their attributes ("." and ".." first).
 
         Listings are cached until the next change made through the view (libfuse 3.14
-        does not let the kernel cache them), so a repeated walk costs no lookups.
+        does not let the kernel cache them), so a repeated walk costs no lookups; the
+        cache holds at most LISTINGS_MAX_ENTRIES names, oldest listings dropped first.
         """
         version = self.version
         cached = self._listings.get(path)
         if cached is not None and cached[0] == version:
             return cached[1]
         listing = self._readdir(path)
-        if len(self._listings) > 50_000:
-            self._listings.clear()
-        self._listings[path] = (version, listing)
+        with self._ids_lock:
+            old = self._listings.pop(path, None)
+            if old is not None:
+                self._listed -= len(old[1])
+            while self._listings and self._listed + len(listing) > self.LISTINGS_MAX_ENTRIES:
+                oldest = next(iter(self._listings))
+                self._listed -= len(self._listings.pop(oldest)[1])
+            if len(listing) <= self.LISTINGS_MAX_ENTRIES:
+                self._listings[path] = (version, listing)
+                self._listed += len(listing)
         return listing
 
     def _readdir(self, path: str) -> list[tuple[str, dict]]:
@@ -812,6 +833,7 @@ class UnionView:
                 self._redirects().pop(node.path, None)
             else:
                 self.up.unlink(node.upper)
+            self._drop_alias(node.st)
         self._whiteout(parent, name)
 
     # libfuse keeps a file that is unlinked while open under a ".fuse_hidden..." name
@@ -888,6 +910,8 @@ class UnionView:
             if dst is not None and dst.upper is not None and dst.is_dir:
                 self._clear_markers(dst.upper)
             self._publish(self.up, moved.upper, new_parent, new_name)
+            if dst is not None:
+                self._drop_alias(dst.st)
             if moved.is_dir:
                 self._moved_redirects(old, new)
                 if not src.merge_lower:
