@@ -38,7 +38,6 @@ is skipped (n/a) when it is not installed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -48,8 +47,8 @@ import sys
 import tempfile
 import time
 
-from _common import (drop_caches, layerfs_cmd, loadavg, machine, median, mountpoints_under, print_table,
-                     run, write_json)
+from _common import (cpu_seconds, drop_caches, layerfs_cmd, loadavg, machine, median, mountpoints_under,
+                     print_table, run, server_pid, write_json)
 
 SYSTEMS = ("plain", "kernel", "fuse-overlayfs", "layerfs", "fuse-layerfs")
 FUSE_LAYERFS = os.path.join(os.path.dirname(sys.executable), "fuse-layerfs")
@@ -82,31 +81,6 @@ def make_base(path: str) -> None:
             f.write(name + "\n")
 
 
-def server_pid(system: str, mnt: str, store: str) -> int:
-    """The serving process of a FUSE mount (0 when there is none)."""
-    if system == "layerfs":
-        out = run(layerfs_cmd() + ["ps", "--root", store, "--json"]).stdout
-        return next((c["pid"] for c in json.loads(out) if c["mountpoint"] == mnt), 0)
-    if system in ("fuse-overlayfs", "fuse-layerfs"):
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    args = f.read().split(b"\0")
-            except OSError:
-                continue
-            if os.fsencode(mnt) in args and (b"unionfs.compat" in args or args[0].endswith(b"fuse-overlayfs")):
-                return int(pid)
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    if not pid:
-        return 0.0
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class Container:
     """The base layer mounted one way, with the clone in it."""
 
@@ -134,7 +108,9 @@ class Container:
             run([FUSE_LAYERFS, "-o", opts, self.mnt])
         else:
             run(layerfs_cmd() + ["mount", "--root", store, "base", self.mnt])
-        self.pid = server_pid(system, self.mnt, store)
+        marker = {"fuse-overlayfs": "fuse-overlayfs", "fuse-layerfs": "unionfs.compat",
+                  "layerfs": "unionfs.mount"}.get(system)
+        self.pid = server_pid(self.mnt, marker) if marker else 0
         self.repo = os.path.join(self.mnt, "home", "repo")
 
     def unmount(self) -> None:
@@ -147,11 +123,11 @@ class Container:
 
 def git_status(c: Container, home: str) -> tuple[float, float, str]:
     """(wall seconds, server CPU seconds, output) of one ``git status --porcelain``."""
-    cpu0 = cpu_seconds(c.pid)
+    cpu0 = cpu_seconds(c.pid) if c.pid else 0.0
     t0 = time.perf_counter()
     out = run(["git", "status", "--porcelain"], cwd=c.repo, env=dict(GIT_ENV, HOME=home)).stdout.decode()
     wall = time.perf_counter() - t0
-    return wall, cpu_seconds(c.pid) - cpu0, out
+    return wall, (cpu_seconds(c.pid) - cpu0) if c.pid else 0.0, out
 
 
 def main() -> int:
