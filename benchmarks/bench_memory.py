@@ -61,6 +61,10 @@ def walk(mnt: str, walks: int, pid: int) -> dict:
         out["walk_s"].append(round(time.perf_counter() - t0, 2))
         out["rss_mb_after_walk"].append(round(status_kb(pid, "VmRSS") / 1024, 1))
     out["peak_rss_mb"] = round(status_kb(pid, "VmHWM") / 1024, 1)
+    # Private memory, and pages of mapped files (the LMDB index): page cache that other
+    # processes share and the kernel can reclaim.
+    out["rss_anon_mb"] = round(status_kb(pid, "RssAnon") / 1024, 1)
+    out["rss_file_mb"] = round(status_kb(pid, "RssFile") / 1024, 1)
     out["server_cpu_s"] = round(cpu_seconds(pid), 2)
     return out
 
@@ -111,9 +115,11 @@ def main() -> None:
         subprocess.run(["fusermount3", "-u", mnt], check=False)
     info["loadavg_end"] = loadavg()
 
-    rows = [["server", "peak RSS MB", "RSS after each walk MB", "walk s", "server CPU s"]]
+    rows = [["server", "peak RSS MB", "RSS after each walk MB", "anon / file MB at the end", "walk s",
+             "server CPU s"]]
     for name, r in results.items():
         rows.append([name, f"{r['peak_rss_mb']:.0f}", " / ".join(f"{x:.0f}" for x in r["rss_mb_after_walk"]),
+                     f"{r['rss_anon_mb']:.0f} / {r['rss_file_mb']:.0f}",
                      " / ".join(f"{x:.1f}" for x in r["walk_s"]), f"{r['server_cpu_s']:.1f}"])
     print(f"\n{args.entries:,} entries, {args.walks} walks (find -ls); load {info['loadavg_start']} -> "
           f"{info['loadavg_end']}")

@@ -23,6 +23,7 @@ from store.dirimport import dir_entry, entry_of
 from store.records import OPAQUE, Entry, Kind
 from store.upper import OPQ
 
+from .cache import BoundedCache
 from .markers import OVERLAY_PREFIXES, checked_lower_path
 from .realdir import RealDir, xattr_at
 
@@ -56,12 +57,12 @@ class StoreLower:
     missed once costs no index read the next time.
     """
 
-    CACHE_MAX = 200_000
+    CACHE_MAX = 65_536  # about 30 MB of entries
 
     def __init__(self, tree: MergedTree, blobs: BlobStore) -> None:
         self.tree = tree
         self.blobs = blobs
-        self._lookups: dict[str, LowerNode | None] = {}
+        self._lookups: BoundedCache[str, LowerNode | None] = BoundedCache(self.CACHE_MAX)
         self._groups: dict[int, dict[str, list[str]]] = {}  # layer -> hard-link groups
 
     def _node(self, path: str, layer: int, e: Entry) -> LowerNode:
@@ -74,8 +75,6 @@ class StoreLower:
             pass
         found = self.tree.lookup_in_layer(path)
         node = self._node(path, *found) if found else None
-        if len(self._lookups) >= self.CACHE_MAX:
-            self._lookups.clear()
         self._lookups[path] = node
         return node
 
@@ -125,7 +124,7 @@ class DirLower:
     def __init__(self, dirs: list[str]) -> None:
         self.dirs = [os.path.abspath(d) for d in dirs]
         self.layers = [RealDir(d) for d in self.dirs]
-        self._cache: dict[str, _Found | None] = {}
+        self._cache: BoundedCache[str, _Found | None] = BoundedCache(65_536)
         self._layer_of: dict[tuple[int, int], str] = {}  # hard-linked inode -> its layer
         self._groups: dict[str, dict[tuple[int, int], list[str]]] = {}  # layer -> hard-link groups
 

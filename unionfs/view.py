@@ -412,7 +412,7 @@ class UnionView:
             return self.hidden_attrs(path)
         return self.attrs(self.resolve(path))
 
-    LISTINGS_MAX_ENTRIES = 100_000  # names kept in cached listings, all directories together
+    LISTINGS_MAX_ENTRIES = 50_000  # names kept in cached listings, all directories together (~30 MB)
 
     def readdir(self, path: str) -> list[tuple[str, dict]]:
         """The names in a directory with their attributes ("." and ".." first).
