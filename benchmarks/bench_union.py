@@ -74,7 +74,7 @@ import sys
 import tempfile
 import time
 
-from _common import layerfs_cmd, loadavg, machine, median, print_table, run, write_json
+from _common import drop_caches, layerfs_cmd, loadavg, machine, median, mountpoints_under, print_table, run, write_json
 
 SYSTEMS = ("plain", "kernel", "fuse-overlayfs", "layerfs")
 RATIO_BASE = "fuse-overlayfs"
@@ -229,18 +229,6 @@ def build_flat(plan: Plan, layer_dirs: list[str], n: int, dst: str, big_copy: st
 # -- mounting -------------------------------------------------------------------------
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def mountpoints_under(*roots: str) -> list[str]:
-    """Mount points at or below any of ``roots`` (deepest first)."""
-    roots = tuple(os.path.realpath(r) for r in roots)
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mnt = line.split()[4].encode().decode("unicode_escape")
-            if any(mnt == r or mnt.startswith(r + "/") for r in roots):
-                out.append(mnt)
-    return sorted(out, key=len, reverse=True)
 
 
 def is_mounted(path: str) -> bool:
@@ -421,12 +409,6 @@ def _dmesg_tail() -> str:
 
 
 # -- workloads ------------------------------------------------------------------------
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def read_all(path: str, buf: bytearray | None = None) -> int:
