@@ -16,8 +16,9 @@ from typing import TypeVar
 import lmdb
 
 from .errors import NotAStore, SchemaTooNew, StoreCorrupt, StoreFull
+from .migrate import migrate
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: entries and merged keyed by a digest of the parent path
 
 # Named databases (see DESIGN.md "The store").
 DATABASES = (
@@ -25,12 +26,12 @@ DATABASES = (
     "blobs",  # blob id -> u64 size
     "layers",  # 32-byte diff_id -> LayerRecord
     "layernums",  # u32 layer num -> 32-byte diff_id
-    "entries",  # u32 layer num | parent | NUL | name -> Entry
+    "entries",  # u32 layer num | D(parent) | name -> Entry (see keys.py)
     "tarsplit",  # u32 layer num | u32 chunk -> zlib(tar-split segments)
     "images",  # 32-byte image id -> ImageRecord
     "tags",  # b"name:tag" -> 32-byte image id
     "chains",  # 32-byte chain id -> u32 chain num
-    "merged",  # u32 chain num | parent | NUL | name -> u32 layer num
+    "merged",  # u32 chain num | D(parent) | name -> u32 layer num, u8 kind
     "containers",
     "leases",
 )
@@ -71,7 +72,10 @@ class Index:
             txn.put(b"schema", struct.pack("<I", SCHEMA_VERSION), db=meta)
             return
         version = struct.unpack("<I", raw)[0]
-        if version > SCHEMA_VERSION:
+        if version < SCHEMA_VERSION:
+            migrate(txn, self.dbs, version, SCHEMA_VERSION)
+            txn.put(b"schema", struct.pack("<I", SCHEMA_VERSION), db=meta)
+        elif version > SCHEMA_VERSION:
             raise SchemaTooNew(
                 f"the store at {os.path.dirname(path)} was written by a newer layerfs "
                 f"(index schema {version}, this layerfs reads up to {SCHEMA_VERSION}); upgrade layerfs")
