@@ -150,14 +150,19 @@ def test_commit_of_deep_paths(layerfs, deep_image, store_root, tmp_path):
         os.close(fd)
     finally:
         os.close(upper)
-    new_path = "/".join(["b"] * 2045) + "/new"
-    assert len(new_path.encode()) == 4093
-    diff = layerfs("diff", "deepc", check=True).stdout.decode().splitlines()
-    assert "A /" + new_path in diff
-    layerfs("commit", "deepc", "-t", "deep:2", check=True)
-    assert layerfs("cat", "deep:2", "/" + new_path, check=True).stdout == b"new at depth 2046\n"
-    assert layerfs("cat", "deep:2", "/" + NARROW_FILE, check=True).stdout.startswith(b"at the bottom")
-    assert layerfs("fsck", check=True).returncode == 0
+    try:
+        new_path = "/".join(["b"] * 2045) + "/new"
+        assert len(new_path.encode()) == 4093
+        diff = layerfs("diff", "deepc", check=True).stdout.decode().splitlines()
+        assert "A /" + new_path in diff and len(diff) == 2046
+        layerfs("commit", "deepc", "-t", "deep:2", check=True)
+        assert layerfs("cat", "deep:2", "/" + new_path, check=True).stdout == b"new at depth 2046\n"
+        assert layerfs("cat", "deep:2", "/" + NARROW_FILE, check=True).stdout.startswith(b"at the bottom")
+        assert layerfs("fsck", check=True).returncode == 0
+    finally:
+        # rm takes the deep upper away (pytest's own clean-up recurses once per level).
+        layerfs("rm", "deepc", check=True)
+    assert not os.path.exists(os.path.join(store_root, "containers", cid))
 
 
 def test_name_of_256_bytes_is_refused(layerfs, tmp_path, store_root):
