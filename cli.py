@@ -44,14 +44,24 @@ class _Cli(click.Group):
             ctx.exit(130)
 
 
+root_option = click.option(
+    "--root", envvar="LAYERFS_ROOT", metavar="DIR",
+    help="Store directory [env LAYERFS_ROOT; default /var/lib/layerfs as root, else ~/.local/share/layerfs].")
+
+
+def open_store(root: str | None) -> Store:
+    store = Store(root)
+    for note in store.notes:
+        click.echo(f"layerfs: note: {note}", err=True)
+    return store
+
+
 def with_store(fn):
     """Add ``--root`` and pass an open Store as the first argument."""
-    @click.option("--root", envvar="LAYERFS_ROOT", metavar="DIR",
-                  help="Store directory [env LAYERFS_ROOT; default /var/lib/layerfs as root, "
-                       "else ~/.local/share/layerfs].")
+    @root_option
     @functools.wraps(fn)
     def wrapper(root, **kwargs):
-        with Store(root) as store:
+        with open_store(root) as store:
             return fn(store, **kwargs)
     return wrapper
 
@@ -349,19 +359,26 @@ def prune(store: Store, dry_run: bool, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--fast", is_flag=True, help="Check blob presence and size only, not contents.")
-@click.option("--repair", is_flag=True, help="Move damaged blobs aside and drop their records.")
+@click.option("--repair", is_flag=True,
+              help="Move damaged blobs aside and drop their records; rebuild a damaged index from "
+                   "what can still be read.")
 @json_option
-@with_store
-def fsck(store: Store, fast: bool, repair: bool, as_json: bool) -> None:
+@root_option
+def fsck(root: str | None, fast: bool, repair: bool, as_json: bool) -> None:
     """Check the store; exit 0 if it is clean, 1 if anything is damaged."""
-    r = store.fsck(fast=fast, repair=repair)
+    from store.fsck import fsck as check_store
+
+    r = check_store(Store.root_of(root), fast=fast, repair=repair)
+    for note in r.notes:
+        click.echo(f"layerfs: note: {note}", err=True)
     if as_json:
         click.echo(json.dumps({"clean": r.clean, "blobs_checked": r.blobs_checked,
                                "layers_checked": r.layers_checked, "images_checked": r.images_checked,
                                "problems": [{"kind": p.kind, "subject": p.subject, "detail": p.detail}
                                             for p in r.problems],
                                "damaged_layers": r.damaged_layers, "damaged_images": r.damaged_images,
-                               "moved_aside": r.repaired}, indent=2))
+                               "moved_aside": r.repaired, "index_held": r.index_held,
+                               "rebuilt": r.rebuilt}, indent=2))
     else:
         for p in r.problems:
             click.echo(f"{p.kind}: {p.subject}: {p.detail}")
@@ -371,8 +388,18 @@ def fsck(store: Store, fast: bool, repair: bool, as_json: bool) -> None:
             click.echo(f"damaged image: {d}")
         for b in r.repaired:
             click.echo(f"moved aside: {b}")
-        click.echo(f"{'clean' if r.clean else 'DAMAGED'}: {r.blobs_checked} blobs, "
-                   f"{r.layers_checked} layers, {r.images_checked} images checked")
+        for line in r.rebuilt:
+            click.echo(line)
+        if r.rebuilt:
+            click.echo("REPAIRED: the index was rebuilt from what could be read (see above)")
+        elif r.index_held is not None:
+            for image, tags in r.index_held["images"].items():
+                click.echo(f"the index held image {image} ({', '.join(tags) or 'untagged'})")
+            click.echo("DAMAGED: the index cannot be read; layerfs fsck --repair rebuilds what it "
+                       "can (the damaged index is kept)")
+        else:
+            click.echo(f"{'clean' if r.clean else 'DAMAGED'}: {r.blobs_checked} blobs, "
+                       f"{r.layers_checked} layers, {r.images_checked} images checked")
     if not r.clean:
         click.get_current_context().exit(1)
 

@@ -232,12 +232,12 @@ class Ingest:
         try:
             if self.staged:
                 for blob_id in self.staged:
-                    os.chmod(os.path.join(self.dir, blob_id), 0o444)
+                    os.chmod(os.path.join(self.dir, blob_id), 0o400)  # immutable, private
                 syncfs(self.dir)
                 crashpoints.point("ingest-staged")
                 for blob_id in self.staged:
                     src, dst = os.path.join(self.dir, blob_id), self.blobs.path(blob_id)
-                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
                     try:
                         os.link(src, dst)
                         self.published.append(dst)

@@ -16,6 +16,12 @@ import lmdb
 from .keys import DIGEST_SIZE
 
 
+def v1_entry_key(key: bytes) -> bytes:
+    """A schema-1 entries key (``num | parent | NUL | name``) in schema 2."""
+    num, (parent, _, name) = key[:4], key[4:].partition(b"\0")
+    return num + hashlib.blake2b(parent, digest_size=DIGEST_SIZE).digest() + name
+
+
 def _v1_to_v2(txn: lmdb.Transaction, dbs: dict) -> None:
     edb = dbs["entries"]
     for num in [bytes(k) for k, _ in txn.cursor(db=dbs["layernums"])]:
@@ -27,9 +33,7 @@ def _v1_to_v2(txn: lmdb.Transaction, dbs: dict) -> None:
                 if not cur.delete():
                     break
         for key, value in records:
-            parent, _, name = key[4:].partition(b"\0")
-            digest = hashlib.blake2b(parent, digest_size=DIGEST_SIZE).digest()
-            txn.put(num + digest + name, value, db=edb)
+            txn.put(v1_entry_key(key), value, db=edb)
     txn.drop(dbs["merged"], delete=False)
     txn.drop(dbs["chains"], delete=False)
 

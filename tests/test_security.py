@@ -5,11 +5,16 @@ user owns cannot make root's import-dir read a file outside it."""
 from __future__ import annotations
 
 import os
+import stat
+import subprocess
+import sys
+import tempfile
 import threading
 
 import pytest
 
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, make_tar
+from store.fstree import remove_tree
 from store import Store
 from store.records import Kind
 from unionrunner import RENAME_EXCHANGE, renameat2
@@ -141,3 +146,91 @@ def test_directory_replaced_by_symlink_between_scan_and_read_is_refused(tmp_path
             s.import_dir(str(src))
         assert "replaced" in str(err.value)
         assert s.images() == []
+
+
+# -- a second user -----------------------------------------------------------------------------------
+
+
+def as_nobody(*cmd: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command as uid/gid 65534 with no supplementary groups."""
+    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd],
+                          capture_output=True, env=env, timeout=120)
+
+
+@pytest.fixture
+def public_dir():
+    """A directory every user may search (pytest's own are root's alone), removed after."""
+    d = tempfile.mkdtemp(prefix="layerfs-public-", dir="/tmp")
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        remove_tree(d)
+
+
+def _secret_image(layerfs, tmp_path, root: str) -> str:
+    tar = make_tar(str(tmp_path / "secret.tar"), [
+        ("etc", "d"), ("etc/shadow", "f", SECRET, {"mode": 0o600}),
+        ("etc/motd", "f", b"hello\n")])
+    layerfs("import-layer", tar, "-t", "secret:1", root=root, check=True)
+    return tar
+
+
+def _blob_files(root: str) -> list[str]:
+    return [os.path.join(d, n) for d, _, names in os.walk(os.path.join(root, "blobs")) for n in names]
+
+
+def _private(path: str) -> bool:
+    return not stat.S_IMODE(os.lstat(path).st_mode) & 0o077
+
+
+@needs_root
+def test_store_is_private_to_its_owner(layerfs, tmp_path, public_dir):
+    root = os.path.join(public_dir, "store")
+    _secret_image(layerfs, tmp_path, root)
+    for p in ["", "blobs", "tmp", "containers", "index.lmdb", "index.lmdb/data.mdb",
+              "index.lmdb/lock.mdb", "store.json"]:
+        assert _private(os.path.join(root, p)), f"{p or 'the store root'} is readable by others"
+    (blob,) = [b for b in _blob_files(root) if os.path.getsize(b) == len(SECRET)]
+    for path in (blob, os.path.join(root, "index.lmdb", "data.mdb")):
+        proc = as_nobody("cat", path)
+        assert proc.returncode != 0 and b"Permission denied" in proc.stderr, proc
+        assert SECRET[:20] not in proc.stdout
+    assert b"Permission denied" in as_nobody("ls", os.path.join(root, "blobs")).stderr
+
+
+@needs_root
+def test_a_store_left_readable_is_made_private(layerfs, tmp_path, public_dir):
+    """A store an older layerfs made (0755 directories, 0644 index, 0444 blobs) is
+    tightened on its next use, and the user is told."""
+    root = os.path.join(public_dir, "store")
+    _secret_image(layerfs, tmp_path, root)
+    for d, dirs, files in os.walk(root):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o444 if "/blobs/" in os.path.join(d, f) else 0o644)
+    (blob,) = [b for b in _blob_files(root) if os.path.getsize(b) == len(SECRET)]
+    assert as_nobody("cat", blob).stdout == SECRET  # what the issue found
+
+    proc = layerfs("images", root=root, check=True)
+    assert b"private" in proc.stderr
+    assert as_nobody("cat", blob).returncode != 0
+    assert as_nobody("cat", os.path.join(root, "index.lmdb", "data.mdb")).returncode != 0
+    assert layerfs("images", root=root, check=True).stderr == b""  # said once
+
+
+@needs_root
+def test_a_users_store_is_private_to_them(tmp_path, public_dir):
+    home = os.path.join(public_dir, "home")
+    os.mkdir(home)
+    os.chown(home, NOBODY, NOBODY)
+    tar = make_tar(os.path.join(home, "l.tar"), [("mine", "f", b"mine\n", {"mode": 0o600})])
+    os.chown(tar, NOBODY, NOBODY)
+    exe = os.path.join(os.path.dirname(sys.executable), "layerfs")
+    env = dict(os.environ, HOME=home)
+    env.pop("LAYERFS_ROOT", None)
+    proc = as_nobody(exe, "import-layer", tar, env=env)
+    assert proc.returncode == 0, proc.stderr
+    root = os.path.join(home, ".local", "share", "layerfs")
+    assert os.stat(root).st_uid == NOBODY and _private(root)
+    assert all(_private(b) for b in _blob_files(root))
