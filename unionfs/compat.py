@@ -63,9 +63,13 @@ def main(argv: list[str] | None = None) -> None:
         _start_in_background(argv if argv is not None else sys.argv[1:], mountpoint)
         return
 
+    from store.fstree import raise_open_file_limit
+
     from .fuse_ops import serve
     from .lower import DirLower
     from .view import UnionView
+
+    raise_open_file_limit()  # as fuse-overlayfs does: a container's open files are ours too
 
     read_only = not upper or opts.get("ro") is True
     if upper:

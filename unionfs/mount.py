@@ -22,6 +22,7 @@ import time
 
 from store import Store, StoreError
 from store.containers import READ_ONLY, Container
+from store.fstree import raise_open_file_limit
 from store.records import ImageRecord
 from store.leases import process_start
 
@@ -256,6 +257,9 @@ def serve_container(store: Store, c: Container, mountpoint: str, *, read_only: b
     from .lower import StoreLower
     from .view import UnionView
 
+    # A container may hold as many files open as the host allows (fuse-overlayfs does
+    # the same): the serving process holds one fd per open file, plus its own.
+    raise_open_file_limit()
     work = store.containers.work(c)
     for leftover in os.listdir(work):  # half-built copy-ups of a process that died
         path = os.path.join(work, leftover)
