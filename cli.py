@@ -172,14 +172,19 @@ def layers(store: Store, as_json: bool) -> None:
 @click.argument("ref")
 @with_store
 def inspect(store: Store, ref: str) -> None:
-    """Show an image (or a layer) as JSON."""
+    """Show an image, a layer or a container as JSON."""
     try:
         rec = store.resolve_image(ref)
     except StoreError as image_error:
         try:
             layer = store.resolve_layer(ref)
         except StoreError:
-            raise image_error from None
+            c = store.containers.find(ref)
+            if c is None:
+                raise image_error from None
+            from unionfs.mount import state
+            click.echo(json.dumps({"type": "container", **_container_json(c, state(c))}, indent=2))
+            return
         click.echo(json.dumps({"type": "layer", **_layer_json(layer)}, indent=2))
         return
     click.echo(json.dumps({"type": "image", "id": rec.image_id, "tags": store.tags_of(rec.image_id),
@@ -418,14 +423,24 @@ def create(store: Store, image: str, name: str | None) -> None:
 @click.argument("mountpoint", type=click.Path())
 @click.option("--read-only", is_flag=True, help="Mount without a writable layer.")
 @click.option("--foreground", "-f", is_flag=True, help="Serve in this process until unmounted.")
-@click.option("-o", "options", multiple=True, help="FUSE options (allow_other, ...); volatile skips syncs.")
+@click.option("--suid", is_flag=True,
+              help="Honour setuid bits and device nodes even where other users can reach the mount "
+                   "(-o suid,dev).")
+@click.option("-o", "options", multiple=True,
+              help="FUSE options: allow_other, suid, dev, nosuid, nodev (see SECURITY.md), ...; "
+                   "volatile skips syncs.")
 @with_store
-def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: bool,
+def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: bool, suid: bool,
           options: tuple[str, ...]) -> None:
-    """Mount an image or container at MOUNTPOINT (returns once the mount serves)."""
+    """Mount an image or container at MOUNTPOINT (returns once the mount serves).
+
+    As root, a mount below a directory only root can search (like /var/lib/layerfs) lets
+    every uid in and honours setuid bits and device nodes; elsewhere it is root's alone
+    unless -o allow_other, and then setuid bits and devices stay off unless --suid.
+    """
     from unionfs import mount as mnt
 
-    opts = mnt.parse_options(options)
+    opts = mnt.parse_options(options + (("suid,dev",) if suid else ()))
     volatile = bool(opts.pop("volatile", False))
     if foreground:
         mnt.mount_foreground(store, ref, mountpoint, read_only=read_only, options=opts,
@@ -454,14 +469,33 @@ def ps(store: Store, as_json: bool) -> None:
 
     rows = [(c, state(c)) for c in store.containers.list()]
     if as_json:
-        click.echo(json.dumps([{"id": c.id, "name": c.name, "image": c.image_id, "state": st,
-                                "mountpoint": c.mountpoint or None, "pid": c.pid or None,
-                                "created": c.created_ns / 1e9} for c, st in rows], indent=2))
+        click.echo(json.dumps([_container_json(c, st) for c, st in rows], indent=2))
         return
-    out = [["CONTAINER ID", "NAME", "IMAGE", "STATE", "MOUNTPOINT"]]
+    out = [["CONTAINER ID", "NAME", "IMAGE", "STATE", "ACCESS", "MOUNTPOINT"]]
     for c, st in rows:
-        out.append([c.id[:12], c.name, short(c.image_id), st, c.mountpoint or "-"])
+        out.append([c.id[:12], c.name, short(c.image_id), st, _access_text(c, st), c.mountpoint or "-"])
     table(out)
+
+
+def _access(c, st: str) -> dict | None:
+    """Who may use the container's live mount: allow_other, suid, dev (from the kernel)."""
+    from unionfs.mount import mount_access
+
+    return mount_access(c.mountpoint) if st == "mounted" else None
+
+
+def _access_text(c, st: str) -> str:
+    a = _access(c, st)
+    if a is None:
+        return "-"
+    return ",".join(["all users" if a["allow_other"] else "owner"]
+                    + [k for k in ("suid", "dev") if a[k]])
+
+
+def _container_json(c, st: str) -> dict:
+    return {"id": c.id, "name": c.name, "image": c.image_id, "state": st,
+            "mountpoint": c.mountpoint or None, "pid": c.pid or None, "created": c.created_ns / 1e9,
+            "access": _access(c, st)}
 
 
 @cli.command()

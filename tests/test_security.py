@@ -4,7 +4,9 @@ user owns cannot make root's import-dir read a file outside it."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -234,3 +236,98 @@ def test_a_users_store_is_private_to_them(tmp_path, public_dir):
     root = os.path.join(home, ".local", "share", "layerfs")
     assert os.stat(root).st_uid == NOBODY and _private(root)
     assert all(_private(b) for b in _blob_files(root))
+
+
+# -- setuid bits and device nodes in mounts ----------------------------------------------------------
+
+
+@pytest.fixture
+def suid_image(layerfs, tmp_path):
+    """An image with a setuid-root copy of id(1) and a world-writable null device."""
+    src = tmp_path / "suid-src"
+    (src / "bin").mkdir(parents=True)
+    shutil.copy2("/usr/bin/id", src / "bin" / "id")
+    os.chmod(src / "bin" / "id", 0o4755)
+    (src / "dev").mkdir()
+    os.mknod(src / "dev" / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.chmod(src / "dev" / "null", 0o666)
+    layerfs("import-dir", str(src), "-t", "suid:1", check=True)
+    return "suid:1"
+
+
+def _euid_of_suid_id(mnt: str) -> bytes:
+    proc = as_nobody(os.path.join(mnt, "bin", "id"), "-u")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def _nobody_opens_device(mnt: str) -> bool:
+    proc = as_nobody(sys.executable, "-c", f"open({os.path.join(mnt, 'dev', 'null')!r}, 'wb').write(b'x')")
+    assert proc.returncode == 0 or b"Permission denied" in proc.stderr, proc.stderr
+    return proc.returncode == 0
+
+
+def _access(layerfs, cid: str) -> dict:
+    ps = {c["id"]: c for c in json.loads(layerfs("ps", "--json", check=True).stdout)}
+    inspected = json.loads(layerfs("inspect", cid, check=True).stdout)
+    assert inspected["type"] == "container" and inspected["access"] == ps[cid]["access"]
+    return ps[cid]["access"]
+
+
+@needs_root
+def test_setuid_file_in_a_mount_other_users_reach_runs_without_privilege(layerfs, mounts,
+                                                                         suid_image, public_dir):
+    """Root mounts at a mountpoint any user can reach and lets them in (allow_other): a
+    setuid-root program runs with the caller's uid, and a 0666 device node cannot be
+    opened. The issue's attack gave euid 0 here."""
+    mnt = os.path.join(public_dir, "mnt")
+    cid = mounts(suid_image, mnt, "-o", "allow_other")
+    assert os.stat(os.path.join(mnt, "bin", "id")).st_mode & stat.S_ISUID  # the bit is shown
+    assert _euid_of_suid_id(mnt) == b"65534"
+    assert not _nobody_opens_device(mnt)
+    assert _access(layerfs, cid) == {"allow_other": True, "suid": False, "dev": False}
+    table = layerfs("ps", check=True).stdout.decode()
+    assert "all users" in table and ",suid" not in table
+
+
+@needs_root
+def test_mount_other_users_reach_is_roots_alone_by_default(layerfs, mounts, suid_image, public_dir):
+    mnt = os.path.join(public_dir, "mnt")
+    cid = mounts(suid_image, mnt)
+    assert as_nobody("ls", mnt).returncode != 0  # FUSE lets only the mounting user in
+    assert _access(layerfs, cid) == {"allow_other": False, "suid": True, "dev": True}
+
+
+@needs_root
+def test_suid_when_asked(layerfs, mounts, suid_image, public_dir):
+    mnt = os.path.join(public_dir, "mnt")
+    cid = mounts(suid_image, mnt, "-o", "allow_other", "--suid")
+    assert _euid_of_suid_id(mnt) == b"0"
+    assert _nobody_opens_device(mnt)
+    assert _access(layerfs, cid) == {"allow_other": True, "suid": True, "dev": True}
+
+
+@needs_root
+def test_mount_only_root_reaches_is_a_full_container_rootfs(layerfs, mounts, suid_image, tmp_path):
+    """Below a directory only root may search (pytest's temporary directories are), the
+    mount lets every uid in and honours setuid bits and devices, as docker's and podman's
+    do below /var/lib: a process started inside (a container's) gets them; host users
+    cannot walk there."""
+    mnt = str(tmp_path / "rootfs")
+    cid = mounts(suid_image, mnt)
+    assert _access(layerfs, cid) == {"allow_other": True, "suid": True, "dev": True}
+    assert b"Permission denied" in as_nobody("ls", mnt).stderr
+    # A process already inside (its cwd there, as a container's would be) runs the
+    # setuid program with its privilege.
+    proc = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                           "./bin/id", "-u"], cwd=mnt, capture_output=True)
+    assert proc.stdout.strip() == b"0"
+
+
+def test_users_cannot_ask_for_suid(monkeypatch, tmp_path):
+    from unionfs.mount import MountError, exposure
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert exposure(str(tmp_path), {}) == {"allow_other": False, "nosuid": True, "nodev": True}
+    with pytest.raises(MountError):
+        exposure(str(tmp_path), {"suid": True})

@@ -19,7 +19,7 @@ from .mount import parse_options, spawn_until_ready
 
 # Options handed to libfuse as they are; every other unknown option is ignored, as
 # mount programs must accept the generic ones (rw, noatime, ...) that mount(8) passes.
-_FUSE_PASSTHROUGH = {"allow_other", "allow_root", "default_permissions"}
+_FUSE_PASSTHROUGH = {"allow_other", "allow_root", "default_permissions", "suid", "nosuid", "dev", "nodev"}
 
 
 def split_lowerdir(value: str) -> list[str]:
