@@ -226,11 +226,34 @@ def export_layer(store: Store, layer: str, output: str) -> None:
         store.export_layer(layer, output)
 
 
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def shown(text: str) -> str:
+    """A name from an image as it may be printed to a terminal: backslash, control and
+    other unprintable characters (escape sequences, line breaks, bidi overrides) and
+    undecodable bytes escaped, so a name cannot forge lines or drive the terminal."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ch.isprintable():
+            out.append(ch)
+        elif 0xDC80 <= code <= 0xDCFF:  # an undecodable byte (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
 def _ls_line(name: str, e: Entry) -> str:
     size = f"{e.rdev_major}, {e.rdev_minor}" if e.kind in (Kind.CHR, Kind.BLK) else str(e.size)
     line = (f"{stat.filemode(e.st_mode)} {e.nlink:>3} {e.uid:>5} {e.gid:>5} {size:>10} "
-            f"{when(e.mtime_ns)[:16]} {name}")
-    return line + (f" -> {e.target}" if e.kind == Kind.SYMLINK else "")
+            f"{when(e.mtime_ns)[:16]} {shown(name)}")
+    return line + (f" -> {shown(e.target)}" if e.kind == Kind.SYMLINK else "")
 
 
 def _entry_json(path: str, e: Entry) -> dict:
@@ -265,7 +288,7 @@ def _ls(store: Store, image: str, path: str, recursive: bool, as_json: bool) -> 
             rows += [_entry_json(f"{d}/{n}" if d else n, e) for n, e in children]
         else:
             if recursive:
-                click.echo(("" if first else "\n") + f"/{d}:")
+                click.echo(("" if first else "\n") + f"/{shown(d)}:")
             for n, e in children:
                 click.echo(_ls_line(n, e))
         first = False
@@ -523,7 +546,7 @@ def diff(store: Store, container: str, as_json: bool) -> None:
         click.echo(json.dumps([{"kind": r.kind, "path": r.path} for r in rows], indent=2))
         return
     for r in rows:
-        click.echo(f"{r.kind} {r.path}")
+        click.echo(f"{r.kind} {shown(r.path)}")
 
 
 @cli.command()
