@@ -243,3 +243,23 @@ def test_schema_1_index_is_upgraded_on_open(layerfs, tmp_path, store_root):
         buf = layerfs("export-layer", ids[name], "-o", "-", check=True).stdout
         assert "sha256:" + hashlib.sha256(buf).hexdigest() == sha256_file(tar)
         assert len(tarfile.open(fileobj=io.BytesIO(buf)).getnames()) >= 2
+
+
+def test_container_creates_and_commits_long_paths_through_the_mount(layerfs, deep_image, mounts,
+                                                                     tmp_path):
+    """What the issue saw fail (MDB_BAD_VALSIZE at commit from 508 bytes): a container
+    makes 1,500-byte paths through the mount, and they commit."""
+    mnt = str(tmp_path / "m")
+    mounts("deep:1", mnt)
+    tail = "/".join(["c" * 99] * 15)  # 1,499 bytes
+    os.makedirs(os.path.join(mnt, tail))
+    with open(os.path.join(mnt, tail, "made"), "w") as f:
+        f.write("made in the container\n")
+    os.rename(os.path.join(mnt, "short"), os.path.join(mnt, tail, "moved"))
+    (c,) = json.loads(layerfs("ps", "--json", check=True).stdout)
+    layerfs("commit", c["id"], "-t", "deep:3", check=True)
+    assert layerfs("cat", "deep:3", f"/{tail}/made", check=True).stdout == b"made in the container\n"
+    assert layerfs("cat", "deep:3", f"/{tail}/moved", check=True).stdout == b"short\n"
+    assert layerfs("cat", "deep:3", "/short").returncode != 0
+    diff = layerfs("diff", c["id"], check=True).stdout.decode().splitlines()
+    assert f"A /{tail}/made" in diff and "D /short" in diff
