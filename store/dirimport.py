@@ -18,7 +18,7 @@ from collections.abc import Callable
 from .blobs import CHUNK, BlobStore, Ingest
 from .builder import LayerBuilder, PendingLayer
 from .errors import StoreCorrupt, StoreError
-from .fstree import Tree, TreeChanged, same_file
+from .fstree import Tree, TreeChanged, read_xattrs, same_file
 from .records import OPAQUE, Entry, Kind, Source
 from .tarformat import OPAQUE_MARKER, WHITEOUT_PREFIX, canonical_order, canonical_tar
 from .tarimport import PRIVATE_XATTR_PREFIXES
@@ -28,21 +28,6 @@ _WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 
 # For each regular file whose data is read from disk: its path in the tree and its lstat.
 Files = dict[str, tuple[str, os.stat_result]]
-
-
-def read_xattrs(path: str) -> dict[str, bytes]:
-    """All xattrs of ``path`` (not following symlinks); {} where unsupported."""
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return {}
-    out = {}
-    for name in names:
-        try:
-            out[name] = os.getxattr(path, name, follow_symlinks=False)
-        except OSError:
-            continue
-    return out
 
 
 def _is_opaque(xattrs: dict[str, bytes]) -> bool:

@@ -36,6 +36,21 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def read_xattrs(target: str | int, follow_symlinks: bool = False) -> dict[str, bytes]:
+    """All xattrs of a path or fd; {} where unsupported."""
+    try:
+        names = os.listxattr(target, follow_symlinks=follow_symlinks)
+    except OSError:
+        return {}
+    out = {}
+    for name in names:
+        try:
+            out[name] = os.getxattr(target, name, follow_symlinks=follow_symlinks)
+        except OSError:
+            continue
+    return out
+
+
 def same_file(a: os.stat_result, b: os.stat_result) -> bool:
     """Same inode, same type, and neither its data nor its metadata changed."""
     return ((a.st_dev, a.st_ino, a.st_mode, a.st_uid, a.st_gid, a.st_size, a.st_mtime_ns, a.st_ctime_ns)
@@ -135,18 +150,7 @@ class Tree:
 
     def xattrs(self, rel: str) -> dict[str, bytes]:
         """All xattrs of ``rel`` (not following a symlink); {} where unsupported."""
-        target, follow = self._xattr_target(rel)
-        try:
-            names = os.listxattr(target, follow_symlinks=follow)
-        except OSError:
-            return {}
-        out = {}
-        for name in names:
-            try:
-                out[name] = os.getxattr(target, name, follow_symlinks=follow)
-            except OSError:
-                continue
-        return out
+        return read_xattrs(*self._xattr_target(rel))
 
     def xattr(self, rel: str, name: str) -> bytes | None:
         target, follow = self._xattr_target(rel)

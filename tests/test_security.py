@@ -17,7 +17,7 @@ import pytest
 
 from helpers import assert_one_line_error, make_tar
 from store.fstree import remove_tree
-from store import Store
+from store import Store, StoreError
 from store.records import Kind
 from unionrunner import RENAME_EXCHANGE, renameat2
 
@@ -98,56 +98,56 @@ def test_symlink_swap_race_on_import_dir(layerfs, tmp_path, store_root):
                 assert f.read() != SECRET
 
 
+def _refused_after_scan(monkeypatch, store_root: str, src, change, word: str) -> None:
+    """Import ``src`` with ``change(tree)`` run between the scan and the reading of the
+    files: the import must fail, saying ``word``, and record nothing."""
+    from store import dirimport
+
+    real_scan = dirimport.scan_dir
+
+    def scan_then_change(tree):
+        out = real_scan(tree)
+        change(tree)
+        return out
+
+    monkeypatch.setattr(dirimport, "scan_dir", scan_then_change)
+    with Store(store_root) as s:
+        with pytest.raises(StoreError) as err:
+            s.import_dir(str(src))
+        assert word in str(err.value)
+        assert s.images() == []
+
+
 def test_file_replaced_between_scan_and_read_is_refused(tmp_path, store_root, monkeypatch):
     """A regular file replaced by another regular file of the same size (a new inode)
     after the scan: refused, not read."""
-    from store import dirimport
-
     src = tmp_path / "src"
     src.mkdir()
     (src / "a").write_bytes(b"first\n")
-    real_scan = dirimport.scan_dir
 
-    def scan_then_swap(tree):
-        out = real_scan(tree)
+    def swap(tree):
         (src / "b").write_bytes(b"other\n")
         os.replace(src / "b", src / "a")
-        return out
 
-    monkeypatch.setattr(dirimport, "scan_dir", scan_then_swap)
-    with Store(store_root) as s:
-        with pytest.raises(Exception) as err:
-            s.import_dir(str(src))
-        assert "changed" in str(err.value)
-        assert s.images() == []
+    _refused_after_scan(monkeypatch, store_root, src, swap, "changed")
 
 
 def test_directory_replaced_by_symlink_between_scan_and_read_is_refused(tmp_path, store_root,
                                                                          monkeypatch):
-    from store import dirimport
-
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "f").write_bytes(b"outside\n")
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     (src / "d" / "f").write_bytes(b"inside!\n")
-    real_scan = dirimport.scan_dir
 
-    def scan_then_swap(tree):
-        out = real_scan(tree)
-        tree.close()  # drop the directory fds the scan kept
+    def swap(tree):
+        tree.close()  # drop the directory fds the scan kept open
         tree._chain, tree.root_fd = [], os.open(tree.root, os.O_RDONLY | os.O_DIRECTORY)
         os.rename(src / "d", tmp_path / "d-old")
         os.symlink(str(outside), src / "d")
-        return out
 
-    monkeypatch.setattr(dirimport, "scan_dir", scan_then_swap)
-    with Store(store_root) as s:
-        with pytest.raises(Exception) as err:
-            s.import_dir(str(src))
-        assert "replaced" in str(err.value)
-        assert s.images() == []
+    _refused_after_scan(monkeypatch, store_root, src, swap, "replaced")
 
 
 # -- a second user -----------------------------------------------------------------------------------
