@@ -50,6 +50,7 @@ root_option = click.option(
 
 
 def open_store(root: str | None) -> Store:
+    """Open the store, printing its notes (a store found readable by others) on stderr."""
     store = Store(root)
     for note in store.notes:
         click.echo(f"layerfs: note: {note}", err=True)

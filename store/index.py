@@ -55,9 +55,9 @@ def data_file(path: str) -> str:
     return os.path.join(path, "data.mdb")
 
 
-def truncation(path: str) -> str | None:
-    """Why the index at ``path`` cannot be mapped safely (its data.mdb is shorter than
-    the pages its newest meta page uses: reading those would be a SIGBUS), or None."""
+def mapped_size(path: str) -> tuple[int, int] | None:
+    """(bytes in the data file of the index at ``path``, bytes its newest meta page says
+    its pages take), or None if there is no data file or it has no valid meta page."""
     try:
         with open(data_file(path), "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -66,23 +66,25 @@ def truncation(path: str) -> str | None:
         return None
     metas = []
     page_size = 0
-    for off in (0, None):
-        if off is None:  # the second meta page starts one page in
-            if not page_size:
-                break
-            off = page_size
-        if len(head) < off + _PAGE_HEADER + _META.size:
+    offset = 0
+    while len(metas) < 2 and len(head) >= offset + _PAGE_HEADER + _META.size:
+        magic, _, _, _, psize, last_pg, txnid = _META.unpack_from(head, offset + _PAGE_HEADER)
+        if magic != _MAGIC or not psize:
             break
-        magic, _, _, _, psize, last_pg, txnid = _META.unpack_from(head, off + _PAGE_HEADER)
-        if magic != _MAGIC:
-            continue
         page_size = page_size or psize
         metas.append((txnid, last_pg))
-    if not metas or not page_size:
+        offset += page_size  # the second meta page starts one page in
+    if not metas:
         return None  # not an LMDB file at all: LMDB refuses it by itself, safely
-    need = (max(metas)[1] + 1) * page_size
-    if size < need:
-        return f"it is truncated ({size} bytes where its pages need {need})"
+    return size, (max(metas)[1] + 1) * page_size
+
+
+def truncation(path: str) -> str | None:
+    """Why the index at ``path`` cannot be mapped safely (its data file is shorter than
+    the pages it uses: reading those would be a SIGBUS), or None."""
+    sizes = mapped_size(path)
+    if sizes is not None and sizes[0] < sizes[1]:
+        return f"it is truncated ({sizes[0]} bytes where its pages need {sizes[1]})"
     return None
 
 
@@ -107,10 +109,11 @@ class Index:
         problem = truncation(path)
         if problem:
             raise IndexDamaged(f"the index {data_file(path)} is damaged: {problem}; run layerfs fsck")
-        self.created = size <= 0
         try:
             self.env = lmdb.open(path, map_size=map_size, max_dbs=len(DATABASES) + 4,
                                  subdir=True, readahead=False, max_readers=256, mode=0o600)
+        except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError) as e:
+            raise IndexDamaged(f"the index at {path} is damaged ({e}); run layerfs fsck") from None
         except lmdb.Error as e:
             raise NotAStore(f"cannot open the index at {path}: {e}") from None
         self.dbs: dict[str, object] = {}
@@ -122,7 +125,8 @@ class Index:
         except lmdb.MapFullError:
             raise StoreFull(f"the index at {path} is full and cannot grow") from None
         except lmdb.Error as e:
-            raise StoreCorrupt(f"the index at {path} is damaged: {e}") from None
+            self.env.close()
+            raise IndexDamaged(f"the index at {path} is damaged: {e}; run layerfs fsck") from None
 
     def _check_schema(self, txn: lmdb.Transaction, path: str) -> None:
         meta = self.dbs["meta"]

@@ -38,7 +38,7 @@ from . import marker as markermod
 from .blobs import BlobStore
 from .errors import StoreError
 from .export import layer_tar
-from .index import DATABASES, SCHEMA_VERSION, Index, data_file, delete_prefix, prefix_scan, truncation
+from .index import DATABASES, SCHEMA_VERSION, Index, data_file, delete_prefix, mapped_size, prefix_scan
 from .keys import entry_key
 from .lock import StoreLock
 from .migrate import v1_entry_key
@@ -123,10 +123,9 @@ def _readable_copy(damaged: str, scratch: str) -> str | None:
     os.makedirs(scratch, mode=0o700)
     copy = os.path.join(scratch, "data.mdb")
     shutil.copyfile(data, copy)
-    problem = truncation(scratch)
-    if problem:
-        need = int(problem.rsplit("need ", 1)[1].split(")")[0])
-        os.truncate(copy, need)
+    sizes = mapped_size(scratch)
+    if sizes is not None and sizes[0] < sizes[1]:
+        os.truncate(copy, sizes[1])  # zeros where the pages were: LMDB reads, never SIGBUS
     return scratch
 
 
