@@ -159,6 +159,11 @@ def test_commit_of_deep_paths(layerfs, deep_image, store_root, tmp_path):
         assert layerfs("cat", "deep:2", "/" + new_path, check=True).stdout == b"new at depth 2046\n"
         assert layerfs("cat", "deep:2", "/" + NARROW_FILE, check=True).stdout.startswith(b"at the bottom")
         assert layerfs("fsck", check=True).returncode == 0
+        # The commit's canonical tar exports, its sha256 the layer id, the deep file in it.
+        top = json.loads(layerfs("inspect", "deep:2", check=True).stdout)["layers"][-1]
+        out = layerfs("export-layer", top, "-o", "-", check=True).stdout
+        assert "sha256:" + hashlib.sha256(out).hexdigest() == top
+        assert new_path in tarfile.open(fileobj=io.BytesIO(out)).getnames()
     finally:
         # rm takes the deep upper away (pytest's own clean-up recurses once per level).
         layerfs("rm", "deepc", check=True)
