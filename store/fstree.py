@@ -180,8 +180,8 @@ class Tree:
 
 def remove_tree(path: str) -> None:
     """Remove ``path`` and everything below it, at any depth, without following symlinks
-    (shutil.rmtree recurses once per level and fails on deep trees). Best effort: what
-    cannot be removed stays."""
+    or entering another filesystem mounted below it (shutil.rmtree recurses once per
+    level and fails on deep trees). Best effort: what cannot be removed stays."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -207,10 +207,13 @@ def remove_tree(path: str) -> None:
                         break
             if sub is not None:
                 try:
-                    stack.append((os.open(sub, _DIR_FLAGS, dir_fd=fd), sub))
-                    continue
+                    sub_fd = os.open(sub, _DIR_FLAGS, dir_fd=fd)
                 except OSError:
                     return
+                stack.append((sub_fd, sub))
+                if os.fstat(sub_fd).st_dev != st.st_dev:
+                    return  # a mount point: what is mounted there is not ours to delete
+                continue
             os.close(fd)
             stack.pop()
             # A directory that stays non-empty (permissions, a mount point) ends the

@@ -161,7 +161,8 @@ def as_nobody(*cmd: str, env: dict | None = None) -> subprocess.CompletedProcess
 
 @pytest.fixture
 def public_dir():
-    """A directory every user may search (pytest's own are root's alone), removed after."""
+    """A directory every user may search (pytest's own are root's alone), removed after
+    (ask for it before ``mounts``, so that what is mounted in it is unmounted first)."""
     d = tempfile.mkdtemp(prefix="layerfs-public-", dir="/tmp")
     os.chmod(d, 0o755)
     try:
@@ -275,8 +276,8 @@ def _access(layerfs, cid: str) -> dict:
 
 
 @needs_root
-def test_setuid_file_in_a_mount_other_users_reach_runs_without_privilege(layerfs, mounts,
-                                                                         suid_image, public_dir):
+def test_setuid_file_in_a_mount_other_users_reach_runs_without_privilege(layerfs, public_dir,
+                                                                         mounts, suid_image):
     """Root mounts at a mountpoint any user can reach and lets them in (allow_other): a
     setuid-root program runs with the caller's uid, and a 0666 device node cannot be
     opened. The issue's attack gave euid 0 here."""
@@ -291,7 +292,7 @@ def test_setuid_file_in_a_mount_other_users_reach_runs_without_privilege(layerfs
 
 
 @needs_root
-def test_mount_other_users_reach_is_roots_alone_by_default(layerfs, mounts, suid_image, public_dir):
+def test_mount_other_users_reach_is_roots_alone_by_default(layerfs, public_dir, mounts, suid_image):
     mnt = os.path.join(public_dir, "mnt")
     cid = mounts(suid_image, mnt)
     assert as_nobody("ls", mnt).returncode != 0  # FUSE lets only the mounting user in
@@ -299,7 +300,7 @@ def test_mount_other_users_reach_is_roots_alone_by_default(layerfs, mounts, suid
 
 
 @needs_root
-def test_suid_when_asked(layerfs, mounts, suid_image, public_dir):
+def test_suid_when_asked(layerfs, public_dir, mounts, suid_image):
     mnt = os.path.join(public_dir, "mnt")
     cid = mounts(suid_image, mnt, "-o", "allow_other", "--suid")
     assert _euid_of_suid_id(mnt) == b"0"
@@ -331,3 +332,21 @@ def test_users_cannot_ask_for_suid(monkeypatch, tmp_path):
     assert exposure(str(tmp_path), {}) == {"allow_other": False, "nosuid": True, "nodev": True}
     with pytest.raises(MountError):
         exposure(str(tmp_path), {"suid": True})
+
+
+@needs_root
+def test_removing_a_container_does_not_enter_a_filesystem_mounted_in_it(layerfs, tmp_path, store_root):
+    """rm deletes the container's directory, not what someone mounted below it."""
+    tar = make_tar(str(tmp_path / "l.tar"), [("f", "f", b"f\n")])
+    layerfs("import-layer", tar, "-t", "l:1", check=True)
+    cid = layerfs("create", "l:1", "--name", "c", check=True).stdout.decode().strip()
+    sub = os.path.join(store_root, "containers", cid, "upper", "sub")
+    os.mkdir(sub)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", sub], check=True)
+    try:
+        with open(os.path.join(sub, "precious"), "w") as f:
+            f.write("not the container's\n")
+        layerfs("rm", "c", check=True)
+        assert open(os.path.join(sub, "precious")).read() == "not the container's\n"
+    finally:
+        subprocess.run(["umount", sub], check=True)
