@@ -172,9 +172,10 @@ class Ingest:
         self._n += 1
         return BlobWriter(self, os.path.join(self.dir, f"new-{self._n}"))
 
-    def copy_file(self, path: str) -> Iterator[bytes]:
-        """Copy a file into a new blob in the kernel (a reflink where the filesystem can),
-        then yield its bytes once for hashing; the generator's return value is the blob id.
+    def copy_file(self, src: int, what: str) -> Iterator[bytes]:
+        """Copy the open file ``src`` (from its start) into a new blob in the kernel (a
+        reflink where the filesystem can), then yield its bytes once for hashing; the
+        generator's return value is the blob id. ``what`` names the file in errors.
 
         The copy is made first and read back, so the blob holds exactly the bytes that
         were hashed even if the source changes meanwhile.
@@ -182,8 +183,9 @@ class Ingest:
         self._n += 1
         tmp = os.path.join(self.dir, f"new-{self._n}")
         try:
-            with open(path, "rb") as src, open(tmp, "wb") as dst:
-                _copy_fd(src.fileno(), dst.fileno())
+            with open(tmp, "wb") as dst:
+                os.lseek(src, 0, os.SEEK_SET)
+                _copy_fd(src, dst.fileno())
             h = new_hasher()
             size = 0
             with open(tmp, "rb") as f:
@@ -192,7 +194,7 @@ class Ingest:
                     size += len(chunk)
                     yield chunk
         except OSError as e:
-            raise os_error(e, f"copying {path} into a blob") from None
+            raise os_error(e, f"copying {what} into a blob") from None
         if size == 0:
             os.unlink(tmp)
             return ""
@@ -246,12 +248,12 @@ class Ingest:
         try:
             if self.staged:
                 for blob_id in self.staged:
-                    os.chmod(os.path.join(self.dir, blob_id), 0o444)
+                    os.chmod(os.path.join(self.dir, blob_id), 0o400)  # immutable, private
                 syncfs(self.dir)
                 crashpoints.point("ingest-staged")
                 for blob_id in self.staged:
                     src, dst = os.path.join(self.dir, blob_id), self.blobs.path(blob_id)
-                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
                     try:
                         os.link(src, dst)
                         self.published.append(dst)

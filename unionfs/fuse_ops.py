@@ -486,12 +486,14 @@ class UnionFUSE(mfusepy.FUSE):
 def serve(view: UnionView, mountpoint: str, *, foreground: bool = True, options: dict | None = None,
           on_ready=None, debug: bool = False) -> None:
     """Mount ``view`` at ``mountpoint`` and serve until unmounted (blocks)."""
+    from .mount import exposure
+
     opts = {"fsname": "layerfs", "subtype": "layerfs", "default_permissions": True}
-    if os.geteuid() == 0:
-        opts.update(allow_other=True, suid=True, dev=True)
     if view.read_only:
         opts["ro"] = True
-    opts.update(options or {})
+    requested = dict(options or {})
+    opts.update(exposure(mountpoint, requested))  # allow_other, suid, dev: see SECURITY.md
+    opts.update(requested)
     debug = bool(opts.pop("debug", debug))
     UnionFUSE(UnionOperations(view, on_ready), mountpoint, raw_fi=True, foreground=foreground,
               debug=debug, **opts)
