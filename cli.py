@@ -45,14 +45,25 @@ class _Cli(click.Group):
             ctx.exit(130)
 
 
+root_option = click.option(
+    "--root", envvar="LAYERFS_ROOT", metavar="DIR",
+    help="Store directory [env LAYERFS_ROOT; default /var/lib/layerfs as root, else ~/.local/share/layerfs].")
+
+
+def open_store(root: str | None) -> Store:
+    """Open the store, printing its notes (a store found readable by others) on stderr."""
+    store = Store(root)
+    for note in store.notes:
+        click.echo(f"layerfs: note: {note}", err=True)
+    return store
+
+
 def with_store(fn):
     """Add ``--root`` and pass an open Store as the first argument."""
-    @click.option("--root", envvar="LAYERFS_ROOT", metavar="DIR",
-                  help="Store directory [env LAYERFS_ROOT; default /var/lib/layerfs as root, "
-                       "else ~/.local/share/layerfs].")
+    @root_option
     @functools.wraps(fn)
     def wrapper(root, **kwargs):
-        with Store(root) as store:
+        with open_store(root) as store:
             return fn(store, **kwargs)
     return wrapper
 
@@ -240,14 +251,21 @@ def layers(store: Store, as_json: bool) -> None:
               help="Print only the image's config, byte for byte (its sha256 is the image id).")
 @with_store
 def inspect(store: Store, ref: str, raw_config: bool) -> None:
-    """Show an image (with its OCI config) or a layer as JSON."""
+    """Show an image (with its OCI config), a layer or a container as JSON."""
     try:
         rec = store.resolve_image(ref)
     except StoreError as image_error:
         try:
             layer = store.resolve_layer(ref)
         except StoreError:
-            raise image_error from None
+            c = store.containers.find(ref)
+            if c is None:
+                raise image_error from None
+            if raw_config:
+                raise StoreError(f"{ref} is a container; only images have a config")
+            from unionfs.mount import state
+            click.echo(json.dumps({"type": "container", **_container_json(c, state(c))}, indent=2))
+            return
         if raw_config:
             raise StoreError(f"{ref} is a layer; only images have a config")
         click.echo(json.dumps({"type": "layer", **_layer_json(layer)}, indent=2))
@@ -295,11 +313,34 @@ def export_layer(store: Store, layer: str, output: str) -> None:
         store.export_layer(layer, output)
 
 
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def shown(text: str) -> str:
+    """A name from an image as it may be printed to a terminal: backslash, control and
+    other unprintable characters (escape sequences, line breaks, bidi overrides) and
+    undecodable bytes escaped, so a name cannot forge lines or drive the terminal."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ch.isprintable():
+            out.append(ch)
+        elif 0xDC80 <= code <= 0xDCFF:  # an undecodable byte (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
 def _ls_line(name: str, e: Entry) -> str:
     size = f"{e.rdev_major}, {e.rdev_minor}" if e.kind in (Kind.CHR, Kind.BLK) else str(e.size)
     line = (f"{stat.filemode(e.st_mode)} {e.nlink:>3} {e.uid:>5} {e.gid:>5} {size:>10} "
-            f"{when(e.mtime_ns)[:16]} {name}")
-    return line + (f" -> {e.target}" if e.kind == Kind.SYMLINK else "")
+            f"{when(e.mtime_ns)[:16]} {shown(name)}")
+    return line + (f" -> {shown(e.target)}" if e.kind == Kind.SYMLINK else "")
 
 
 def _entry_json(path: str, e: Entry) -> dict:
@@ -334,7 +375,7 @@ def _ls(store: Store, image: str, path: str, recursive: bool, as_json: bool) -> 
             rows += [_entry_json(f"{d}/{n}" if d else n, e) for n, e in children]
         else:
             if recursive:
-                click.echo(("" if first else "\n") + f"/{d}:")
+                click.echo(("" if first else "\n") + f"/{shown(d)}:")
             for n, e in children:
                 click.echo(_ls_line(n, e))
         first = False
@@ -433,19 +474,26 @@ def prune(store: Store, dry_run: bool, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--fast", is_flag=True, help="Check blob presence and size only, not contents.")
-@click.option("--repair", is_flag=True, help="Move damaged blobs aside and drop their records.")
+@click.option("--repair", is_flag=True,
+              help="Move damaged blobs aside and drop their records; rebuild a damaged index from "
+                   "what can still be read.")
 @json_option
-@with_store
-def fsck(store: Store, fast: bool, repair: bool, as_json: bool) -> None:
+@root_option
+def fsck(root: str | None, fast: bool, repair: bool, as_json: bool) -> None:
     """Check the store; exit 0 if it is clean, 1 if anything is damaged."""
-    r = store.fsck(fast=fast, repair=repair)
+    from store.fsck import fsck as check_store
+
+    r = check_store(Store.root_of(root), fast=fast, repair=repair)
+    for note in r.notes:
+        click.echo(f"layerfs: note: {note}", err=True)
     if as_json:
         click.echo(json.dumps({"clean": r.clean, "blobs_checked": r.blobs_checked,
                                "layers_checked": r.layers_checked, "images_checked": r.images_checked,
                                "problems": [{"kind": p.kind, "subject": p.subject, "detail": p.detail}
                                             for p in r.problems],
                                "damaged_layers": r.damaged_layers, "damaged_images": r.damaged_images,
-                               "moved_aside": r.repaired}, indent=2))
+                               "moved_aside": r.repaired, "index_held": r.index_held,
+                               "rebuilt": r.rebuilt}, indent=2))
     else:
         for p in r.problems:
             click.echo(f"{p.kind}: {p.subject}: {p.detail}")
@@ -455,8 +503,18 @@ def fsck(store: Store, fast: bool, repair: bool, as_json: bool) -> None:
             click.echo(f"damaged image: {d}")
         for b in r.repaired:
             click.echo(f"moved aside: {b}")
-        click.echo(f"{'clean' if r.clean else 'DAMAGED'}: {r.blobs_checked} blobs, "
-                   f"{r.layers_checked} layers, {r.images_checked} images checked")
+        for line in r.rebuilt:
+            click.echo(line)
+        if r.rebuilt:
+            click.echo("REPAIRED: the index was rebuilt from what could be read (see above)")
+        elif r.index_held is not None:
+            for image, tags in r.index_held["images"].items():
+                click.echo(f"the index held image {image} ({', '.join(tags) or 'untagged'})")
+            click.echo("DAMAGED: the index cannot be read; layerfs fsck --repair rebuilds what it "
+                       "can (the damaged index is kept)")
+        else:
+            click.echo(f"{'clean' if r.clean else 'DAMAGED'}: {r.blobs_checked} blobs, "
+                       f"{r.layers_checked} layers, {r.images_checked} images checked")
     if not r.clean:
         click.get_current_context().exit(1)
 
@@ -475,14 +533,24 @@ def create(store: Store, image: str, name: str | None) -> None:
 @click.argument("mountpoint", type=click.Path())
 @click.option("--read-only", is_flag=True, help="Mount without a writable layer.")
 @click.option("--foreground", "-f", is_flag=True, help="Serve in this process until unmounted.")
-@click.option("-o", "options", multiple=True, help="FUSE options (allow_other, ...); volatile skips syncs.")
+@click.option("--suid", is_flag=True,
+              help="Honour setuid bits and device nodes even where other users can reach the mount "
+                   "(-o suid,dev).")
+@click.option("-o", "options", multiple=True,
+              help="FUSE options: allow_other, suid, dev, nosuid, nodev (see SECURITY.md), ...; "
+                   "volatile skips syncs.")
 @with_store
-def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: bool,
+def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: bool, suid: bool,
           options: tuple[str, ...]) -> None:
-    """Mount an image or container at MOUNTPOINT (returns once the mount serves)."""
+    """Mount an image or container at MOUNTPOINT (returns once the mount serves).
+
+    As root, a mount below a directory only root can search (like /var/lib/layerfs) lets
+    every uid in and honours setuid bits and device nodes; elsewhere it is root's alone
+    unless -o allow_other, and then setuid bits and devices stay off unless --suid.
+    """
     from unionfs import mount as mnt
 
-    opts = mnt.parse_options(options)
+    opts = mnt.parse_options(options + (("suid,dev",) if suid else ()))
     volatile = bool(opts.pop("volatile", False))
     if foreground:
         mnt.mount_foreground(store, ref, mountpoint, read_only=read_only, options=opts,
@@ -511,14 +579,33 @@ def ps(store: Store, as_json: bool) -> None:
 
     rows = [(c, state(c)) for c in store.containers.list()]
     if as_json:
-        click.echo(json.dumps([{"id": c.id, "name": c.name, "image": c.image_id, "state": st,
-                                "mountpoint": c.mountpoint or None, "pid": c.pid or None,
-                                "created": c.created_ns / 1e9} for c, st in rows], indent=2))
+        click.echo(json.dumps([_container_json(c, st) for c, st in rows], indent=2))
         return
-    out = [["CONTAINER ID", "NAME", "IMAGE", "STATE", "MOUNTPOINT"]]
+    out = [["CONTAINER ID", "NAME", "IMAGE", "STATE", "ACCESS", "MOUNTPOINT"]]
     for c, st in rows:
-        out.append([c.id[:12], c.name, short(c.image_id), st, c.mountpoint or "-"])
+        out.append([c.id[:12], c.name, short(c.image_id), st, _access_text(c, st), c.mountpoint or "-"])
     table(out)
+
+
+def _access(c, st: str) -> dict | None:
+    """Who may use the container's live mount: allow_other, suid, dev (from the kernel)."""
+    from unionfs.mount import mount_access
+
+    return mount_access(c.mountpoint) if st == "mounted" else None
+
+
+def _access_text(c, st: str) -> str:
+    a = _access(c, st)
+    if a is None:
+        return "-"
+    return ",".join(["all users" if a["allow_other"] else "owner"]
+                    + [k for k in ("suid", "dev") if a[k]])
+
+
+def _container_json(c, st: str) -> dict:
+    return {"id": c.id, "name": c.name, "image": c.image_id, "state": st,
+            "mountpoint": c.mountpoint or None, "pid": c.pid or None, "created": c.created_ns / 1e9,
+            "access": _access(c, st)}
 
 
 @cli.command()
@@ -546,7 +633,7 @@ def diff(store: Store, container: str, as_json: bool) -> None:
         click.echo(json.dumps([{"kind": r.kind, "path": r.path} for r in rows], indent=2))
         return
     for r in rows:
-        click.echo(f"{r.kind} {r.path}")
+        click.echo(f"{r.kind} {shown(r.path)}")
 
 
 @cli.command()

@@ -77,6 +77,46 @@ def quiesce() -> None:
     os.sync()
 
 
+def drop_caches() -> None:
+    """Write back dirty pages, then drop the page cache, dentries and inodes (root only)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def mountpoints_under(*roots: str) -> list[str]:
+    """Mount points at or below any of ``roots`` (deepest first)."""
+    roots = tuple(os.path.realpath(r) for r in roots)
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mnt = line.split()[4].encode().decode("unicode_escape")
+            if any(mnt == r or mnt.startswith(r + "/") for r in roots):
+                out.append(mnt)
+    return sorted(out, key=len, reverse=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_pid(mnt: str, marker: str) -> int:
+    """The serving process of ``mnt`` (its command line names the mountpoint or ``marker``)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(os.fsencode(mnt) == a or a.endswith(os.fsencode(mnt)) for a in args) \
+                and any(marker.encode() in a for a in args):
+            return int(pid)
+    raise RuntimeError(f"no server found for {mnt}")
+
+
 def fs_type(path: str) -> str:
     try:
         out = subprocess.run(["df", "-T", path], stdout=subprocess.PIPE, text=True, check=True).stdout

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from _common import layerfs_cmd, run
+from _common import layerfs_cmd, mountpoints_under, run, server_pid
 
 BIG = "big.bin"
 BLOCK = 4 << 20
@@ -182,18 +182,6 @@ def build_flat(plan: Plan, layer_dirs: list[str], n: int, dst: str, big_copy: st
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def mountpoints_under(*roots: str) -> list[str]:
-    """Mount points at or below any of ``roots`` (deepest first)."""
-    roots = tuple(os.path.realpath(r) for r in roots)
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mnt = line.split()[4].encode().decode("unicode_escape")
-            if any(mnt == r or mnt.startswith(r + "/") for r in roots):
-                out.append(mnt)
-    return sorted(out, key=len, reverse=True)
-
-
 def is_mounted(path: str) -> bool:
     return os.path.realpath(path) in mountpoints_under(path)
 
@@ -203,30 +191,6 @@ class Mount:
 
     def __init__(self, system: str, path: str, seconds: float, pid: int | None = None, **info) -> None:
         self.system, self.path, self.seconds, self.pid, self.info = system, path, seconds, pid, info
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads, also exited ones), from
-    /proc/PID/stat: a resolution of one clock tick (10 ms)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def find_server(module: str, mountpoint: str) -> int | None:
-    """The pid of the ``python -m MODULE ... MOUNTPOINT ...`` process serving ``mountpoint``."""
-    want = (module.encode(), os.fsencode(os.path.realpath(mountpoint)))
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if all(w in argv for w in want):
-            return int(name)
-    return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -381,8 +345,11 @@ class Bench:
             t0 = time.perf_counter()
             p = subprocess.run(cmd + ["-o", opts, self.mnt], stdin=subprocess.DEVNULL, capture_output=True)
             m.seconds = time.perf_counter() - t0
-            m.pid = find_server("unionfs.compat", self.mnt)
-            if p.returncode != 0 or m.pid is None:
+            try:
+                m.pid = server_pid(self.mnt, "unionfs.compat") if p.returncode == 0 else None
+            except RuntimeError:
+                pass
+            if m.pid is None:
                 self.unmount(m)
                 why = p.stderr.decode(errors="replace").strip() or "its server is not running"
                 raise NotAvailable(f"fuse-layerfs did not mount (exit {p.returncode}): {why}")
@@ -400,10 +367,11 @@ class Bench:
                 raise NotAvailable(f"layerfs mount failed: {e}") from None
             m.seconds = time.perf_counter() - t0
             m.info["container"] = p.stdout.decode().strip()
-            m.pid = find_server("unionfs.mount", self.mnt)
-            if m.pid is None:
+            try:
+                m.pid = server_pid(self.mnt, "unionfs.mount")
+            except RuntimeError as e:
                 self.unmount(m)
-                raise NotAvailable("layerfs mount returned, but no unionfs.mount process serves the mount")
+                raise NotAvailable(f"layerfs mount returned, but {e}") from None
             return m
         raise ValueError(system)
 
@@ -502,12 +470,6 @@ def _dmesg_tail() -> str:
 
 
 # -- workloads ------------------------------------------------------------------------
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def read_all(path: str, buf: bytearray | None = None) -> int:

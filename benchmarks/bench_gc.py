@@ -38,7 +38,7 @@ import tarfile
 import tempfile
 import time
 
-from _common import REPO, layerfs_cmd, loadavg, machine, print_table, quiesce, write_json
+from _common import REPO, drop_caches, layerfs_cmd, loadavg, machine, print_table, quiesce, write_json
 
 sys.path.insert(0, REPO)
 
@@ -101,12 +101,6 @@ def remove_odd_images(root: str, nlayers: int) -> float:
         for n in range(1, nlayers, 2):
             store.rmi(f"bench:{n}")
     return time.perf_counter() - t0
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def measure(root: str, args: list[str], cold: bool, ok_codes=(0,)) -> dict:

@@ -20,7 +20,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import layerfs_cmd, loadavg, machine, print_table, run, write_json  # noqa: E402
+from _common import cpu_seconds, layerfs_cmd, loadavg, machine, print_table, run, server_pid, write_json  # noqa: E402
 
 PER_DIR = 1000
 
@@ -51,26 +51,6 @@ def status_kb(pid: int, field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def server_pid(mnt: str, marker: str) -> int:
-    """The serving process of ``mnt`` (its command line names the mountpoint or ``marker``)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if any(os.fsencode(mnt) == a or a.endswith(os.fsencode(mnt)) for a in args) \
-                and any(marker.encode() in a for a in args):
-            return int(pid)
-    raise RuntimeError(f"no server found for {mnt}")
 
 
 def walk(mnt: str, walks: int, pid: int) -> dict:

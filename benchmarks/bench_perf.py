@@ -69,9 +69,9 @@ import tempfile
 import time
 from typing import Callable
 
-from _common import cached_debootstrap, layerfs_cmd, loadavg, machine, median, print_table, write_json
+from _common import cached_debootstrap, cpu_seconds, layerfs_cmd, loadavg, machine, median, print_table, write_json
 from _stack import (BIG, FUSE_OVERLAYFS, Bench, Check, Interrupted, Mount, NotAvailable, Plan, build_flat,
-                    catch_signals, cpu_seconds, finish, layerfs_code, read_all, version, walk, write_layers)
+                    catch_signals, finish, layerfs_code, read_all, version, walk, write_layers)
 
 from store import Store
 

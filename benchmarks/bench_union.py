@@ -67,9 +67,9 @@ import sys
 import tempfile
 import time
 
-from _common import layerfs_cmd, loadavg, machine, median, print_table, run, write_json
+from _common import drop_caches, layerfs_cmd, loadavg, machine, median, print_table, run, write_json
 from _stack import (BIG, FUSE_OVERLAYFS, Bench, Check, Interrupted, Mount, NotAvailable, Plan, build_flat,
-                    catch_signals, drop_caches, finish, layerfs_code, read_all, version, walk, write_layers)
+                    catch_signals, finish, layerfs_code, read_all, version, walk, write_layers)
 
 SYSTEMS = ("plain", "kernel", "fuse-overlayfs", "layerfs")
 RATIO_BASE = "fuse-overlayfs"

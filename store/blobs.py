@@ -104,26 +104,42 @@ class BlobStore:
         except FileNotFoundError:
             raise StoreCorrupt(f"blob {blob_id} is missing from the store") from None
 
+    VERIFIED_MAX = 200_000  # checks remembered (then forgotten at once and made again)
+
     def open_verified(self, blob_id: str) -> BinaryIO:
         """Open a blob after checking its contents against its id: damaged data gives
         StoreCorrupt, never wrong bytes. A check holds while the file's inode, size,
         mtime and ctime stay the same (any write to it changes them)."""
-        f = self.open(blob_id)
+        return os.fdopen(self.verified_fd(blob_id), "rb")
+
+    def verified_fd(self, blob_id: str) -> int:
+        """:meth:`open_verified` as a bare descriptor, which the caller closes (a mount
+        opens blobs at every first open of a file: no file object on that path)."""
         if not blob_id:
-            return f
-        st = os.fstat(f.fileno())
-        key = (blob_id, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        if key not in self._verified:
-            h = new_hasher()
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-            if h.hexdigest() != blob_id.split("-", 1)[0]:
-                f.close()
-                raise StoreCorrupt(f"blob {blob_id} is damaged (its contents do not match its "
-                                   "hash); run layerfs fsck")
-            self._verified.add(key)
-            f.seek(0)
-        return f
+            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = os.open(self.path(blob_id), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StoreCorrupt(f"blob {blob_id} is missing from the store") from None
+        try:
+            st = os.fstat(fd)
+            key = (blob_id, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if key not in self._verified:
+                h = new_hasher()
+                offset = 0
+                while chunk := os.pread(fd, CHUNK, offset):
+                    h.update(chunk)
+                    offset += len(chunk)
+                if h.hexdigest() != blob_id.split("-", 1)[0]:
+                    raise StoreCorrupt(f"blob {blob_id} is damaged (its contents do not match its "
+                                       "hash); run layerfs fsck")
+                if len(self._verified) >= self.VERIFIED_MAX:
+                    self._verified.clear()
+                self._verified.add(key)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def ingest(self) -> "Ingest":
         """Start staging new blobs; use as a context manager (aborts unless published)."""
@@ -156,9 +172,10 @@ class Ingest:
         self._n += 1
         return BlobWriter(self, os.path.join(self.dir, f"new-{self._n}"))
 
-    def copy_file(self, path: str) -> Iterator[bytes]:
-        """Copy a file into a new blob in the kernel (a reflink where the filesystem can),
-        then yield its bytes once for hashing; the generator's return value is the blob id.
+    def copy_file(self, src: int, what: str) -> Iterator[bytes]:
+        """Copy the open file ``src`` (from its start) into a new blob in the kernel (a
+        reflink where the filesystem can), then yield its bytes once for hashing; the
+        generator's return value is the blob id. ``what`` names the file in errors.
 
         The copy is made first and read back, so the blob holds exactly the bytes that
         were hashed even if the source changes meanwhile.
@@ -166,8 +183,9 @@ class Ingest:
         self._n += 1
         tmp = os.path.join(self.dir, f"new-{self._n}")
         try:
-            with open(path, "rb") as src, open(tmp, "wb") as dst:
-                _copy_fd(src.fileno(), dst.fileno())
+            with open(tmp, "wb") as dst:
+                os.lseek(src, 0, os.SEEK_SET)
+                _copy_fd(src, dst.fileno())
             h = new_hasher()
             size = 0
             with open(tmp, "rb") as f:
@@ -176,7 +194,7 @@ class Ingest:
                     size += len(chunk)
                     yield chunk
         except OSError as e:
-            raise os_error(e, f"copying {path} into a blob") from None
+            raise os_error(e, f"copying {what} into a blob") from None
         if size == 0:
             os.unlink(tmp)
             return ""
@@ -230,12 +248,12 @@ class Ingest:
         try:
             if self.staged:
                 for blob_id in self.staged:
-                    os.chmod(os.path.join(self.dir, blob_id), 0o444)
+                    os.chmod(os.path.join(self.dir, blob_id), 0o400)  # immutable, private
                 syncfs(self.dir)
                 crashpoints.point("ingest-staged")
                 for blob_id in self.staged:
                     src, dst = os.path.join(self.dir, blob_id), self.blobs.path(blob_id)
-                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
                     try:
                         os.link(src, dst)
                         self.published.append(dst)

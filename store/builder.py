@@ -21,8 +21,9 @@ from . import crashpoints
 from .blobs import Ingest, blob_size_record
 from .errors import BadArchive, HostileArchive
 from .index import Index
+from .keys import NAME_MAX, PATH_MAX, entry_key
 from .records import (IMPLICIT, OPAQUE, Entry, Kind, LayerRecord, Source, digest_bytes,
-                      entry_key, pack_entry, pack_layer, unpack_layer)
+                      pack_entry, pack_layer, unpack_layer)
 
 T = TypeVar("T")
 
@@ -32,18 +33,75 @@ _IMPLICIT_DIR = Entry(Kind.DIR, mode=0o755, flags=IMPLICIT)
 def clean_path(name: str) -> str:
     """Normalise a member name to ``a/b/c`` ("" is the root); refuse escapes."""
     if name.startswith("/"):
-        raise HostileArchive(f"absolute path {name!r} in the layer")
+        raise HostileArchive(f"absolute path {shown(name)} in the layer")
     parts: list[str] = []
     for part in name.split("/"):
         if part in ("", "."):
             continue
         if part == "..":
             if not parts:
-                raise HostileArchive(f"path {name!r} escapes the layer")
+                raise HostileArchive(f"path {shown(name)} escapes the layer")
             parts.pop()
         else:
             parts.append(part)
     return "/".join(parts)
+
+
+# What Linux takes: an xattr name of 1-255 bytes, a value of up to 64 KiB, and a list of
+# names (each with its NUL) of up to 64 KiB, which also bounds how many one file has.
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+XATTR_LIST_MAX = 65536
+_I64 = 1 << 63
+
+
+def shown(path: str) -> str:
+    """A path for an error message: quoted, control characters escaped, a long one cut
+    in the middle."""
+    raw = path.encode("utf-8", "surrogateescape")
+    if len(raw) > 200:
+        head = raw[:80].decode("utf-8", "replace")
+        tail = raw[-80:].decode("utf-8", "replace")
+        return f"{head!r}...{tail!r} ({len(raw)} bytes)"
+    return repr(path)
+
+
+def check_path(path: str) -> None:
+    """Refuse a path the kernel could not show: a name over 255 bytes, a path over 4,095."""
+    raw = path.encode("utf-8", "surrogateescape")
+    if len(raw) > PATH_MAX:
+        raise BadArchive(f"the path {shown(path)} is longer than {PATH_MAX} bytes")
+    for name in raw.split(b"/"):
+        if len(name) > NAME_MAX:
+            raise BadArchive(f"the path {shown(path)} has a name of {len(name)} bytes "
+                             f"(at most {NAME_MAX})")
+
+
+def check_entry(path: str, e: Entry) -> None:
+    """Refuse an entry whose metadata the index or the kernel cannot hold."""
+    where = shown(path or "/")
+    if len(e.target.encode("utf-8", "surrogateescape")) > PATH_MAX:
+        raise BadArchive(f"{where} is a symlink whose target is longer than {PATH_MAX} bytes")
+    if e.size < 0:
+        raise BadArchive(f"{where} has a negative size ({e.size})")
+    if not -_I64 <= e.mtime_ns // 1_000_000_000 < _I64:
+        raise BadArchive(f"{where} has an mtime out of range")
+    for what, value in (("device major", e.rdev_major), ("device minor", e.rdev_minor)):
+        if not 0 <= value <= 0xFFFFFFFF:
+            raise BadArchive(f"{where} has a {what} number of {value}, beyond 32 bits")
+    listed = 0
+    for name, value in e.xattrs:
+        raw = name.encode("utf-8", "surrogateescape")
+        if not raw or len(raw) > XATTR_NAME_MAX or b"\0" in raw:
+            raise BadArchive(f"{where} has an xattr with an invalid name {name[:60]!r} "
+                             f"(1-{XATTR_NAME_MAX} bytes, no NUL)")
+        if len(value) > XATTR_SIZE_MAX:
+            raise BadArchive(f"{where} has an xattr {name!r} of {len(value)} bytes "
+                             f"(at most {XATTR_SIZE_MAX})")
+        listed += len(raw) + 1
+        if listed > XATTR_LIST_MAX:
+            raise BadArchive(f"{where} has more xattrs than Linux can list "
+                             f"({len(e.xattrs)} names; at most {XATTR_LIST_MAX} bytes of names)")
 
 
 class LayerBuilder:
@@ -75,6 +133,8 @@ class LayerBuilder:
 
     def add(self, path: str, entry: Entry) -> None:
         """Add (or replace) the entry at a clean path."""
+        check_path(path)
+        check_entry(path, entry)
         if path == "":
             if entry.kind != Kind.DIR:
                 raise BadArchive("the layer's root is not a directory")
@@ -109,6 +169,7 @@ class LayerBuilder:
 
     def whiteout(self, path: str) -> None:
         """Hide ``path`` of the layers below (a name this layer also has wins)."""
+        check_path(path)
         self._parent_dir(path)
         old = self.entries.get(path)
         if old is None:
@@ -119,6 +180,7 @@ class LayerBuilder:
     def opaque(self, dir_path: str) -> None:
         """Make ``dir_path`` opaque: nothing of the layers below shows through it."""
         if dir_path:
+            check_path(dir_path)
             self._parent_dir(dir_path)
         old = self.entries.get(dir_path)
         if old is None or old.kind == Kind.WHITEOUT:

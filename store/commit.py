@@ -21,15 +21,12 @@ from .upper import Change, UpperReader
 _CHANGE_KEYS = ("ENV", "CMD", "ENTRYPOINT", "WORKDIR", "USER", "LABEL", "EXPOSE")
 
 
-def _reader(store: Store, c: Container) -> UpperReader:
-    image = store.resolve_image(c.image_id)
-    return UpperReader(store.containers.upper(c), store.tree(image))
-
-
 def diff(store: Store, c: Container) -> list[Change]:
     """What the container changed: A added, C changed, D deleted, sorted by path."""
+    image = store.resolve_image(c.image_id)
     try:
-        return _reader(store, c).changes()
+        with UpperReader(store.containers.upper(c), store.tree(image)) as reader:
+            return reader.changes()
     except OSError as e:
         raise StoreCorrupt(f"cannot read the container's upper layer at {e.filename}: {e.strerror}") from None
 
@@ -101,12 +98,12 @@ def commit(store: Store, c: Container, tag: str | None = None, message: str = ""
     if author:
         history["author"] = author
         config["author"] = author
-    reader = UpperReader(store.containers.upper(c), store.tree(base))
     with store.blobs.ingest() as ingest:
         try:
-            entries, files = reader.layer()
-            pending = canonical_layer(ingest, store.blobs, entries, files, Source.COMMIT,
-                                      f"commit of {c.name}")
+            with UpperReader(store.containers.upper(c), store.tree(base)) as reader:
+                entries, files = reader.layer()
+                pending = canonical_layer(ingest, store.blobs, entries, files, reader.tree,
+                                          Source.COMMIT, f"commit of {c.name}")
         except OSError as e:
             raise StoreCorrupt(f"cannot read the container's upper layer at {e.filename}: "
                                f"{e.strerror}") from None

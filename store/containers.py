@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import lmdb
 
 from .errors import AmbiguousName, NotFound, StoreError
+from .fstree import remove_tree
 from .index import Index
 from .leases import process_start
 from .records import Entry, bytes_digest, digest_bytes
@@ -177,4 +178,4 @@ class Containers:
     def remove(self, c: Container) -> None:
         """Forget the container and delete its upper layer."""
         self.index.write(lambda txn: txn.delete(c.id.encode(), db=self.index.db("containers")))
-        shutil.rmtree(os.path.join(self.dir, c.id), ignore_errors=True)
+        remove_tree(os.path.join(self.dir, c.id))  # a container may have made it very deep

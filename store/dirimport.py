@@ -13,10 +13,12 @@ import dataclasses
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 
 from .blobs import CHUNK, BlobStore, Ingest
 from .builder import LayerBuilder, PendingLayer
 from .errors import StoreCorrupt, StoreError
+from .fstree import Tree, TreeChanged, read_xattrs, same_file
 from .records import OPAQUE, Entry, Kind, Source
 from .tarformat import OPAQUE_MARKER, WHITEOUT_PREFIX, canonical_order, canonical_tar
 from .tarimport import PRIVATE_XATTR_PREFIXES
@@ -24,20 +26,8 @@ from .tarimport import PRIVATE_XATTR_PREFIXES
 _OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 _WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 
-
-def read_xattrs(path: str) -> dict[str, bytes]:
-    """All xattrs of ``path`` (not following symlinks); {} where unsupported."""
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return {}
-    out = {}
-    for name in names:
-        try:
-            out[name] = os.getxattr(path, name, follow_symlinks=False)
-        except OSError:
-            continue
-    return out
+# For each regular file whose data is read from disk: its path in the tree and its lstat.
+Files = dict[str, tuple[str, os.stat_result]]
 
 
 def _is_opaque(xattrs: dict[str, bytes]) -> bool:
@@ -56,8 +46,12 @@ def entry_of(full: str, st: os.stat_result) -> Entry | None:
     A directory's entry carries the OPAQUE flag when its opaque xattr says so; a regular
     file's has no blob yet (its size and metadata only).
     """
+    return make_entry(st, read_xattrs(full), lambda: os.readlink(full))
+
+
+def make_entry(st: os.stat_result, xattrs: dict[str, bytes], readlink: Callable[[], str]) -> Entry | None:
+    """:func:`entry_of` from the file's lstat, its xattrs and a way to read its target."""
     mode = st.st_mode
-    xattrs = read_xattrs(full)
     if stat.S_ISCHR(mode) and st.st_rdev == 0:
         return Entry(Kind.WHITEOUT, mode=0)
     if stat.S_ISREG(mode) and st.st_size == 0 and any(n in xattrs for n in _WHITEOUT_XATTRS):
@@ -67,13 +61,19 @@ def entry_of(full: str, st: os.stat_result) -> Entry | None:
     if stat.S_ISREG(mode):
         return _entry(st, Kind.REG, xattrs, size=st.st_size)
     if stat.S_ISLNK(mode):
-        return _entry(st, Kind.SYMLINK, xattrs, target=os.readlink(full))
+        return _entry(st, Kind.SYMLINK, xattrs, target=readlink())
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return _entry(st, Kind.CHR if stat.S_ISCHR(mode) else Kind.BLK, xattrs,
                       rdev_major=os.major(st.st_rdev), rdev_minor=os.minor(st.st_rdev))
     if stat.S_ISFIFO(mode):
         return _entry(st, Kind.FIFO, xattrs)
     return None  # sockets cannot be put in a tar: skipped, as docker and tar do
+
+
+def tree_entry(tree: Tree, rel: str) -> tuple[os.stat_result, Entry | None]:
+    """(lstat, entry) of ``rel`` in a tree read through directory fds."""
+    st = tree.lstat(rel)
+    return st, make_entry(st, tree.xattrs(rel), lambda: tree.readlink(rel))
 
 
 def dir_entry(path: str) -> Entry:
@@ -86,38 +86,34 @@ def dir_entry(path: str) -> Entry:
     return e
 
 
-def scan_dir(root: str) -> tuple[dict[str, Entry], dict[str, str]]:
-    """Entries of the tree at ``root`` and, for each regular file, its path on disk."""
-    try:
-        root_st = os.lstat(root)
-    except OSError as e:
-        raise StoreError(f"cannot read {root}: {e.strerror}") from None
-    if not stat.S_ISDIR(root_st.st_mode):
-        raise StoreError(f"{root} is not a directory")
+def scan_dir(tree: Tree) -> tuple[dict[str, Entry], Files]:
+    """Entries of the tree and, for each regular file, its path in the tree and lstat."""
+    if not stat.S_ISDIR(tree.lstat("").st_mode):
+        raise StoreError(f"{tree.root} is not a directory")
     builder = LayerBuilder()
-    if _is_opaque(read_xattrs(root)):
+    if _is_opaque(tree.xattrs("")):
         builder.opaque("")
-    files: dict[str, str] = {}
+    files: Files = {}
     first_name: dict[tuple[int, int], str] = {}
     stack = [""]
     while stack:
         rel = stack.pop()
-        here = os.path.join(root, rel) if rel else root
         try:
-            names = sorted(os.listdir(here))
+            names = tree.listdir(rel)
         except OSError as e:
-            raise StoreError(f"cannot read {here}: {e.strerror}") from None
+            raise StoreError(f"cannot read {tree.where(rel)}: {e.strerror}") from None
         for name in names:
             path = f"{rel}/{name}" if rel else name
-            full = os.path.join(here, name)
             if name.startswith(WHITEOUT_PREFIX):
                 if name == OPAQUE_MARKER:
                     builder.opaque(rel)
                 elif not name.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX) and name != WHITEOUT_PREFIX:
                     builder.whiteout(f"{rel}/{name[4:]}" if rel else name[4:])
                 continue
-            st = os.lstat(full)
-            e = entry_of(full, st)
+            try:
+                st, e = tree_entry(tree, path)
+            except FileNotFoundError:
+                continue  # removed since it was listed: as if it never was
             if e is None:
                 continue
             if e.kind == Kind.WHITEOUT:
@@ -128,14 +124,14 @@ def scan_dir(root: str) -> tuple[dict[str, Entry], dict[str, str]]:
                     builder.opaque(path)
                 stack.append(path)
             elif e.kind == Kind.REG:
-                add_file(builder, files, first_name, path, full, st, e)
+                add_file(builder, files, first_name, path, st, e)
             else:
                 builder.add(path, e)
     return primary_first(builder.finish(canonical=True), files)
 
 
-def add_file(builder: LayerBuilder, files: dict[str, str], first_name: dict[tuple[int, int], str],
-             path: str, full: str, st: os.stat_result, e: Entry) -> None:
+def add_file(builder: LayerBuilder, files: Files, first_name: dict[tuple[int, int], str],
+             path: str, st: os.stat_result, e: Entry) -> None:
     """Add a regular file read from disk; a second name of an inode becomes a hard link."""
     key = (st.st_dev, st.st_ino)
     if st.st_nlink > 1 and key in first_name:
@@ -145,11 +141,10 @@ def add_file(builder: LayerBuilder, files: dict[str, str], first_name: dict[tupl
         first_name[key] = path
         e = dataclasses.replace(e, hardlink=path)
     builder.add(path, e)
-    files[path] = full
+    files[path] = (path, st)
 
 
-def primary_first(entries: dict[str, Entry], files: dict[str, str]
-                  ) -> tuple[dict[str, Entry], dict[str, str]]:
+def primary_first(entries: dict[str, Entry], files: Files) -> tuple[dict[str, Entry], Files]:
     """Name each hard-link group by its first path in canonical tar order, the path whose
     data the tar holds, and key the group's file on disk by that path."""
     primary: dict[str, str] = {}
@@ -166,19 +161,25 @@ def primary_first(entries: dict[str, Entry], files: dict[str, str]
 
 
 def read_dir(ingest: Ingest, blobs: BlobStore, root: str, comment: str = "") -> PendingLayer:
-    """Read the tree at ``root`` as a layer whose id is the sha256 of its canonical tar."""
-    entries, files = scan_dir(root)
-    try:
-        return canonical_layer(ingest, blobs, entries, files, Source.DIR, comment)
-    except StoreCorrupt as e:
-        raise StoreError(f"{root} changed while it was imported: {e}") from None
+    """Read the tree at ``root`` as a layer whose id is the sha256 of its canonical tar.
+
+    Files are opened without following symlinks and only if still the inode the scan
+    described, so a file swapped for a symlink (to a file the importer may read and the
+    tree's owner may not) is refused, never read.
+    """
+    with Tree(root) as tree:
+        entries, files = scan_dir(tree)
+        try:
+            return canonical_layer(ingest, blobs, entries, files, tree, Source.DIR, comment)
+        except StoreCorrupt as e:
+            raise StoreError(f"{root} changed while it was imported: {e}") from None
 
 
 def canonical_layer(ingest: Ingest, blobs: BlobStore, entries: dict[str, Entry],
-                    files: dict[str, str], source: Source, comment: str) -> PendingLayer:
+                    files: Files, tree: Tree | None, source: Source, comment: str) -> PendingLayer:
     """A layer in canonical form, reading each file in ``files`` once.
 
-    Files in ``files`` are copied from disk into new blobs while the canonical tar is
+    Files in ``files`` are copied from ``tree`` into new blobs while the canonical tar is
     hashed; every other regular file already names a stored blob, which is read for the
     hash only (nothing is copied).
     """
@@ -192,7 +193,15 @@ def canonical_layer(ingest: Ingest, blobs: BlobStore, entries: dict[str, Entry],
                 while chunk := f.read(CHUNK):
                     yield chunk
             return
-        blob_of[path] = yield from ingest.copy_file(files[path])
+        rel, scanned = files[path]
+        fd = tree.open_file(rel, scanned)
+        try:
+            blob_of[path] = yield from ingest.copy_file(fd, tree.where(rel))
+            # Written to while it was copied: its bytes may not match its metadata.
+            if not same_file(os.fstat(fd), scanned):
+                raise TreeChanged(f"{tree.where(rel)}: the file changed while it was read")
+        finally:
+            os.close(fd)
 
     for chunk in canonical_tar(entries, file_chunks):
         sha.update(chunk)

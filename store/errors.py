@@ -28,6 +28,11 @@ class StoreCorrupt(StoreError):
     """The index or a blob disagrees with itself."""
 
 
+class IndexDamaged(StoreCorrupt):
+    """The index file is missing, empty or truncated next to a store that has data, or
+    belongs to another store: nothing may be decided from it (gc above all)."""
+
+
 class NotFound(StoreError):
     """A name or id that matches nothing."""
 

@@ -16,7 +16,8 @@ from typing import BinaryIO
 from .blobs import CHUNK, BlobStore
 from .errors import StoreCorrupt, StoreError
 from .index import Index, prefix_scan
-from .records import Entry, LayerRecord, Source, path_from_key, unpack_entry
+from .keys import walk
+from .records import Entry, LayerRecord, Source, entry_is_dir, unpack_entry
 from .tarformat import canonical_tar
 from .tarsplit import segments
 
@@ -25,8 +26,8 @@ def layer_entries(index: Index, num: int) -> dict[str, Entry]:
     """Every entry of a layer, by path."""
     prefix = struct.pack(">I", num)
     with index.read() as txn:
-        return {path_from_key(4, k): unpack_entry(v)
-                for k, v in prefix_scan(txn, index.db("entries"), prefix)}
+        return {path: unpack_entry(v)
+                for path, _, v in walk(txn, index.db("entries"), prefix, entry_is_dir)}
 
 
 def _blob_chunks(blobs: BlobStore, blob_id: str, size: int) -> Iterator[bytes]:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from . import blobs as blobsmod
 from .blobs import CHUNK
-from .errors import StoreCorrupt
+from . import marker as markermod
+from .errors import IndexDamaged, StoreCorrupt
 from .index import prefix_scan
 from .records import bytes_digest, digest_bytes, entry_blob, unpack_image, unpack_layer
 from .tarsplit import segments
@@ -40,6 +41,10 @@ class FsckReport:
     damaged_layers: list[str] = field(default_factory=list)
     damaged_images: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)  # blobs moved aside
+    # When the index itself is damaged: what the marker says it held, and what a repair did.
+    index_held: dict | None = None
+    rebuilt: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # about the store itself (see Store.notes)
 
     @property
     def clean(self) -> bool:
@@ -74,7 +79,13 @@ def check(store, fast: bool = False, repair: bool = False) -> FsckReport:
             if txn.get(prefix, db=index.db("layernums")) != digest_bytes(layer.diff_id):
                 report.problems.append(Problem("index-mismatch", layer.diff_id,
                                                "the layer-number record disagrees with the layer"))
-            used = {entry_blob(v).decode() for _, v in prefix_scan(txn, index.db("entries"), prefix)}
+            used, count = set(), 0
+            for _, v in prefix_scan(txn, index.db("entries"), prefix):
+                used.add(entry_blob(v).decode())
+                count += 1
+            if count != layer.entries:
+                report.problems.append(Problem("missing-entries", layer.diff_id,
+                                               f"{count} entries recorded of {layer.entries}"))
             chunks = [v for _, v in prefix_scan(txn, index.db("tarsplit"), prefix)]
             try:
                 used.update(b for _, b, size in segments(iter(chunks)) if size)
@@ -160,3 +171,39 @@ def _move_aside(store, blob_ids: list[str], report: FsckReport) -> None:
                 txn.delete(blob_id.encode(), db=store.index.db("blobs"))
 
         store.index.write(txn_fn)
+
+
+def damaged_index(root: str, error: IndexDamaged) -> FsckReport:
+    """The report on a store whose index cannot be opened: the damage, and what the
+    index held as far as the marker beside it knows."""
+    report = FsckReport()
+    report.problems.append(Problem("index-damaged", os.path.join(root, "index.lmdb"), str(error)))
+    held = markermod.read(root)
+    report.index_held = {"images": held.images if held else {}, "layers": held.layers if held else None,
+                         "as_of_ns": held.updated_ns if held else None}
+    return report
+
+
+# Problems of the index's own records: a repair rebuilds the index (store.rebuild).
+INDEX_PROBLEMS = frozenset({"index-mismatch", "missing-entries", "corrupt-tarsplit"})
+
+
+def fsck(root: str, fast: bool = False, repair: bool = False) -> FsckReport:
+    """Check the store at ``root``, whose index may be too damaged to open; with
+    ``repair``, move damaged blobs aside, and rebuild a damaged index from what can still
+    be read (see store.rebuild)."""
+    from .rebuild import rebuild
+    from .store import Store
+
+    try:
+        with Store(root) as store:
+            report = store.fsck(fast=fast, repair=repair)
+            report.notes = store.notes
+    except IndexDamaged as e:
+        report = damaged_index(root, e)
+        if repair:
+            report.rebuilt, _ = rebuild(root)
+        return report
+    if repair and any(p.kind in INDEX_PROBLEMS for p in report.problems):
+        report.rebuilt, _ = rebuild(root)
+    return report

@@ -13,7 +13,6 @@ unrecorded files, which the next gc removes.
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 import lmdb
 
 from . import crashpoints, leases
+from .fstree import remove_tree
 from .index import delete_prefix, prefix_scan
 from .merged import chain_ids
 from .records import bytes_digest, digest_bytes, entry_blob, unpack_image, unpack_layer
@@ -104,14 +104,6 @@ def _sweep_records(store, dry_run: bool, report: GcReport, ignore: frozenset[str
     return doomed
 
 
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 def collect(store, dry_run: bool = False, grace_seconds: float = 0.0,
@@ -124,7 +116,7 @@ def collect(store, dry_run: bool = False, grace_seconds: float = 0.0,
         doomed = _sweep_records(store, dry_run, report, ignore_images)
         crashpoints.point("gc-swept")
         for blob_id in doomed:
-            _remove(store.blobs.path(blob_id))
+            remove_tree(store.blobs.path(blob_id))
             crashpoints.point("gc-deleting")
         # Staging of imports that died or whose lease expired. tmp/ is listed before the
         # leases are read: an ingest takes its lease before it makes its directory, so a
@@ -136,7 +128,7 @@ def collect(store, dry_run: bool = False, grace_seconds: float = 0.0,
             if name not in live:
                 report.tmp_removed += 1
                 if not dry_run:
-                    _remove(os.path.join(store.blobs.tmp, name))
+                    remove_tree(os.path.join(store.blobs.tmp, name))
         if not dry_run:
             for lease in current:
                 if lease.id not in live:
@@ -154,5 +146,5 @@ def collect(store, dry_run: bool = False, grace_seconds: float = 0.0,
                 if blob_id not in recorded and entry.stat(follow_symlinks=False).st_mtime <= cutoff:
                     report.unrecorded_files += 1
                     if not dry_run:
-                        _remove(entry.path)
+                        remove_tree(entry.path)
     return report

@@ -15,9 +15,10 @@ from typing import TypeVar
 
 import lmdb
 
-from .errors import NotAStore, SchemaTooNew, StoreCorrupt, StoreFull
+from .errors import IndexDamaged, NotAStore, SchemaTooNew, StoreCorrupt, StoreFull
+from .migrate import migrate
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: entries and merged keyed by a digest of the parent path
 
 # Named databases (see DESIGN.md "The store").
 DATABASES = (
@@ -25,12 +26,12 @@ DATABASES = (
     "blobs",  # blob id -> u64 size
     "layers",  # 32-byte diff_id -> LayerRecord
     "layernums",  # u32 layer num -> 32-byte diff_id
-    "entries",  # u32 layer num | parent | NUL | name -> Entry
+    "entries",  # u32 layer num | D(parent) | name -> Entry (see keys.py)
     "tarsplit",  # u32 layer num | u32 chunk -> zlib(tar-split segments)
     "images",  # 32-byte image id -> ImageRecord
     "tags",  # b"name:tag" -> 32-byte image id
     "chains",  # 32-byte chain id -> u32 chain num
-    "merged",  # u32 chain num | parent | NUL | name -> u32 layer num
+    "merged",  # u32 chain num | D(parent) | name -> u32 layer num, u8 kind
     "containers",
     "leases",
 )
@@ -42,15 +43,77 @@ DEFAULT_MAP_SIZE = 1 << 40
 T = TypeVar("T")
 
 
-class Index:
-    """An open LMDB environment with the store's named databases."""
+# The start of an LMDB meta page (pages 0 and 1 of data.mdb): a 16-byte page header,
+# then magic, version, address, map size, the two database records (48 bytes each; the
+# free-page database's first field holds the page size), the last page used, the txn id.
+_PAGE_HEADER = 16
+_MAGIC = 0xBEEFC0DE
+_META = struct.Struct("<IIQQI92xQQ")
 
-    def __init__(self, path: str, map_size: int | None = None) -> None:
+
+def data_file(path: str) -> str:
+    return os.path.join(path, "data.mdb")
+
+
+def mapped_size(path: str) -> tuple[int, int] | None:
+    """(bytes in the data file of the index at ``path``, bytes its newest meta page says
+    its pages take), or None if there is no data file or it has no valid meta page."""
+    try:
+        with open(data_file(path), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(2 * 65536)
+    except FileNotFoundError:
+        return None
+    metas = []
+    page_size = 0
+    offset = 0
+    while len(metas) < 2 and len(head) >= offset + _PAGE_HEADER + _META.size:
+        magic, _, _, _, psize, last_pg, txnid = _META.unpack_from(head, offset + _PAGE_HEADER)
+        if magic != _MAGIC or not psize:
+            break
+        page_size = page_size or psize
+        metas.append((txnid, last_pg))
+        offset += page_size  # the second meta page starts one page in
+    if not metas:
+        return None  # not an LMDB file at all: LMDB refuses it by itself, safely
+    return size, (max(metas)[1] + 1) * page_size
+
+
+def truncation(path: str) -> str | None:
+    """Why the index at ``path`` cannot be mapped safely (its data file is shorter than
+    the pages it uses: reading those would be a SIGBUS), or None."""
+    sizes = mapped_size(path)
+    if sizes is not None and sizes[0] < sizes[1]:
+        return f"it is truncated ({sizes[0]} bytes where its pages need {sizes[1]})"
+    return None
+
+
+class Index:
+    """An open LMDB environment with the store's named databases.
+
+    ``create`` says whether a missing or empty data file may be made anew: for a store
+    that already has content, one is damage, and IndexDamaged is raised instead.
+    """
+
+    def __init__(self, path: str, map_size: int | None = None, create: bool = True) -> None:
         map_size = map_size or int(os.environ.get("LAYERFS_MAP_SIZE", DEFAULT_MAP_SIZE))
         self.path = path
         try:
+            size = os.path.getsize(data_file(path))
+        except FileNotFoundError:
+            size = -1
+        if size <= 0 and not create:
+            what = "missing" if size < 0 else "empty"
+            raise IndexDamaged(f"the index {data_file(path)} is {what} but the store holds data; "
+                               "run layerfs fsck")
+        problem = truncation(path)
+        if problem:
+            raise IndexDamaged(f"the index {data_file(path)} is damaged: {problem}; run layerfs fsck")
+        try:
             self.env = lmdb.open(path, map_size=map_size, max_dbs=len(DATABASES) + 4,
-                                 subdir=True, readahead=False, max_readers=256)
+                                 subdir=True, readahead=False, max_readers=256, mode=0o600)
+        except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError) as e:
+            raise IndexDamaged(f"the index at {path} is damaged ({e}); run layerfs fsck") from None
         except lmdb.Error as e:
             raise NotAStore(f"cannot open the index at {path}: {e}") from None
         self.dbs: dict[str, object] = {}
@@ -62,22 +125,35 @@ class Index:
         except lmdb.MapFullError:
             raise StoreFull(f"the index at {path} is full and cannot grow") from None
         except lmdb.Error as e:
-            raise StoreCorrupt(f"the index at {path} is damaged: {e}") from None
+            self.env.close()
+            raise IndexDamaged(f"the index at {path} is damaged: {e}; run layerfs fsck") from None
 
     def _check_schema(self, txn: lmdb.Transaction, path: str) -> None:
         meta = self.dbs["meta"]
         raw = txn.get(b"schema", db=meta)
         if raw is None:
             txn.put(b"schema", struct.pack("<I", SCHEMA_VERSION), db=meta)
+            txn.put(b"store-id", os.urandom(16), db=meta)
             return
+        if txn.get(b"store-id", db=meta) is None:  # written before stores had an id
+            txn.put(b"store-id", os.urandom(16), db=meta)
         version = struct.unpack("<I", raw)[0]
-        if version > SCHEMA_VERSION:
+        if version < SCHEMA_VERSION:
+            migrate(txn, self.dbs, version, SCHEMA_VERSION)
+            txn.put(b"schema", struct.pack("<I", SCHEMA_VERSION), db=meta)
+        elif version > SCHEMA_VERSION:
             raise SchemaTooNew(
                 f"the store at {os.path.dirname(path)} was written by a newer layerfs "
                 f"(index schema {version}, this layerfs reads up to {SCHEMA_VERSION}); upgrade layerfs")
 
     def close(self) -> None:
         self.env.close()
+
+    def store_id(self) -> str:
+        """The random id given to the store when its index was made (the marker outside
+        the index holds it too)."""
+        with self.read() as txn:
+            return bytes(txn.get(b"store-id", db=self.dbs["meta"])).hex()
 
     def db(self, name: str):
         return self.dbs[name]
@@ -91,11 +167,11 @@ class Index:
             self.env.set_mapsize(0)  # another process grew the map: adopt its size
             txn = self.env.begin(buffers=False)
         except lmdb.Error as e:
-            raise StoreCorrupt(f"the index is damaged ({e}); run layerfs fsck") from None
+            raise IndexDamaged(f"the index is damaged ({e}); run layerfs fsck") from None
         try:
             yield txn
         except lmdb.Error as e:
-            raise StoreCorrupt(f"the index is damaged ({e}); run layerfs fsck") from None
+            raise IndexDamaged(f"the index is damaged ({e}); run layerfs fsck") from None
         finally:
             txn.abort()
 

@@ -19,8 +19,9 @@ import lmdb
 
 from .errors import PathNotFound, StoreError
 from .index import Index, delete_prefix, prefix_scan
-from .records import (IMPLICIT, OPAQUE, Entry, Kind, LayerRecord, children_prefix,
-                      descendants_prefix, digest_bytes, entry_key, path_from_key, unpack_entry)
+from .keys import children, dir_key, entry_key, walk
+from .records import (IMPLICIT, OPAQUE, Entry, Kind, LayerRecord, digest_bytes, entry_is_dir,
+                      unpack_entry)
 
 _MERGED = struct.Struct(">IB")  # layer num, kind
 MAX_SYMLINKS = 40
@@ -34,27 +35,43 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     return out
 
 
+def _merged_is_dir(value: bytes) -> bool:
+    return value[4] == Kind.DIR
+
+
 def _delete_below(txn, mdb, prefix: bytes, path: str) -> None:
     """Delete the merged records of everything below ``path``."""
     if path == "":
-        root = txn.get(prefix + b"\0", db=mdb)
+        root_key = prefix + dir_key("")
+        root = txn.get(root_key, db=mdb)
         delete_prefix(txn, mdb, prefix)
         if root is not None:
-            txn.put(prefix + b"\0", root, db=mdb)
+            txn.put(root_key, root, db=mdb)
         return
-    delete_prefix(txn, mdb, children_prefix(prefix, path))
-    delete_prefix(txn, mdb, descendants_prefix(prefix, path))
+    # Collected first: deleting under an open cursor of the same database is fragile.
+    doomed = [key for _, key, _ in _subtree(txn, mdb, prefix, path)]
+    for key in doomed:
+        txn.delete(key, db=mdb)
+
+
+def _subtree(txn, mdb, prefix: bytes, path: str):
+    todo = [path]
+    while todo:
+        d = todo.pop()
+        for name, key, value in children(txn, mdb, prefix, d):
+            yield name, key, value
+            if _merged_is_dir(value):
+                todo.append(f"{d}/{name.decode('utf-8', 'surrogateescape')}")
 
 
 def _apply_layer(txn, index: Index, chain_prefix: bytes, layer_num: int) -> None:
     mdb, edb = index.db("merged"), index.db("entries")
     lprefix = struct.pack(">I", layer_num)
-    for key, value in prefix_scan(txn, edb, lprefix):
-        suffix = key[4:]
-        mkey = chain_prefix + suffix
+    # From the root down, so an opaque directory clears what lies below before its own
+    # children are put there.
+    for path, key, value in walk(txn, edb, lprefix, entry_is_dir):
+        mkey = chain_prefix + key[4:]
         kind, flags = value[0], value[1]
-        parent, _, name = suffix.partition(b"\0")
-        path = (parent + b"/" + name if parent else name).decode("utf-8", "surrogateescape")
         old = txn.get(mkey, db=mdb)
         old_kind = old[4] if old is not None else 0
         if kind == Kind.WHITEOUT:
@@ -144,16 +161,14 @@ class MergedTree:
         """(name, layer number, entry) of each child of directory ``path``, in name order."""
         if not self.num:
             return
-        prefix = children_prefix(self.prefix, path)
         out = []
         with self.index.read() as txn:
             edb = self.index.db("entries")
-            for key, raw in prefix_scan(txn, self.index.db("merged"), prefix):
-                name = key[len(prefix):]
-                if not name:
-                    continue  # the root's own record
+            for name, key, raw in children(txn, self.index.db("merged"), self.prefix, path):
                 layer_num = _MERGED.unpack(raw)[0]
                 value = txn.get(struct.pack(">I", layer_num) + key[4:], db=edb)
+                if value is None:
+                    raise StoreError(f"the merged view refers to a missing entry (layer {layer_num})")
                 out.append((name.decode("utf-8", "surrogateescape"), layer_num, unpack_entry(value)))
         yield from out
 
@@ -161,10 +176,11 @@ class MergedTree:
         """The hard-link groups of one layer: group name -> every path in it."""
         groups: dict[str, list[str]] = {}
         with self.index.read() as txn:
-            for key, value in prefix_scan(txn, self.index.db("entries"), struct.pack(">I", layer_num)):
+            for path, _, value in walk(txn, self.index.db("entries"), struct.pack(">I", layer_num),
+                                       entry_is_dir):
                 e = unpack_entry(value)
                 if e.hardlink:
-                    groups.setdefault(e.hardlink, []).append(path_from_key(4, key))
+                    groups.setdefault(e.hardlink, []).append(path)
         return groups
 
     def listdir(self, path: str) -> Iterator[tuple[str, Entry]]:

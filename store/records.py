@@ -114,6 +114,11 @@ def entry_blob(buf: bytes) -> bytes:
     return bytes(buf[_ENTRY.size:_ENTRY.size + n])
 
 
+def entry_is_dir(buf: bytes) -> bool:
+    """Whether a packed entry is a directory (without unpacking it)."""
+    return buf[0] == Kind.DIR
+
+
 def unpack_entry(buf: bytes) -> Entry:
     """Inverse of :func:`pack_entry`."""
     (kind, flags, mode, uid, gid, secs, nsec, size, nlink, major, minor,
@@ -131,32 +136,6 @@ def unpack_entry(buf: bytes) -> Entry:
         xattrs.append((name, bytes(buf[pos:pos + lv]))); pos += lv
     return Entry(Kind(kind), mode, uid, gid, mtime_ns, size, blob, target, hardlink,
                  nlink, major, minor, flags, tuple(xattrs))
-
-
-def entry_key(prefix: bytes, path: str) -> bytes:
-    """Index key of ``path`` (relative, no leading slash) under a layer or chain prefix.
-
-    ``prefix | parent | NUL | name``: a directory's children form one contiguous range,
-    and an entry's key sorts before the keys of all its descendants.
-    """
-    parent, _, name = path.rpartition("/")
-    return prefix + _b(parent) + b"\0" + _b(name)
-
-
-def children_prefix(prefix: bytes, path: str) -> bytes:
-    """Key prefix shared by the children of directory ``path`` ("" is the root)."""
-    return prefix + _b(path) + b"\0"
-
-
-def descendants_prefix(prefix: bytes, path: str) -> bytes:
-    """Key prefix of the grandchildren and deeper of ``path`` (children need the other)."""
-    return prefix + (_b(path) + b"/" if path else b"")
-
-
-def path_from_key(prefix_len: int, key: bytes) -> str:
-    """Inverse of :func:`entry_key`, without the prefix."""
-    parent, _, name = bytes(key[prefix_len:]).partition(b"\0")
-    return _s(parent + b"/" + name) if parent else _s(name)
 
 
 class Source(enum.IntEnum):

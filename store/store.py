@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ from .blobs import BlobStore, Ingest
 from .builder import PendingLayer, record_layers
 from .containers import Containers
 from .dirimport import read_dir
-from .errors import (AmbiguousName, ImageNotFound, LayerNotFound, NotAStore, StoreError)
+from . import marker as markermod
+from .errors import (AmbiguousName, ImageNotFound, IndexDamaged, LayerNotFound, NotAStore,
+                     StoreError)
 from .export import export_to_path, layer_entries, write_layer
 from .index import Index, prefix_scan
 from .merged import MergedTree
@@ -29,6 +32,37 @@ from .lock import StoreLock
 from .tarimport import open_input, read_tar
 
 _STORE_DIRS = ("blobs", "tmp", "containers")
+
+
+def make_private(path: str, create: bool = True) -> bool:
+    """Make ``path`` (a directory, created if missing) accessible to its owner only: a
+    store holds other people's files (blobs of 0600 files, names in the index). Returns
+    True if an existing, looser mode was tightened."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            return False
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o077:
+        return False
+    os.chmod(path, mode & 0o700)
+    return True
+
+
+def holds_data(root: str) -> bool:
+    """Whether ``root`` holds blob files or containers (a store whose index may be lost)."""
+    for sub in ("blobs", "containers"):
+        try:
+            with os.scandir(os.path.join(root, sub)) as it:
+                for entry in it:
+                    if sub == "containers" or (entry.is_dir(follow_symlinks=False) and os.listdir(entry.path)):
+                        return True
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return False
 
 
 def default_root() -> str:
@@ -58,20 +92,50 @@ class Usage:
 class Store:
     """A layerfs store at ``root``, created on first use."""
 
+    @staticmethod
+    def root_of(root: str | None) -> str:
+        """The store directory ``Store(root)`` opens."""
+        return os.path.abspath(root or default_root())
+
     def __init__(self, root: str | None = None, map_size: int | None = None) -> None:
-        self.root = os.path.abspath(root or default_root())
+        self.root = self.root_of(root)
         index_path = os.path.join(self.root, "index.lmdb")
-        if not os.path.exists(index_path):
+        marker = markermod.read(self.root)
+        has_data = marker is not None or holds_data(self.root)
+        if not os.path.exists(index_path) and not has_data:
             if os.path.isdir(self.root) and os.listdir(self.root):
                 raise NotAStore(f"{self.root} is not a layerfs store (it has no index.lmdb)")
             if os.path.exists(self.root) and not os.path.isdir(self.root):
                 raise NotAStore(f"{self.root} is not a directory")
+        # Notes for the user (the CLI prints them): a store found readable by others.
+        self.notes: list[str] = []
         try:
+            tightened = make_private(self.root)
             for d in _STORE_DIRS:
-                os.makedirs(os.path.join(self.root, d), exist_ok=True)
+                tightened |= make_private(os.path.join(self.root, d))
+            # A store with data whose index is gone gets no new one here: Index refuses.
+            tightened |= make_private(index_path, create=not has_data)
+            for f in ("data.mdb", "lock.mdb"):
+                tightened |= make_private(os.path.join(index_path, f), create=False)
         except OSError as e:
-            raise StoreError(f"cannot create the store at {self.root}: {e.strerror}") from None
-        self.index = Index(index_path, map_size)
+            raise StoreError(f"cannot create the store at {self.root} or make it private: "
+                             f"{e.strerror}") from None
+        if tightened:
+            self.notes.append(f"made the store at {self.root} private: other users could read it")
+        self.index = Index(index_path, map_size, create=not has_data)
+        try:
+            for f in ("data.mdb", "lock.mdb"):  # made now if the index is new
+                make_private(os.path.join(index_path, f), create=False)
+            store_id = self.index.store_id()
+            if marker is None:
+                markermod.update(self.root, self.index)
+            elif marker.store_id != store_id:
+                raise IndexDamaged(f"the index {os.path.join(index_path, 'data.mdb')} is not this "
+                                   f"store's (store id {store_id[:12]}, the store's is "
+                                   f"{marker.store_id[:12] or 'unreadable'}); run layerfs fsck")
+        except BaseException:
+            self.index.close()
+            raise
         self.blobs = BlobStore(self.root, self.index)
         self.containers = Containers(self.root, self.index)
         self.lock = StoreLock(self.root)
@@ -146,7 +210,13 @@ class Store:
             return [rec for rec, _ in images]
 
         with self.lock.shared():
-            return record_layers(self.index, ingest, pendings, add_images)
+            images = record_layers(self.index, ingest, pendings, add_images)
+        self.update_marker()
+        return images
+
+    def update_marker(self) -> None:
+        """Bring the marker outside the index up to date (after images or tags changed)."""
+        markermod.update(self.root, self.index)
 
     # -- lookups -------------------------------------------------------------------
 
@@ -221,6 +291,7 @@ class Store:
         rec = self.resolve_image(image)
         self.index.write(lambda txn: txn.put(ref.encode(), digest_bytes(rec.image_id),
                                              db=self.index.db("tags")))
+        self.update_marker()
         return ref
 
     def rmi(self, ref: str) -> tuple[list[str], str | None]:
@@ -253,7 +324,9 @@ class Store:
             txn.delete(key, db=self.index.db("images"))
             return removed, rec.image_id
 
-        return self.index.write(txn_fn)
+        result = self.index.write(txn_fn)
+        self.update_marker()
+        return result
 
     # -- reading -------------------------------------------------------------------
 
@@ -304,7 +377,10 @@ class Store:
            ignore_images: frozenset[str] = frozenset()):
         """Free what nothing reaches (see store.gc)."""
         from .gc import collect
-        return collect(self, dry_run=dry_run, grace_seconds=grace_seconds, ignore_images=ignore_images)
+        report = collect(self, dry_run=dry_run, grace_seconds=grace_seconds, ignore_images=ignore_images)
+        if not dry_run:
+            self.update_marker()
+        return report
 
     def prune(self, dry_run: bool = False):
         """Remove untagged images that no container uses, then collect; returns (ids, report)."""

@@ -25,7 +25,7 @@ from typing import BinaryIO
 import zstandard
 
 from .blobs import CHUNK, Ingest
-from .builder import LayerBuilder, PendingLayer, clean_path
+from .builder import LayerBuilder, PendingLayer, clean_path, shown
 from .errors import BadArchive, HostileArchive, StoreError
 from .records import OPAQUE, Entry, Kind, Source
 from .tarformat import OPAQUE_MARKER, WHITEOUT_PREFIX
@@ -211,15 +211,20 @@ class _TarStream:
             self._raw(data)
 
 
+_MAX_SECONDS = 1 << 62  # far beyond any clock, well inside the index's 64-bit seconds
+
+
 def _mtime_ns(ti: tarfile.TarInfo) -> int:
     raw = ti.pax_headers.get("mtime")
     if raw is None:
         return int(ti.mtime) * 1_000_000_000
     try:
-        value = decimal.Decimal(raw) * 1_000_000_000
-        return int(value.to_integral_value(rounding=decimal.ROUND_FLOOR))
+        value = decimal.Decimal(raw)
+        if not value.is_finite() or abs(value) >= _MAX_SECONDS:
+            raise ValueError
+        return int((value * 1_000_000_000).to_integral_value(rounding=decimal.ROUND_FLOOR))
     except (decimal.InvalidOperation, ValueError):
-        raise BadArchive(f"{ti.name!r} has an invalid PAX mtime {raw!r}") from None
+        raise BadArchive(f"{shown(ti.name)} has an invalid PAX mtime {raw[:40]!r}") from None
 
 
 def _xattrs(ti: tarfile.TarInfo) -> tuple[bool, tuple[tuple[str, bytes], ...]]:
@@ -232,7 +237,7 @@ def _xattrs(ti: tarfile.TarInfo) -> tuple[bool, tuple[tuple[str, bytes], ...]]:
             try:
                 out[urllib.parse.unquote(key[17:])] = base64.b64decode(value + "==")
             except ValueError:
-                raise BadArchive(f"{ti.name!r} has an invalid {key} record") from None
+                raise BadArchive(f"{shown(ti.name)} has an invalid {key} record") from None
     opaque = out.get("trusted.overlay.opaque") == b"y" or out.get("user.overlay.opaque") == b"y"
     kept = tuple(sorted((k, v) for k, v in out.items() if not k.startswith(PRIVATE_XATTR_PREFIXES)))
     return opaque, kept
@@ -241,7 +246,7 @@ def _xattrs(ti: tarfile.TarInfo) -> tuple[bool, tuple[tuple[str, bytes], ...]]:
 def _entry(ti: tarfile.TarInfo, kind: Kind, xattrs, **kw) -> Entry:
     for what, value in (("uid", ti.uid), ("gid", ti.gid)):
         if not 0 <= value <= 0xFFFFFFFF:
-            raise BadArchive(f"{ti.name!r} has a {what} of {value}, beyond 32 bits")
+            raise BadArchive(f"{shown(ti.name)} has a {what} of {value}, beyond 32 bits")
     return Entry(kind, mode=ti.mode & 0o7777, uid=ti.uid, gid=ti.gid, mtime_ns=_mtime_ns(ti),
                  xattrs=xattrs, **kw)
 
@@ -277,7 +282,9 @@ def read_tar(ingest: Ingest, src: BinaryIO, comment: str = "",
 def _add_member(builder: LayerBuilder, ingest, stream: _TarStream, split: TarSplitWriter,
                 ti: tarfile.TarInfo) -> None:
     if ti.issparse():
-        raise BadArchive(f"{ti.name!r} is a sparse file; sparse members are not supported")
+        raise BadArchive(f"{shown(ti.name)} is a sparse file; sparse members are not supported")
+    if ti.size < 0:
+        raise BadArchive(f"{shown(ti.name)} has a negative size ({ti.size})")
     path = clean_path(ti.name)
     parent, _, base = path.rpartition("/")
     if base.startswith(WHITEOUT_PREFIX):
@@ -286,14 +293,14 @@ def _add_member(builder: LayerBuilder, ingest, stream: _TarStream, split: TarSpl
         elif base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
             pass  # aufs metadata (.wh..wh.plnk, .wh..wh.aufs): not content
         elif base == WHITEOUT_PREFIX:
-            raise BadArchive(f"invalid whiteout {ti.name!r} (no name after .wh.)")
+            raise BadArchive(f"invalid whiteout {shown(ti.name)} (no name after .wh.)")
         else:
             builder.whiteout((parent + "/" if parent else "") + base[len(WHITEOUT_PREFIX):])
         return  # a whiteout's own data, if any, stays in the tar-split record
     opaque, xattrs = _xattrs(ti)
     if ti.isreg():
         if stream.pos != ti.offset_data:
-            raise BadArchive(f"unexpected layout at {ti.name!r}")
+            raise BadArchive(f"unexpected layout at {shown(ti.name)}")
         writer = ingest.writer()
         for chunk in stream.content(ti.size):
             writer.write(chunk)

@@ -21,8 +21,9 @@ import stat
 from dataclasses import dataclass
 
 from .builder import LayerBuilder
-from .dirimport import add_file, entry_of, primary_first
+from .dirimport import Files, add_file, primary_first, tree_entry
 from .errors import StoreCorrupt
+from .fstree import Tree
 from .merged import MergedTree
 from .records import OPAQUE, Entry, Kind
 from .tarformat import OPAQUE_MARKER, WHITEOUT_PREFIX
@@ -43,12 +44,6 @@ def xattr_text(path: str, name: str) -> str | None:
         return None
 
 
-def is_opaque_dir(path: str) -> bool:
-    if os.path.lexists(os.path.join(path, OPQ)):
-        return True
-    return any(xattr_text(path, n) == "y" for n in OVERLAY_OPAQUE)
-
-
 def is_whiteout_st(st: os.stat_result) -> bool:
     """An overlayfs whiteout: a character device 0/0."""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
@@ -67,63 +62,90 @@ class Change:
 
 
 class UpperReader:
-    """Reads an upper directory against the image's merged tree below it."""
+    """Reads an upper directory against the image's merged tree below it.
+
+    The upper is read through directory fds (store.fstree): a container may have made it
+    deeper than a host path can name, and nothing in it is followed out of it. The walks
+    keep their own stacks, so depth is bounded by path length, not by Python's recursion
+    limit. Use as a context manager (it holds the upper open).
+    """
 
     def __init__(self, upper: str, lower: MergedTree) -> None:
         self.upper = upper
         self.lower = lower
+        if not stat.S_ISDIR(os.lstat(upper).st_mode):
+            raise_damaged(upper, "the upper layer is not a directory")
+        self.tree = Tree(upper)
         self._copied_groups: dict[str, str] = {}  # lower hard-link group -> its first new path
+
+    def close(self) -> None:
+        self.tree.close()
+
+    def __enter__(self) -> "UpperReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _lower(self, path: str | None) -> Entry | None:
         return self.lower.lookup(path) if path is not None else None
 
-    def _listing(self, real: str) -> tuple[list[str], set[str]]:
+    def _xattr_text(self, rel: str, name: str) -> str | None:
+        value = self.tree.xattr(rel, name)
+        return value.decode("utf-8", "surrogateescape") if value is not None else None
+
+    def _is_opaque(self, rel: str) -> bool:
+        if self.tree.lexists(_join(rel, OPQ)):
+            return True
+        return any(self.tree.xattr(rel, n) == b"y" for n in OVERLAY_OPAQUE)
+
+    def _listing(self, rel: str) -> tuple[list[str], set[str]]:
         """(names of real entries, names whited out) of an upper directory."""
         names, whiteouts = [], set()
-        for name in sorted(os.listdir(real)):
+        for name in self.tree.listdir(rel):
+            child = _join(rel, name)
             if name.startswith(WH):
-                st = os.lstat(os.path.join(real, name))
+                st = self.tree.lstat(child)
                 if not stat.S_ISREG(st.st_mode) or st.st_size:
-                    raise_damaged(os.path.join(real, name), "a whiteout that is not an empty file")
+                    raise_damaged(self.tree.where(child), "a whiteout that is not an empty file")
                 if name != OPQ and not name.startswith(WH + WH):
                     whiteouts.add(name[len(WH):])
                 continue
-            if is_whiteout_st(os.lstat(os.path.join(real, name))):
+            if is_whiteout_st(self.tree.lstat(child)):
                 whiteouts.add(name)
                 continue
             names.append(name)
         for name in whiteouts.intersection(names):
-            raise_damaged(os.path.join(real, WH + name), f"a whiteout beside {name!r} itself")
+            raise_damaged(self.tree.where(_join(rel, WH + name)), f"a whiteout beside {name!r} itself")
         return names, whiteouts
 
     # -- the layer --------------------------------------------------------------------
 
-    def layer(self) -> tuple[dict[str, Entry], dict[str, str]]:
-        """The new layer's entries, and the disk path of each file whose data is new."""
+    def layer(self) -> tuple[dict[str, Entry], Files]:
+        """The new layer's entries, and for each file whose data is new its path in the
+        upper and lstat (read with ``self.tree``)."""
         builder = LayerBuilder()
-        files: dict[str, str] = {}
+        files: Files = {}
         first_name: dict[tuple[int, int], str] = {}
-        if not stat.S_ISDIR(os.lstat(self.upper).st_mode):
-            raise_damaged(self.upper, "the upper layer is not a directory")
-        root = _public(entry_of(self.upper, os.lstat(self.upper)))
+        root = _public(tree_entry(self.tree, "")[1])
         below = self.lower.lookup("")
         if below is None or (root.mode, root.uid, root.gid) != (below.mode, below.uid, below.gid):
             builder.add("", dataclasses.replace(root, flags=0))  # chmod/chown of "/"
-        if is_opaque_dir(self.upper):
+        opaque_root = self._is_opaque("")
+        if opaque_root:
             builder.opaque("")
-        root_lower = None if is_opaque_dir(self.upper) else ""
-        self._walk(builder, files, first_name, self.upper, "", root_lower, explicit=False)
+        # (upper directory, where its lower contents are (None: hidden), written out in
+        # full?) A renamed lower directory is written out in full, so lower children the
+        # upper does not change are copied into the layer as entries.
+        todo: list[tuple[str, str | None, bool]] = [("", None if opaque_root else "", False)]
+        while todo:
+            self._walk_dir(builder, files, first_name, todo, *todo.pop())
         return primary_first(builder.finish(canonical=True), files)
 
-    def _walk(self, builder: LayerBuilder, files: dict[str, str], first_name: dict,
-              real: str, rel: str, lower_path: str | None, explicit: bool) -> None:
-        """Record the upper directory ``real`` (union path ``rel``).
-
-        ``lower_path`` is where its lower contents are (None: hidden); ``explicit`` means
-        the directory is written out in full (a renamed lower directory), so lower
-        children the upper does not change are copied into the layer as entries.
-        """
-        names, whiteouts = self._listing(real)
+    def _walk_dir(self, builder: LayerBuilder, files: Files, first_name: dict, todo: list,
+                  rel: str, lower_path: str | None, explicit: bool) -> None:
+        """Record the upper directory ``rel``; its subdirectories go on ``todo``."""
+        names, whiteouts = self._listing(rel)
         for name in sorted(whiteouts):
             if not explicit and self._lower(_join(lower_path, name) if lower_path is not None else None):
                 builder.whiteout(_join(rel, name))
@@ -133,56 +155,56 @@ class UpperReader:
                 if name not in present:
                     self._copy_lower(builder, _join(rel, name), _join(lower_path, name), e)
         for name in names:
-            full = os.path.join(real, name)
             path = _join(rel, name)
-            st = os.lstat(full)
-            e = entry_of(full, st)
+            st, e = tree_entry(self.tree, path)
             if e is None:
                 continue
             e = _public(e)
             child_lower = _join(lower_path, name) if lower_path is not None else None
             if e.kind == Kind.DIR:
-                redirect = xattr_text(full, REDIRECT)
-                opaque = is_opaque_dir(full)
+                redirect = self._xattr_text(path, REDIRECT)
                 if redirect is not None:
                     builder.add(path, dataclasses.replace(e, flags=OPAQUE))
-                    self._walk(builder, files, first_name, full, path, redirect, explicit=True)
-                elif opaque:
+                    todo.append((path, redirect, True))
+                elif self._is_opaque(path):
                     builder.add(path, dataclasses.replace(e, flags=OPAQUE))
-                    self._walk(builder, files, first_name, full, path, None, explicit=False)
+                    todo.append((path, None, False))
                 else:
                     below = self._lower(child_lower)
                     if below is None or below.kind != Kind.DIR:
                         child_lower = None
                     builder.add(path, e)
-                    self._walk(builder, files, first_name, full, path, child_lower, explicit)
+                    todo.append((path, child_lower, explicit))
             elif e.kind == Kind.REG:
-                origin = xattr_text(full, METACOPY)
+                origin = self._xattr_text(path, METACOPY)
                 if origin is not None:
                     data = self.lower.lookup(origin)
                     if data is None or data.kind != Kind.REG:
-                        raise_damaged(full, "its metacopy xattr names no lower file")
+                        raise_damaged(self.tree.where(path), "its metacopy xattr names no lower file")
                     builder.add(path, dataclasses.replace(e, size=data.size, blob=data.blob))
                     continue
-                add_file(builder, files, first_name, path, full, st, e)
+                add_file(builder, files, first_name, path, st, e)
             else:
                 builder.add(path, e)
 
     def _copy_lower(self, builder: LayerBuilder, path: str, lower_path: str, e: Entry) -> None:
         """Copy a lower entry (and a directory's subtree) into the layer at ``path``;
         names of one lower file copied together stay hard links of each other."""
-        if e.hardlink:
-            first = self._copied_groups.get(e.hardlink)
-            if first is not None:
-                builder.hardlink(path, first, path)
-                return
-            self._copied_groups[e.hardlink] = path
-            builder.add(path, dataclasses.replace(e, hardlink=path, nlink=1, flags=0))
-            return
-        builder.add(path, dataclasses.replace(e, nlink=1, flags=0))
-        if e.kind == Kind.DIR:
-            for name, child in self.lower.listdir(lower_path):
-                self._copy_lower(builder, _join(path, name), _join(lower_path, name), child)
+        todo = [(path, lower_path, e)]
+        while todo:
+            path, lower_path, e = todo.pop()
+            if e.hardlink:
+                first = self._copied_groups.get(e.hardlink)
+                if first is not None:
+                    builder.hardlink(path, first, path)
+                    continue
+                self._copied_groups[e.hardlink] = path
+                builder.add(path, dataclasses.replace(e, hardlink=path, nlink=1, flags=0))
+                continue
+            builder.add(path, dataclasses.replace(e, nlink=1, flags=0))
+            if e.kind == Kind.DIR:
+                todo += [(_join(path, name), _join(lower_path, name), child)
+                         for name, child in self.lower.listdir(lower_path)]
 
     # -- the diff ----------------------------------------------------------------------
 
@@ -193,7 +215,9 @@ class UpperReader:
         both is C, only now is A, only before is D (once, for a removed directory).
         """
         out: list[Change] = []
-        self._diff(out, self.upper, "", None if is_opaque_dir(self.upper) else "")
+        todo: list[tuple[str, str | None]] = [("", None if self._is_opaque("") else "")]
+        while todo:
+            self._diff_dir(out, todo, *todo.pop())
         return sorted(out, key=lambda c: c.path)
 
     def _before(self, path: str) -> Entry | None:
@@ -203,10 +227,10 @@ class UpperReader:
         e = self._before(path)
         return {n for n, _ in self.lower.listdir(path)} if e is not None and e.kind == Kind.DIR else set()
 
-    def _diff(self, out: list[Change], real: str, rel: str, source: str | None) -> None:
-        """Changes under the upper directory ``real`` at union path ``rel``, whose lower
-        contents (if any) come from ``source``."""
-        names, whiteouts = self._listing(real)
+    def _diff_dir(self, out: list[Change], todo: list, rel: str, source: str | None) -> None:
+        """Changes in the upper directory ``rel``, whose lower contents (if any) come
+        from ``source``; its subdirectories go on ``todo``."""
+        names, whiteouts = self._listing(rel)
         from_lower = set()
         if source is not None:
             from_lower = {n for n, _ in self.lower.listdir(source)} - whiteouts - set(names)
@@ -216,30 +240,31 @@ class UpperReader:
             for name in sorted(from_lower):
                 self._diff_moved(out, _join(source, name), _join(rel, name))
         for name in names:
-            full = os.path.join(real, name)
             path = _join(rel, name)
             out.append(Change("C" if self._before(path) is not None else "A", "/" + path))
-            if stat.S_ISDIR(os.lstat(full).st_mode):
-                redirect = xattr_text(full, REDIRECT)
+            if stat.S_ISDIR(self.tree.lstat(path).st_mode):
+                redirect = self._xattr_text(path, REDIRECT)
                 if redirect is not None:
                     child_source = redirect
-                elif is_opaque_dir(full):
+                elif self._is_opaque(path):
                     child_source = None
                 else:
                     below = self.lower.lookup(_join(source, name)) if source is not None else None
                     child_source = _join(source, name) if below is not None and below.kind == Kind.DIR else None
-                self._diff(out, full, path, child_source)
+                todo.append((path, child_source))
 
     def _diff_moved(self, out: list[Change], source: str, path: str) -> None:
         """A lower entry shown at a new path (inside a renamed directory)."""
-        out.append(Change("C" if self._before(path) is not None else "A", "/" + path))
-        e = self.lower.lookup(source)
-        if e is not None and e.kind == Kind.DIR:
-            now = {n for n, _ in self.lower.listdir(source)}
-            for name in sorted(self._names_before(path) - now):
-                out.append(Change("D", "/" + _join(path, name)))
-            for name in sorted(now):
-                self._diff_moved(out, _join(source, name), _join(path, name))
+        todo = [(source, path)]
+        while todo:
+            source, path = todo.pop()
+            out.append(Change("C" if self._before(path) is not None else "A", "/" + path))
+            e = self.lower.lookup(source)
+            if e is not None and e.kind == Kind.DIR:
+                now = {n for n, _ in self.lower.listdir(source)}
+                for name in sorted(self._names_before(path) - now):
+                    out.append(Change("D", "/" + _join(path, name)))
+                todo += [(_join(source, name), _join(path, name)) for name in sorted(now)]
 
 
 def _public(e: Entry) -> Entry:

@@ -36,3 +36,31 @@ def layerfs(store_root):
                                  f"{proc.stderr.decode()}")
         return proc
     return run
+
+
+def _fuse_mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == os.path.realpath(path) for line in f)
+
+
+@pytest.fixture
+def mounts(layerfs):
+    """``mounts(ref, mnt, *args)`` runs ``layerfs mount``; everything it mounted is
+    unmounted at the end, also when the test fails. Returns the container id."""
+    made: list[str] = []
+
+    def mount(ref: str, mnt: str, *extra: str) -> str:
+        os.makedirs(mnt, exist_ok=True)
+        proc = layerfs("mount", ref, mnt, *extra)
+        if proc.returncode == 0:
+            made.append(mnt)
+        assert proc.returncode == 0, proc.stderr.decode()
+        return proc.stdout.decode().strip()
+
+    yield mount
+    for mnt in made:
+        if _fuse_mounted(mnt):
+            layerfs("umount", mnt)
+        if _fuse_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+            subprocess.run(["umount", "-l", mnt], capture_output=True)

@@ -1100,3 +1100,25 @@ def test_commit_while_writing(store_root, base, mounts, tmp_path):
     fresh = str(tmp_path / "fresh-final")
     mounts(final, fresh)
     assert_same_tree(expected, tree_of(fresh), "the final commit")
+
+
+def test_removing_lower_names_of_252_to_255_bytes(store_root, tmp_path):
+    """".wh." + such a name cannot exist on disk: the removal is recorded in the overlay
+    form, and the committed layer holds the OCI whiteout (a tar member name has no such
+    limit)."""
+    long_file, long_dir = "f" * 255, "d" * 253
+    tar = make_tar(str(tmp_path / "long.tar"), [
+        (long_file, "f", "a long name\n"), ("keep", "f", "kept\n"),
+        (long_dir, "d"), (f"{long_dir}/inside", "f", "x\n"),
+    ])
+    image = out(store_root, "import-layer", tar, "-t", "long:1")
+
+    def change(m):
+        os.unlink(f"{m}/{long_file}")
+        os.unlink(f"{m}/{long_dir}/inside")
+        os.rmdir(f"{m}/{long_dir}")
+
+    expected, new = commit_and_check(store_root, image, change, str(tmp_path), while_mounted=False)
+    assert sorted(k for k in expected if k != LINKS) == [".", "keep"]
+    listing = out(store_root, "ls", new)
+    assert long_file not in listing and long_dir not in listing

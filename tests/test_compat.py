@@ -335,3 +335,37 @@ def test_mount_t_fuse_layerfs(layers, how, fstype):
     while fuse_layerfs_pids(str(layers / "mnt")) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not fuse_layerfs_pids(str(layers / "mnt")), "the server outlived its unmount"
+
+
+@pytest.mark.parametrize("reader", ["kernel", "fuse-layerfs"])
+def test_upper_rotated_into_the_lowers(layers, reader):
+    """The upper fuse-layerfs wrote becomes the top lower layer (what a commit does in a
+    container engine): the kernel's overlayfs and fuse-layerfs itself read the same tree
+    through it as the mount showed."""
+    _fuse_layerfs(layers)
+    m = layers / "mnt"
+    os.chmod(m / "etc/a", 0o600)
+    os.chown(m / "top", 1000, 1000)
+    os.rename(m / "docs", m / "documents")
+    os.rename(m / "gone", m / "gone2")
+    os.rename(m / "gone2", m / "gone")
+    (m / "gone/added").write_text("added\n")
+    os.unlink(m / "link")
+    expected = tree(str(m))
+    owners = {p: os.lstat(m / p).st_uid for p in ("top", "etc/a")}
+    _umount(str(m))
+    lowers = f"{layers / 'upper'}:{layers / 'l2'}:{layers / 'l1'}"
+    if reader == "kernel":
+        res = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                              f"lowerdir={lowers},redirect_dir=follow,metacopy=on", str(layers / "kmnt")],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"the kernel's overlay cannot be mounted here: {res.stderr.strip()}")
+        out = layers / "kmnt"
+    else:
+        res = subprocess.run([os.path.join(BIN, "fuse-layerfs"), "-o", f"lowerdir={lowers}", str(m)],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        out = m
+    assert tree(str(out)) == expected
+    assert {p: os.lstat(out / p).st_uid for p in owners} == owners

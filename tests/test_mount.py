@@ -25,28 +25,6 @@ def _fuse_mounted(path: str) -> bool:
 
 
 @pytest.fixture
-def mounts(layerfs):
-    """Mount helper that unmounts everything it mounted, also when the test fails."""
-    made: list[str] = []
-
-    def mount(ref: str, mnt: str, *extra: str) -> str:
-        os.makedirs(mnt, exist_ok=True)
-        proc = layerfs("mount", ref, mnt, *extra)
-        if proc.returncode == 0:
-            made.append(mnt)
-        assert proc.returncode == 0, proc.stderr.decode()
-        return proc.stdout.decode().strip()
-
-    yield mount
-    for mnt in made:
-        if _fuse_mounted(mnt):
-            layerfs("umount", mnt)
-        if _fuse_mounted(mnt):
-            subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
-            subprocess.run(["umount", "-l", mnt], capture_output=True)
-
-
-@pytest.fixture
 def image(tmp_path, layerfs):
     """A two-layer image: a base with files, dirs, a hard link, and an update."""
     base = make_tar(str(tmp_path / "l1.tar"), [

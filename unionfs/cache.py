@@ -36,6 +36,17 @@ class BoundedCache(Generic[K, V]):
             self._old, self._young = self._young, {}
         self._young[key] = value
 
+    def get(self, key: K, default: V | None = None) -> V | None:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def pop(self, key: K) -> None:
+        """Forget ``key`` (present or not)."""
+        self._young.pop(key, None)
+        self._old.pop(key, None)
+
     def __contains__(self, key: K) -> bool:
         return key in self._young or key in self._old
 

@@ -227,11 +227,14 @@ def _serve(config: MountConfig, ready_fd: int | None, debug: bool) -> None:
 
     scratch = None
     try:
+        from store.fstree import raise_open_file_limit
+
         from .fuse_ops import serve
         from .lower import DirLower
         from .markers import OverlayMarkers
         from .view import UnionView
 
+        raise_open_file_limit()  # as fuse-overlayfs does: a container's open files are ours too
         if config.upper:
             upper, work_dir = config.upper, os.path.join(config.work, "layerfs")
             os.makedirs(work_dir, exist_ok=True)

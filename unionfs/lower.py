@@ -85,8 +85,7 @@ class StoreLower:
     def open(self, path: str, node: LowerNode) -> int:
         """An fd of the file's data; EIO if its blob is missing or damaged."""
         try:
-            with self.blobs.open_verified(node.entry.blob) as f:
-                return os.dup(f.fileno())
+            return self.blobs.verified_fd(node.entry.blob)
         except StoreError as e:
             raise OSError(errno.EIO, str(e), path) from None
 

@@ -85,6 +85,11 @@ class OciMarkers:
         return None if value is None else checked_lower_path(value, name)
 
     def write_whiteout(self, dirfd: int, name: str) -> None:
+        if len(WH + name) > 255 and len((WH + name).encode("utf-8", "surrogateescape")) > 255:
+            # ".wh." + a name of 252-255 bytes cannot exist: the overlay form then, which
+            # commit reads as well (and writes as an OCI whiteout in the layer's tar).
+            os.mknod(name, stat.S_IFCHR | 0o600, 0, dir_fd=dirfd)
+            return
         os.close(os.open(WH + name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=dirfd))
 
     def write_opaque(self, dirfd: int) -> None:

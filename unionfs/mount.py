@@ -22,6 +22,7 @@ import time
 
 from store import Store, StoreError
 from store.containers import READ_ONLY, Container
+from store.fstree import raise_open_file_limit
 from store.records import ImageRecord
 from store.leases import process_start
 
@@ -79,6 +80,65 @@ def state(c: Container) -> str:
     if server_alive(c):
         return "mounted"
     return "dead" if mounted_fuse(c.mountpoint) else "created"
+
+
+# Options that decide who a mount exposes its files to, and how (see SECURITY.md).
+EXPOSURE_OPTIONS = ("allow_other", "suid", "nosuid", "dev", "nodev")
+
+
+def only_owner_reaches(path: str, uid: int) -> bool:
+    """True if a directory above ``path`` is owned by ``uid`` and no other user may
+    search it (group search allowed only for group 0): nobody else can walk to ``path``,
+    as nobody else can walk into /var/lib/docker or /var/lib/containers/storage."""
+    p = os.path.realpath(path)
+    while p != "/":
+        p = os.path.dirname(p)
+        st = os.stat(p)
+        if st.st_uid == uid and not st.st_mode & 0o001 and (not st.st_mode & 0o010 or st.st_gid == 0):
+            return True
+    return False
+
+
+def exposure(mountpoint: str, requested: dict) -> dict[str, bool]:
+    """The FUSE options for who may use a mount (allow_other) and whether setuid bits and
+    device nodes work in it, from what the caller asked for (``requested`` loses these
+    keys).
+
+    Root's mount honours setuid bits and device nodes, and lets every uid in (the
+    processes of a container run as any uid), only where no other host user can reach
+    it: at a mountpoint below a directory only root may search, as docker and podman
+    mount their containers. Elsewhere it is root's alone, unless asked: ``allow_other``
+    opens it to everyone, and then setuid bits and devices stay off unless ``suid`` or
+    ``dev`` is asked for too. A user's mount never has them (fusermount forbids it).
+    """
+    asked = {k: requested.pop(k) is True for k in EXPOSURE_OPTIONS if k in requested}
+    if os.geteuid() != 0:
+        if asked.get("suid") or asked.get("dev"):
+            raise MountError("only root can mount with setuid bits or device nodes honoured")
+        return {"allow_other": asked.get("allow_other", False), "nosuid": True, "nodev": True}
+    private = only_owner_reaches(mountpoint, 0)
+    allow_other = asked.get("allow_other", private)
+    exposed = allow_other and not private
+    out = {"allow_other": allow_other}
+    for on, off in (("suid", "nosuid"), ("dev", "nodev")):
+        enabled = asked[on] if on in asked else (not asked[off] if off in asked else not exposed)
+        out[on if enabled else off] = True
+    return out
+
+
+def mount_access(mountpoint: str) -> dict[str, bool] | None:
+    """How a live mount is exposed, as the kernel has it: allow_other, suid, dev."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4].encode().decode("unicode_escape") != target:
+                continue
+            per_mount = fields[5].split(",")
+            super_opts = fields[fields.index("-") + 3].split(",")
+            return {"allow_other": "allow_other" in super_opts, "suid": "nosuid" not in per_mount,
+                    "dev": "nodev" not in per_mount}
+    return None
 
 
 def parse_options(items: list[str] | tuple[str, ...]) -> dict[str, str | bool]:
@@ -256,6 +316,9 @@ def serve_container(store: Store, c: Container, mountpoint: str, *, read_only: b
     from .lower import StoreLower
     from .view import UnionView
 
+    # A container may hold as many files open as the host allows (fuse-overlayfs does
+    # the same): the serving process holds one fd per open file, plus its own.
+    raise_open_file_limit()
     work = store.containers.work(c)
     for leftover in os.listdir(work):  # half-built copy-ups of a process that died
         path = os.path.join(work, leftover)

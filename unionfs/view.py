@@ -41,6 +41,7 @@ import xxhash
 from store.records import Entry, Kind
 from store.upper import METACOPY, OPQ, REDIRECT, WH
 
+from .cache import BoundedCache
 from .lower import Lower, LowerNode
 from .markers import OciMarkers, is_whiteout_st
 from .realdir import RealDir
@@ -91,20 +92,18 @@ class PauseGate:
         self._active = 0
         self._paused = False
 
-    @contextlib.contextmanager
-    def hold(self):
-        """Around one change: waits while paused."""
+    def enter(self) -> None:
+        """Before one change: waits while paused (leave() after it, always)."""
         with self._cond:
             while self._paused:
                 self._cond.wait()
             self._active += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._active -= 1
-                if not self._active:
-                    self._cond.notify_all()
+
+    def leave(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if not self._active:
+                self._cond.notify_all()
 
     def pause(self) -> None:
         """Stop new changes and wait for those under way to finish."""
@@ -164,6 +163,8 @@ class UnionView:
         self._inos: dict[tuple[int, int], int] = {}  # copied-up upper inode -> its lower number
         self._names: dict[tuple[int, int], set[str]] = {}  # upper inode -> paths (hard links)
         self._redirect_map: dict[str, str] | None = None  # see _redirects()
+        self._dirs: BoundedCache[str, Node] = BoundedCache(65_536)  # see resolve()
+        self._dir_gen = 0
         self._hidden_files: dict[str, str] = {}  # ".fuse_hidden" path -> its name in work/ ("" lower)
         self._hidden_nodes: dict[str, Node] = {}
         self._tmp = itertools.count()
@@ -245,33 +246,82 @@ class UnionView:
                 return Node(path, upper, st, low, origin, False), None
         return Node(path, upper, st), None
 
+    # Resolution. The final name of a path is looked up afresh on every call; the
+    # directories above it come from a cache of directory nodes (where they are in the
+    # upper, what they merge from below: never their attributes, which are not used
+    # there), since only this view changes the upper. A change that copies a directory
+    # up, removes or moves one drops what it outdates (_forget_dirs), after the change;
+    # a resolution that raced with it is not kept (the generation moved).
+
     def resolve(self, path: str) -> Node:
         """The node at ``path``; ENOENT if nothing shows there, ENOTDIR through a file."""
-        node = self._root()
         if not path:
+            return self._root()
+        parent_path, _, name = path.rpartition("/")
+        parent = self._dir_node(parent_path, path)
+        child = self._child(parent, self._checked_name(name, path))
+        if child is None:
+            raise _err(errno.ENOENT, path)
+        return child
+
+    @staticmethod
+    def _checked_name(name: str, path: str) -> str:
+        if name.startswith(WH):
+            raise _err(errno.ENOENT, path)  # the markers are never visible
+        if len(name) > 63 and len(name.encode("utf-8", "surrogateescape")) > 255:
+            raise _err(errno.ENAMETOOLONG, path)
+        return name
+
+    def _dir_node(self, path: str, asked: str) -> Node:
+        """The directory at ``path``, from the cache or walked from its nearest cached
+        ancestor (ENOTDIR if it is not a directory, ENOENT if nothing is there)."""
+        node = self._dirs.get(path)
+        if node is not None:
             return node
-        names = path.split("/")
-        last = len(names) - 1
-        fd = self.up.fd
+        gen = self._dir_gen
+        start = path
+        while start:
+            start = start.rpartition("/")[0]
+            node = self._dirs.get(start)
+            if node is not None:
+                break
+        else:
+            node = self._root()
+            self._keep_dir("", node, gen)
+        fd = self.up.open_dir(node.upper) if node.upper is not None else -1
         try:
-            for i, name in enumerate(names):
+            for name in path[len(start) + 1 if start else 0:].split("/") if path else ():
                 if not node.is_dir:
-                    raise _err(errno.ENOTDIR, path)
-                if name.startswith(WH):
-                    raise _err(errno.ENOENT, path)  # the markers are never visible
-                if len(name) > 63 and len(name.encode("utf-8", "surrogateescape")) > 255:
-                    raise _err(errno.ENAMETOOLONG, path)
-                child, child_fd = self._child_at(node, fd, name, want_fd=i < last)
-                if fd != self.up.fd:
+                    raise _err(errno.ENOTDIR, asked)
+                child, child_fd = self._child_at(node, fd, self._checked_name(name, asked), want_fd=True)
+                if fd >= 0:
                     os.close(fd)
-                fd = child_fd if child_fd is not None else self.up.fd
+                fd = child_fd if child_fd is not None else -1
                 if child is None:
-                    raise _err(errno.ENOENT, path)
+                    raise _err(errno.ENOENT, asked)
                 node = child
+                if node.is_dir:
+                    self._keep_dir(node.path, node, gen)
         finally:
-            if fd != self.up.fd:
+            if fd >= 0:
                 os.close(fd)
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR, asked)
         return node
+
+    def _keep_dir(self, path: str, node: Node, gen: int) -> None:
+        with self._ids_lock:
+            if gen == self._dir_gen:
+                self._dirs[path] = node
+
+    def _forget_dirs(self, path: str | None = None) -> None:
+        """The directory at ``path`` changed (None: directories moved; forget them all)."""
+        with self._ids_lock:
+            self._dir_gen += 1
+            if path is None:
+                self._dirs.clear()
+            else:
+                self._dirs.pop(path)
 
     def _lower_below(self, parent: Node, name: str) -> LowerNode | None:
         """The lower entry at ``name`` in ``parent``, whether or not the upper hides it."""
@@ -569,6 +619,7 @@ class UnionView:
             self.wk.mkdir(tmp, 0o700)
             self._apply_entry_metadata(tmp, node.lower.entry)
             self.wk.rename(tmp, self.up, _join(parent.upper, name))
+        self._forget_dirs(path)
         new = self._child(parent, name)
         self._alias(new.st, node.lower.ident)
         return new
@@ -831,6 +882,7 @@ class UnionView:
                 self._clear_markers(node.upper)
                 self.up.rmdir(node.upper)
                 self._redirects().pop(node.path, None)
+                self._forget_dirs(node.path)  # empty in the union: nothing below is cached
             else:
                 self.up.unlink(node.upper)
             self._drop_alias(node.st)
@@ -910,6 +962,8 @@ class UnionView:
             if dst is not None and dst.upper is not None and dst.is_dir:
                 self._clear_markers(dst.upper)
             self._publish(self.up, moved.upper, new_parent, new_name)
+            if moved.is_dir:
+                self._forget_dirs()
             if dst is not None:
                 self._drop_alias(dst.st)
             if moved.is_dir:
@@ -975,6 +1029,7 @@ class UnionView:
         a = self._copy_up_for_move(a, b_parent)
         b = self._copy_up_for_move(b, a_parent)
         self.up.rename(a.upper, self.up, b.upper, 2)  # RENAME_EXCHANGE
+        self._forget_dirs()
         self._redirect_map = None  # rebuilt from the upper when next needed
         for node, other in ((a, b), (b, a)):
             # after the swap, ``node``'s object sits at ``other``'s path
