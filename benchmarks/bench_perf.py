@@ -775,7 +775,8 @@ def main() -> int:
             print(f"writing {nlayers} layers: {args.files} small files in {len(plan.leaves)} dirs, wide/ of "
                   f"{args.wide} and a {args.big_mib} MiB file at the bottom ...", flush=True)
         layer_dirs = write_layers(plan, os.path.join(tmp, "layers"), big_bytes) if nlayers else []
-        results["setup_s"]["write_layers"] = round(time.perf_counter() - t0, 2)
+        if nlayers:
+            results["setup_s"]["write_layers"] = round(time.perf_counter() - t0, 2)
         store = os.path.join(tmp, "store")
         bench = Bench(tmp, short, layer_dirs, store, big_bytes)
         if "layerfs" in systems and nlayers:
@@ -813,15 +814,17 @@ def report(results: dict, plan: Plan, args, systems: list[str], names: list[str]
     """Everything on stdout: the setting, a table per depth, the summary per front end."""
     m = results["machine"]
     label = "--quick, " if args.quick else ""
-    print(f"\nbench_perf ({label}commit {m['commit']}, {m['date']}): {args.files} small files in "
-          f"{len(plan.leaves)} dirs, wide/ of {args.wide}, big.bin {args.big_mib} MiB at the bottom; each "
-          f"layer above: 2 files rewritten, 2 added, 1 whited out")
+    print(f"\nbench_perf ({label}commit {m['commit']}, {m['date']})" + (
+        f": {args.files} small files in {len(plan.leaves)} dirs, wide/ of {args.wide}, big.bin "
+        f"{args.big_mib} MiB at the bottom; each layer above: 2 files rewritten, 2 added, 1 whited out"
+        if results["depths"] else ""))
     print(f"{m['cpus']} CPUs, kernel {m['kernel']}, {m['tmp_fs']} at {os.path.dirname(m['tmp_dir'])}; "
           f"{results['fuse_overlayfs']}; {results['fio']}; python start-up "
           f"{results['startup_s']['python -c pass']:.3f}s, layerfs --help {results['startup_s']['layerfs --help']:.3f}s")
-    print(f"negative = {args.negatives} stats, small = {args.small_reads} files, readdir = {args.wide} "
-          f"entries ({args.readdirs} repeats), mkdir -p = {args.mkdir_chains} x {args.mkdir_depth} levels, "
-          f"create = {args.creates} files, fio = {args.fio_mib} MiB, dd = {args.dd_mib} MiB")
+    if results["depths"]:
+        print(f"negative = {args.negatives} stats, small = {args.small_reads} files, readdir = {args.wide} "
+              f"entries ({args.readdirs} repeats), mkdir -p = {args.mkdir_chains} x {args.mkdir_depth} levels, "
+              f"create = {args.creates} files, fio = {args.fio_mib} MiB, dd = {args.dd_mib} MiB")
     for depth in results["depths"]:
         print_depth(depth, systems, names, args.repeat)
     if "apt" in results:
