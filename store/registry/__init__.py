@@ -1,0 +1,21 @@
+"""The registry client: the OCI Distribution API over the standard library's HTTP.
+
+``Registry`` talks to one registry (probe, auth, manifests); ``BlobReader`` downloads a
+blob as a verified stream; ``push_blob`` uploads one (HEAD, mount, PUT or PATCH chunks).
+"""
+
+from .client import Manifest, Registry
+from .credentials import Credentials, find_credentials
+from .download import BlobReader, read_blob
+from .errors import (AccessDenied, AuthenticationRequired, DigestMismatch, ManifestUnknown,
+                     RegistryError, RegistryUnreachable, TooLarge, UnsupportedManifest)
+from .manifests import Descriptor, ImageManifest, Platform
+from .reference import Reference
+from .transport import RetryPolicy
+from .upload import Outcome, file_source, push_blob, skip_source
+
+__all__ = ["AccessDenied", "AuthenticationRequired", "BlobReader", "Credentials", "Descriptor",
+           "DigestMismatch", "ImageManifest", "Manifest", "ManifestUnknown", "Outcome", "Platform",
+           "Reference", "Registry", "RegistryError", "RegistryUnreachable", "RetryPolicy", "TooLarge",
+           "UnsupportedManifest", "file_source", "find_credentials", "push_blob", "read_blob",
+           "skip_source"]
