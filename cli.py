@@ -7,6 +7,7 @@ the error's exit code.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
@@ -86,32 +87,107 @@ def cli() -> None:
     """layerfs: a union filesystem and layer store for container images."""
 
 
-def _progress_import(store: Store, tarball: str, parent, tag):
+def _progress_import(store: Store, tarball: str, parent, tag, created_ns):
     size = os.path.getsize(tarball) if tarball != "-" and os.path.isfile(tarball) else 0
     if not (sys.stderr.isatty() and size):
-        return store.import_tar(tarball, parent=parent, tag=tag)
+        return store.import_tar(tarball, parent=parent, tag=tag, created_ns=created_ns)
     with click.progressbar(length=size, label="importing", file=sys.stderr) as bar:
-        return store.import_tar(tarball, parent=parent, tag=tag, progress=bar.update)
+        return store.import_tar(tarball, parent=parent, tag=tag, progress=bar.update,
+                                created_ns=created_ns)
+
+
+def _created(value: str | None) -> int | None:
+    from store.images import parse_time
+
+    return parse_time(value) if value else None
+
+
+created_option = click.option(
+    "--created", metavar="TIME",
+    help="The image's created time: now, @SECONDS or RFC 3339 [default: SOURCE_DATE_EPOCH, "
+         "else 1970-01-01, so the same input gives the same image id].")
 
 
 @cli.command("import-layer")
 @click.argument("tarball")
 @click.option("--parent", help="Image to put the layer on.")
 @click.option("-t", "--tag", help="Tag the new image NAME[:TAG].")
+@created_option
 @with_store
-def import_layer(store: Store, tarball: str, parent: str | None, tag: str | None) -> None:
+def import_layer(store: Store, tarball: str, parent: str | None, tag: str | None,
+                 created: str | None) -> None:
     """Import a layer tarball (plain, gzip, zstd, bzip2, xz; - for stdin); print the image id."""
-    click.echo(_progress_import(store, tarball, parent, tag).image_id)
+    click.echo(_progress_import(store, tarball, parent, tag, _created(created)).image_id)
 
 
 @cli.command("import-dir")
 @click.argument("directory")
 @click.option("--parent", help="Image to put the layer on.")
 @click.option("-t", "--tag", help="Tag the new image NAME[:TAG].")
+@created_option
 @with_store
-def import_dir(store: Store, directory: str, parent: str | None, tag: str | None) -> None:
+def import_dir(store: Store, directory: str, parent: str | None, tag: str | None,
+               created: str | None) -> None:
     """Import a directory tree as a layer; print the image id."""
-    click.echo(store.import_dir(directory, parent=parent, tag=tag).image_id)
+    click.echo(store.import_dir(directory, parent=parent, tag=tag, created_ns=_created(created)).image_id)
+
+
+class _LoadBars:
+    """A progress bar per layer on a terminal (stderr); silent otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+
+    @contextlib.contextmanager
+    def layer(self, number: int, count: int, diff_id: str, size: int, stored: bool):
+        label = f"layer {number}/{count} {short(diff_id)}"
+        if not self.tty:
+            yield lambda n: None
+        elif stored:
+            click.echo(f"{label}: already stored", err=True)
+            yield lambda n: None
+        else:
+            with click.progressbar(length=max(size, 1), label=label, file=sys.stderr) as bar:
+                yield bar.update
+
+
+def _load(store: Store, path: str, tags: tuple[str, ...], platform: str | None) -> None:
+    from store.oci.loadsave import load as load_images
+
+    for rec, names in load_images(store, path, tags, platform, _LoadBars()):
+        for name in names:
+            click.echo(f"Loaded image: {name}")
+        click.echo(f"Loaded image ID: {rec.image_id}")
+
+
+@cli.command()
+@click.argument("path", default="-")
+@click.option("-t", "--tag", "tags", multiple=True, help="Also tag the image NAME[:TAG].")
+@click.option("--platform", metavar="OS/ARCH[/VARIANT]",
+              help="The platform to take from a multi-platform index [default: this machine's].")
+@with_store
+def load(store: Store, path: str, tags: tuple[str, ...], platform: str | None) -> None:
+    """Load images from an OCI layout (a directory or a tar of one) or a docker archive
+    (- or nothing: stdin); every digest is checked, and nothing is stored on an error."""
+    _load(store, path, tags, platform)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="File or directory to write (- for stdout).")
+@click.option("--format", "fmt", type=click.Choice(["oci", "oci-dir", "docker"]), default="oci",
+              show_default=True, help="A tar of an OCI layout, an OCI layout directory, or a "
+                                      "docker archive.")
+@click.option("--compress", type=click.Choice(["gzip", "zstd", "none"]),
+              help="Layer compression (oci formats) [default: gzip; docker: none].")
+@with_store
+def save(store: Store, images: tuple[str, ...], output: str, fmt: str, compress: str | None) -> None:
+    """Write IMAGES to an OCI layout or a docker archive; the same images give the same bytes."""
+    from store.oci.loadsave import save as save_images
+
+    for image in save_images(store, images, output, fmt, compress):
+        if output != "-":
+            click.echo(f"{image.image.image_id} {image.manifest.descriptor.digest}")
 
 
 @cli.command()
@@ -160,9 +236,11 @@ def layers(store: Store, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("ref")
+@click.option("--config", "raw_config", is_flag=True,
+              help="Print only the image's config, byte for byte (its sha256 is the image id).")
 @with_store
-def inspect(store: Store, ref: str) -> None:
-    """Show an image (or a layer) as JSON."""
+def inspect(store: Store, ref: str, raw_config: bool) -> None:
+    """Show an image (with its OCI config) or a layer as JSON."""
     try:
         rec = store.resolve_image(ref)
     except StoreError as image_error:
@@ -170,7 +248,13 @@ def inspect(store: Store, ref: str) -> None:
             layer = store.resolve_layer(ref)
         except StoreError:
             raise image_error from None
+        if raw_config:
+            raise StoreError(f"{ref} is a layer; only images have a config")
         click.echo(json.dumps({"type": "layer", **_layer_json(layer)}, indent=2))
+        return
+    if raw_config:
+        sys.stdout.buffer.write(rec.config)
+        sys.stdout.buffer.flush()
         return
     click.echo(json.dumps({"type": "image", "id": rec.image_id, "tags": store.tags_of(rec.image_id),
                            "layers": list(rec.layers), "created": rec.created_ns / 1e9,
@@ -488,55 +572,84 @@ def commit(store: Store, container: str, tag: str | None, message: str, author: 
 @cli.command()
 @with_store
 def demo(store: Store) -> None:
-    """Walk through the main jobs on the built-in sample image: import, ls, mount, write,
-    commit, gc."""
-    from store.sample import write_sample_layers
+    """Walk through the main jobs on a real image built from this machine's Debian
+    packages: load, inspect, mount, run, diff, commit, save, gc."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    from store.commit import diff as container_diff
+    from store.oci.loadsave import load as load_images, save as save_images
+    from store.sample import DEMO_REF, PACKAGES, write_demo_layout
     from unionfs import mount as mnt
 
     def step(text: str) -> None:
         click.echo(click.style(f"\n$ {text}", bold=True))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        step("layerfs import-layer sample-layer{1,2,3}.tar  # three layers, whiteouts, an opaque dir")
-        image = None
-        for i, path in enumerate(write_sample_layers(tmp), 1):
-            image = store.import_tar(path, parent=image.image_id if image else None)
-            click.echo(f"layer {i}: image {image.image_id}")
-        store.tag(image.image_id, "sample:latest")
-        step("layerfs ls -R sample:latest  # the merged tree, read from the index")
-        _ls(store, "sample:latest", "/", recursive=True, as_json=False)
+    def chroot(root: str, *argv: str) -> None:
+        if os.geteuid() != 0 or not shutil.which("chroot"):
+            click.echo("(skipped: chroot needs root)")
+            return
+        proc = subprocess.run(["chroot", root, *argv], capture_output=True, text=True, timeout=60)
+        click.echo(proc.stdout + proc.stderr, nl=False)
+
+    with tempfile.TemporaryDirectory(prefix="layerfs-demo-") as tmp:
+        layout = os.path.join(tmp, "demo-layout")
+        step(f"# an OCI layout built just now from this machine's {' and '.join(PACKAGES)} packages")
+        write_demo_layout(layout)
+        step("layerfs load demo-layout  # every digest checked; the config kept byte for byte")
+        [(image, _)] = load_images(store, layout)
+        click.echo(f"Loaded image: {DEMO_REF}\nLoaded image ID: {image.image_id}")
+        step(f"layerfs inspect --config {DEMO_REF} | sha256sum  # the image id is the config's digest")
+        click.echo(f"{hashlib.sha256(image.config).hexdigest()}  -")
+        cfg = json.loads(image.config)
+        click.echo(f"Cmd {cfg['config']['Cmd']}, {len(image.layers)} layers: "
+                   + ", ".join(h["created_by"] for h in cfg["history"]))
+        step(f"layerfs ls {DEMO_REF} /usr/local/bin  # read from the index, nothing mounted")
+        _ls(store, DEMO_REF, "/usr/local/bin", recursive=False, as_json=False)
 
         mountpoint = os.path.join(tmp, "mnt")
         os.mkdir(mountpoint)
-        step(f"layerfs mount sample:latest {mountpoint}")
-        c = mnt.mount(store, "sample:latest", mountpoint)
+        step(f"layerfs mount {DEMO_REF} MNT")
+        c = mnt.mount(store, DEMO_REF, mountpoint)
         try:
-            step("echo 'hello from a container' > MNT/etc/motd; rm MNT/bin/hi; chmod 700 MNT/bin/hello")
+            step("chroot MNT /usr/local/bin/hello  # a program of the image, run from the mount")
+            chroot(mountpoint, "/usr/local/bin/hello")
+            step("echo changed in a container > MNT/etc/motd; rm MNT/bin/wc")
             with open(os.path.join(mountpoint, "etc/motd"), "w") as f:
-                f.write("hello from a container\n")
-            os.unlink(os.path.join(mountpoint, "bin/hi"))
-            os.chmod(os.path.join(mountpoint, "bin/hello"), 0o700)
-            click.echo(open(os.path.join(mountpoint, "etc/motd")).read(), nl=False)
+                f.write("changed in a container\n")
+            os.unlink(os.path.join(mountpoint, "bin/wc"))
             step(f"layerfs diff {c.name}")
-            from store.commit import diff as container_diff
             for change in container_diff(store, c):
                 click.echo(f"{change.kind} {change.path}")
-            step(f"layerfs commit {c.name} -t sample:v2  # while mounted: writes are held")
-            new = mnt.commit(store, c.id, tag="sample:v2", message="demo")
+            step(f"layerfs commit {c.name} -t demo:v2 -c 'CMD [\"/bin/cat\", \"/etc/motd\"]'"
+                 "  # while mounted: writes are held")
+            new = mnt.commit(store, c.id, tag="demo:v2", message="demo change",
+                             changes=('CMD ["/bin/cat", "/etc/motd"]',))
             click.echo(new.image_id)
         finally:
-            step(f"layerfs umount {mountpoint}")
+            step("layerfs umount MNT")
             mnt.umount(store, mountpoint)
-    store.containers.remove(store.containers.get(c.id))
-    step("layerfs cat sample:v2 /etc/motd")
-    _cat(store, "sample:v2", "/etc/motd")
-    step("layerfs rmi sample:v2 && layerfs gc  # blobs only the removed image used are freed")
-    store.rmi("sample:v2")
+            store.containers.remove(store.containers.get(c.id))
+
+        archive = os.path.join(tmp, "demo-v2.tar")
+        step("layerfs save demo:v2 -o demo-v2.tar  # an OCI archive; the loaded layers keep their diff_ids")
+        [saved] = save_images(store, ["demo:v2"], archive)
+        for blob in saved.layers:
+            origin = "loaded" if blob.diff_id in image.layers else "committed"
+            click.echo(f"{origin:>9} layer: diff_id {short(blob.diff_id)}, gzip {short(blob.descriptor.digest)}")
+        step("layerfs rmi demo:v2 && layerfs load demo-v2.tar  # the same image comes back")
+        store.rmi("demo:v2")
+        [(back, _)] = load_images(store, archive)
+        click.echo(f"Loaded image ID: {back.image_id} ({'same' if back.image_id == new.image_id else 'DIFFERENT'})")
+    step("layerfs rmi demo:v2 && layerfs gc  # what only the removed image used is freed")
+    store.rmi("demo:v2")
     _print_gc(store.gc())
-    step("layerfs df")
-    u = store.df()
-    click.echo(f"{u.images} images, {u.layers} layers, {u.blobs} blobs, {human(u.stored_bytes)} "
-               f"stored, {human(u.saved_bytes)} saved by dedup")
+    step("layerfs images")
+    rows = [["REPOSITORY:TAG", "IMAGE ID", "LAYERS"]]
+    for r, tags in store.images():
+        rows += [[t, short(r.image_id), str(len(r.layers))] for t in tags or ["<none>"]]
+    table(rows)
 
 
 def main() -> None:

@@ -193,10 +193,10 @@ class PendingLayer:
     tarsplit: list[bytes] = field(default_factory=list)
 
 
-def record_layer(index: Index, ingest: Ingest, pending: PendingLayer,
-                 then: Callable[[lmdb.Transaction, LayerRecord], T]) -> T:
-    """Publish the ingest's blobs and record the layer and what ``then`` writes, in one
-    transaction: all or nothing. An already stored layer is reused (nothing new written).
+def record_layers(index: Index, ingest: Ingest, pendings: list[PendingLayer],
+                  then: Callable[[lmdb.Transaction, list[LayerRecord]], T]) -> T:
+    """Publish the ingest's blobs and record the layers and what ``then`` writes, in one
+    transaction: all or nothing. A layer already stored is reused (nothing new written).
 
     The caller holds the store's lock shared, so gc cannot run between the publish and
     the transaction.
@@ -209,20 +209,15 @@ def record_layer(index: Index, ingest: Ingest, pending: PendingLayer,
         ingest.unpublish()
         raise
     created = time.time_ns()
-    fbytes = file_bytes(pending.entries)
 
-    def txn_fn(txn: lmdb.Transaction) -> T:
-        ingest.ensure_published()
-        bdb = index.db("blobs")
-        for blob_id, size in blobs.items():
-            txn.put(blob_id.encode(), blob_size_record(size), db=bdb)
+    def put_layer(txn: lmdb.Transaction, pending: PendingLayer) -> LayerRecord:
         key = digest_bytes(pending.diff_id)
         raw = txn.get(key, db=index.db("layers"))
         if raw is not None:
-            return then(txn, unpack_layer(pending.diff_id, raw))
+            return unpack_layer(pending.diff_id, raw)
         num = index.next_counter(txn, b"layer-num")
-        rec = LayerRecord(pending.diff_id, num, pending.tar_size, len(pending.entries), fbytes,
-                          created, pending.source, pending.comment)
+        rec = LayerRecord(pending.diff_id, num, pending.tar_size, len(pending.entries),
+                          file_bytes(pending.entries), created, pending.source, pending.comment)
         txn.put(key, pack_layer(rec), db=index.db("layers"))
         prefix = struct.pack(">I", num)
         txn.put(prefix, key, db=index.db("layernums"))
@@ -232,7 +227,14 @@ def record_layer(index: Index, ingest: Ingest, pending: PendingLayer,
         tdb = index.db("tarsplit")
         for i, chunk in enumerate(pending.tarsplit):
             txn.put(prefix + struct.pack(">I", i), chunk, db=tdb)
-        result = then(txn, rec)
+        return rec
+
+    def txn_fn(txn: lmdb.Transaction) -> T:
+        ingest.ensure_published()
+        bdb = index.db("blobs")
+        for blob_id, size in blobs.items():
+            txn.put(blob_id.encode(), blob_size_record(size), db=bdb)
+        result = then(txn, [put_layer(txn, pending) for pending in pendings])
         crashpoints.point("record-before-commit")
         return result
 

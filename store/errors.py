@@ -57,6 +57,12 @@ class InvalidReference(StoreError):
     exit_code = 2
 
 
+class InvalidTime(StoreError):
+    """A time that is neither ``now``, ``@SECONDS`` nor RFC 3339."""
+
+    exit_code = 2
+
+
 class BadArchive(StoreError):
     """An input layer that is not a valid tar (or its compression is broken)."""
 

@@ -16,7 +16,7 @@ import lmdb
 
 from . import images as imagesmod
 from .blobs import BlobStore, Ingest
-from .builder import PendingLayer, record_layer
+from .builder import PendingLayer, record_layers
 from .containers import Containers
 from .dirimport import read_dir
 from .errors import (AmbiguousName, ImageNotFound, LayerNotFound, NotAStore, StoreError)
@@ -88,48 +88,66 @@ class Store:
     # -- import -------------------------------------------------------------------
 
     def import_tar(self, path: str, parent: str | None = None, tag: str | None = None,
-                   progress: Callable[[int], None] | None = None) -> ImageRecord:
-        """Import a layer tarball ("-" for stdin) as a new image on top of ``parent``."""
+                   progress: Callable[[int], None] | None = None,
+                   created_ns: int | None = None) -> ImageRecord:
+        """Import a layer tarball ("-" for stdin) as a new image on top of ``parent``.
+
+        The config's created time is ``created_ns``, else SOURCE_DATE_EPOCH, else 1970:
+        the same tar on the same parent gives the same image id.
+        """
         tag = imagesmod.parse_reference(tag) if tag else None
         base = self.resolve_image(parent) if parent else None
         name = os.path.basename(path)
         src_cm = contextlib.nullcontext(open_input(path)) if path == "-" else open_input(path)
         with src_cm as src, self.blobs.ingest() as ingest:
             pending = read_tar(ingest, src, name, progress)
-            return self.record(ingest, pending, base, {"created_by": f"layerfs import-layer {name}"}, tag)
+            # The file's name stays in the layer record, out of the config: renaming a
+            # tarball must not change the image id.
+            return self.record(ingest, pending, base, {"created_by": "layerfs import-layer"}, tag,
+                               created_ns=imagesmod.fixed_ns() if created_ns is None else created_ns)
 
-    def import_dir(self, path: str, parent: str | None = None, tag: str | None = None) -> ImageRecord:
-        """Import a directory tree as a new image on top of ``parent``."""
+    def import_dir(self, path: str, parent: str | None = None, tag: str | None = None,
+                   created_ns: int | None = None) -> ImageRecord:
+        """Import a directory tree as a new image on top of ``parent`` (created as in
+        :meth:`import_tar`)."""
         tag = imagesmod.parse_reference(tag) if tag else None
         base = self.resolve_image(parent) if parent else None
         name = os.path.basename(os.path.abspath(path))
         with self.blobs.ingest() as ingest:
             pending = read_dir(ingest, self.blobs, path, os.path.abspath(path))
-            return self.record(ingest, pending, base, {"created_by": f"layerfs import-dir {name}"}, tag)
+            return self.record(ingest, pending, base, {"created_by": "layerfs import-dir"}, tag,
+                               created_ns=imagesmod.fixed_ns() if created_ns is None else created_ns)
 
     def record(self, ingest: Ingest, pending: PendingLayer, base: ImageRecord | None, history: dict,
-               tag: str | None, config: dict | None = None) -> ImageRecord:
+               tag: str | None, config: dict | None = None, created_ns: int | None = None) -> ImageRecord:
         """Record a read layer and the image ``base`` + that layer, in one transaction.
 
         ``config`` is the base's config, edited (commit --change); history is the new entry.
+        The created time is ``created_ns``, else SOURCE_DATE_EPOCH, else the clock.
         """
-        created = imagesmod.now_ns()
+        created = imagesmod.now_ns() if created_ns is None else created_ns
         parent = config if config is not None else (base.config if base else None)
         raw_config = imagesmod.new_config(parent, pending.diff_id, created, history)
         rec = ImageRecord(imagesmod.digest(raw_config), (base.layers if base else ()) + (pending.diff_id,),
                           raw_config, created)
+        return self.record_images(ingest, [pending], [(rec, [tag] if tag else [])])[0]
 
-        def add_image(txn: lmdb.Transaction, layer: LayerRecord) -> ImageRecord:
-            for d in rec.layers:  # an rmi and gc may have taken the base meanwhile
-                if txn.get(digest_bytes(d), db=self.index.db("layers")) is None:
-                    raise LayerNotFound(f"layer {d} disappeared while the image was created")
-            txn.put(digest_bytes(rec.image_id), pack_image(rec), db=self.index.db("images"))
-            if tag:
-                txn.put(tag.encode(), digest_bytes(rec.image_id), db=self.index.db("tags"))
-            return rec
+    def record_images(self, ingest: Ingest, pendings: list[PendingLayer],
+                      images: list[tuple[ImageRecord, list[str]]]) -> list[ImageRecord]:
+        """Record read layers (those not stored yet) and images made of stored and new
+        layers, each with its tags (normalised NAME:TAG), in one transaction."""
+        def add_images(txn: lmdb.Transaction, layers: list[LayerRecord]) -> list[ImageRecord]:
+            for rec, tags in images:
+                for d in rec.layers:  # an rmi and gc may have taken a stored layer meanwhile
+                    if txn.get(digest_bytes(d), db=self.index.db("layers")) is None:
+                        raise LayerNotFound(f"layer {d} disappeared while the image was created")
+                txn.put(digest_bytes(rec.image_id), pack_image(rec), db=self.index.db("images"))
+                for tag in tags:
+                    txn.put(tag.encode(), digest_bytes(rec.image_id), db=self.index.db("tags"))
+            return [rec for rec, _ in images]
 
         with self.lock.shared():
-            return record_layer(self.index, ingest, pending, add_image)
+            return record_layers(self.index, ingest, pendings, add_images)
 
     # -- lookups -------------------------------------------------------------------
 
@@ -170,6 +188,11 @@ class Store:
             if key is None:
                 raise LayerNotFound(f"no such layer: {ref}")
             return unpack_layer(bytes_digest(key), txn.get(key, db=self.index.db("layers")))
+
+    def has_layer(self, diff_id: str) -> bool:
+        """True if a layer with this diff_id is stored."""
+        with self.index.read() as txn:
+            return txn.get(digest_bytes(diff_id), db=self.index.db("layers")) is not None
 
     def _find(self, txn, dbname: str, ref: str, tags: bool) -> bytes | None:
         if tags and not ref.startswith("sha256:"):

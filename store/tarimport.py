@@ -41,7 +41,7 @@ _DECODE_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdE
 PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
 
 
-def _decompressed(src: BinaryIO) -> tuple[BinaryIO, str]:
+def decompressed(src: BinaryIO) -> tuple[BinaryIO, str]:
     """Wrap ``src`` in the decompressor its magic bytes call for."""
     buffered = src if hasattr(src, "peek") else io.BufferedReader(src)  # type: ignore[arg-type]
     magic = buffered.peek(6)[:6]
@@ -251,7 +251,7 @@ def read_tar(ingest: Ingest, src: BinaryIO, comment: str = "",
     """Read a (possibly compressed) layer tar from ``src``, staging its file contents."""
     if progress is not None:
         src = _Counting(src, progress)  # type: ignore[assignment]
-    stream_src, kind = _decompressed(src)
+    stream_src, kind = decompressed(src)
     split = TarSplitWriter()
     stream = _TarStream(stream_src, kind, split)
     builder = LayerBuilder()
