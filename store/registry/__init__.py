@@ -9,13 +9,11 @@ from .credentials import Credentials, find_credentials
 from .download import BlobReader, read_blob
 from .errors import (AccessDenied, AuthenticationRequired, DigestMismatch, ManifestUnknown,
                      RegistryError, RegistryUnreachable, TooLarge, UnsupportedManifest)
-from .manifests import Descriptor, ImageManifest, Platform
 from .reference import Reference
 from .transport import RetryPolicy
-from .upload import Outcome, file_source, push_blob, skip_source
+from .upload import Outcome, push_blob, stream_source
 
-__all__ = ["AccessDenied", "AuthenticationRequired", "BlobReader", "Credentials", "Descriptor",
-           "DigestMismatch", "ImageManifest", "Manifest", "ManifestUnknown", "Outcome", "Platform",
+__all__ = ["AccessDenied", "AuthenticationRequired", "BlobReader", "Credentials",
+           "DigestMismatch", "Manifest", "ManifestUnknown", "Outcome",
            "Reference", "Registry", "RegistryError", "RegistryUnreachable", "RetryPolicy", "TooLarge",
-           "UnsupportedManifest", "file_source", "find_credentials", "push_blob", "read_blob",
-           "skip_source"]
+           "UnsupportedManifest", "find_credentials", "push_blob", "read_blob", "stream_source"]

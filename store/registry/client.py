@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import threading
 import urllib.parse
@@ -13,8 +14,9 @@ from dataclasses import dataclass
 from .auth import Authenticator
 from .credentials import Credentials, find_credentials
 from .errors import (DigestMismatch, ManifestUnknown, RegistryError, TooLarge)
-from .manifests import (ACCEPT, INDEXES, MAX_MANIFEST, ImageManifest, Platform, media_type, parse_json,
-                        select_platform)
+from ..oci.descriptor import Descriptor, Platform
+from ..oci.image import resolve_manifest
+from .manifests import ACCEPT, MAX_MANIFEST, media_type
 from .reference import Reference, valid_digest
 from .transport import Response, RetryPolicy, Transport
 
@@ -65,7 +67,6 @@ class Resolved:
     """An image manifest found for a reference, and the index it was chosen from (if any)."""
 
     manifest: Manifest
-    image: ImageManifest
     index: Manifest | None
 
 
@@ -183,17 +184,21 @@ class Registry:
                                      "the registry claims")
         return Manifest(media_type(data, resp.header("Content-Type"), f"manifest {what}"), data, digest)
 
-    def resolve(self, repo: str, ref: str, platform: Platform) -> "Resolved":
-        """The image manifest ``ref`` names, through indexes (nested ones too) for ``platform``."""
-        top = m = self.get_manifest(repo, ref)
-        for _ in range(4):
-            if m.media_type not in INDEXES:
-                break
-            desc = select_platform(parse_json(m.data, f"index {m.digest}"), platform,
-                                   f"{self.name}/{repo}@{m.digest}")
-            m = self.get_manifest(repo, desc.digest)
-        parsed = ImageManifest.parse(m.data, m.media_type, f"manifest {self.name}/{repo}@{m.digest}")
-        return Resolved(m, parsed, top if top is not m else None)
+    def resolve(self, repo: str, ref: str, platform: Platform | None = None) -> "Resolved":
+        """The image manifest ``ref`` (tag or digest) names, through indexes (nested ones
+        too) to the one for ``platform`` (default: this machine's)."""
+        top = self.get_manifest(repo, ref)
+        fetched = {top.digest: top}
+
+        def fetch(desc: Descriptor):
+            m = fetched.get(desc.digest) or self.get_manifest(repo, desc.digest)
+            fetched[m.digest] = m
+            return io.BytesIO(m.data)
+
+        what = f"{self.name}/{repo}{'@' if valid_digest(ref) else ':'}{ref}"
+        desc, _ = resolve_manifest(Descriptor(top.media_type, top.digest, len(top.data)), fetch, platform, what)
+        chosen = fetched[desc.digest]
+        return Resolved(chosen, top if chosen is not top else None)
 
     def put_manifest(self, repo: str, ref: str, manifest: Manifest) -> str:
         """Store a manifest under a tag (or its digest), with its media type; returns its digest."""

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from .client import Registry, pull_scope
 from .errors import DigestMismatch, RegistryError, TooLarge
-from .manifests import Descriptor
+from ..oci.descriptor import Descriptor
 from .transport import DROPPED, Response
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -23,12 +23,14 @@ class BlobReader(io.RawIOBase):
     """A blob of ``repo`` as a readable binary stream, verified as it is read."""
 
     def __init__(self, registry: Registry, repo: str, desc: Descriptor,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None, offset: int = 0, hasher=None) -> None:
+        """Read ``desc``'s blob from ``offset`` on; ``hasher`` must then hold the bytes
+        before it (a download picked up where an earlier one stopped)."""
         super().__init__()
         self.registry, self.repo, self.desc = registry, repo, desc
         self.progress = progress
-        self.pos = 0  # verified-so-far bytes handed out
-        self.hasher = hashlib.new(desc.digest.split(":", 1)[0])
+        self.pos = offset  # bytes handed out (and hashed)
+        self.hasher = hasher or hashlib.new(desc.digest.split(":", 1)[0])
         self.verified = False
         self.resumes = 0  # how often a dropped download was picked up again
         self._skip = 0  # bytes to drop from the response (a 200 after a drop)

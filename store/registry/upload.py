@@ -7,19 +7,21 @@ one starts. Each new attempt waits longer (the transport's retry policy).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import BinaryIO
 
 from .client import Registry, pull_scope, push_scope
 from .errors import DigestMismatch, RegistryError
-from .manifests import Descriptor
+from ..oci.descriptor import Descriptor
 from .transport import DROPPED
 
-# A fresh stream of the blob's bytes from the given offset on.
-Source = Callable[[int], BinaryIO]
+# A fresh stream of the blob's bytes from the given offset on (a context manager).
+Source = Callable[[int], AbstractContextManager[BinaryIO]]
 _PIECE = 1 << 20
 _RANGE = re.compile(r"^(?:bytes=)?0-(\d+)$")
 
@@ -42,26 +44,21 @@ class _UploadGone(Exception):
     """The registry no longer knows the upload (cancelled, expired, or its state refused)."""
 
 
-def file_source(path: str) -> Source:
-    """A Source reading a file."""
-    def open_at(offset: int) -> BinaryIO:
-        f = open(path, "rb")
-        f.seek(offset)
-        return f
-    return open_at
-
-
-def skip_source(open_stream: Callable[[], BinaryIO]) -> Source:
-    """A Source over a stream that can only be read from the start (bytes before the offset
-    are read and dropped)."""
-    def open_at(offset: int) -> BinaryIO:
-        f = open_stream()
-        while offset:
-            chunk = f.read(min(offset, _PIECE))
-            if not chunk:
-                raise RegistryError("the blob's source ended before the upload's offset")
-            offset -= len(chunk)
-        return f
+def stream_source(open_blob: Callable[[], AbstractContextManager[BinaryIO]]) -> Source:
+    """A Source over something that opens the blob from its start: seeked to the offset
+    when the stream can, else the bytes before it are read and dropped."""
+    @contextlib.contextmanager
+    def open_at(offset: int) -> Iterator[BinaryIO]:
+        with open_blob() as f:
+            if offset and f.seekable():
+                f.seek(offset)
+                offset = 0
+            while offset:
+                chunk = f.read(min(offset, _PIECE))
+                if not chunk:
+                    raise RegistryError("the blob's source ended before the upload's offset")
+                offset -= len(chunk)
+            yield f
     return open_at
 
 
@@ -74,26 +71,23 @@ class _Upload:
 
     def _pieces(self, offset: int, length: int) -> Iterator[bytes]:
         """The blob's bytes [offset, offset+length), reported to progress as they go."""
-        # A local read error must not pass for a dropped connection (those are retried).
+        # Only the source's own errors surface in this frame (the socket's are the
+        # sender's), and a local read error must not pass for a dropped connection.
         try:
-            f = self.source(offset)
+            with self.source(offset) as f:
+                sent = 0
+                while sent < length:
+                    piece = f.read(min(_PIECE, length - sent))
+                    if not piece:
+                        raise RegistryError(f"{self.what}: the source ended at byte {offset + sent} "
+                                            f"of {self.desc.size}")
+                    sent += len(piece)
+                    self.registry.count("bytes_sent", len(piece))
+                    if self.progress:
+                        self.progress(offset + sent)
+                    yield piece
         except OSError as e:
             raise RegistryError(f"{self.what}: cannot read it: {e.strerror or e}") from None
-        with f:
-            sent = 0
-            while sent < length:
-                try:
-                    piece = f.read(min(_PIECE, length - sent))
-                except OSError as e:
-                    raise RegistryError(f"{self.what}: cannot read it: {e.strerror or e}") from None
-                if not piece:
-                    raise RegistryError(f"{self.what}: the source ended at byte {offset + sent} "
-                                        f"of {self.desc.size}")
-                sent += len(piece)
-                self.registry.count("bytes_sent", len(piece))
-                if self.progress:
-                    self.progress(offset + sent)
-                yield piece
 
     def _send(self, method: str, url: str, headers: dict, offset: int, length: int):
         """Send part of the blob; a connection failure becomes _Dropped."""
