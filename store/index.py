@@ -17,7 +17,9 @@ import lmdb
 
 from .errors import NotAStore, SchemaTooNew, StoreCorrupt, StoreFull
 
-SCHEMA_VERSION = 1
+# 2: adds ``layerblobs`` (nothing to convert). An older layerfs must refuse a store that
+# has them: its gc would not know those blobs are in use.
+SCHEMA_VERSION = 2
 
 # Named databases (see DESIGN.md "The store").
 DATABASES = (
@@ -33,6 +35,7 @@ DATABASES = (
     "merged",  # u32 chain num | parent | NUL | name -> u32 layer num
     "containers",
     "leases",
+    "layerblobs",  # 32-byte diff_id | 32-byte compressed digest -> LayerBlob
 )
 
 # Sparse and only address space: large enough that a mount's reader threads never see
@@ -71,7 +74,9 @@ class Index:
             txn.put(b"schema", struct.pack("<I", SCHEMA_VERSION), db=meta)
             return
         version = struct.unpack("<I", raw)[0]
-        if version > SCHEMA_VERSION:
+        if version < SCHEMA_VERSION:
+            txn.put(b"schema", struct.pack("<I", SCHEMA_VERSION), db=meta)
+        elif version > SCHEMA_VERSION:
             raise SchemaTooNew(
                 f"the store at {os.path.dirname(path)} was written by a newer layerfs "
                 f"(index schema {version}, this layerfs reads up to {SCHEMA_VERSION}); upgrade layerfs")

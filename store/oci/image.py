@@ -24,7 +24,7 @@ import zstandard
 from .. import images as imagesmod
 from ..errors import BadArchive, LayerNotFound, StoreCorrupt
 from ..export import layer_tar
-from ..records import ImageRecord, LayerRecord
+from ..records import ImageRecord, LayerBlob, LayerRecord
 from ..store import Store
 from ..tarimport import read_tar
 from .descriptor import (COMPRESSIONS, CONFIG_TYPES, INDEX_TYPES, LAYER_TYPES, MANIFEST_TYPES,
@@ -58,6 +58,7 @@ class LayerInput:
     descriptor: Descriptor | None = None
     size: int = 0  # bytes to read, for progress (0: unknown)
     name: str = ""  # for messages and the layer's record
+    source: str = ""  # "registry/repository" it was pulled from (a push may mount it from there)
 
 
 # -- in -----------------------------------------------------------------------------
@@ -89,16 +90,42 @@ class ImageInput:
     what: str = "the image"  # for messages: "image 2 of x.tar", "the manifest sha256:..."
 
 
+class _Tee(io.RawIOBase):
+    """Reads from a stream and writes every byte read into a blob being staged."""
+
+    def __init__(self, src: BinaryIO, sink) -> None:
+        self.src, self.sink = src, sink
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.src.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.sink.write(data)
+        return n
+
+
+def _keeps_bytes(desc: Descriptor | None) -> bool:
+    """A compressed layer blob: its bytes are kept, so that it leaves (push) with the digest
+    it came with; an uncompressed one's digest is its diff_id, which tar-split keeps."""
+    return (desc is not None and LAYER_TYPES.get(desc.media_type) in ("gzip", "zstd")
+            and desc.digest.startswith("sha256:"))
+
+
 def import_images(store: Store, images: Sequence[ImageInput],
                   progress: LoadProgress | None = None) -> list[ImageRecord]:
     """Store images: each config kept byte for byte (the image id is its sha256), each
     layer not yet stored (by diff_id) read once, and the tags; all or nothing.
 
     Every layer read is checked against its descriptor, if it has one, and against the
-    diff_id its config lists; on any error nothing is stored.
+    diff_id its config lists; on any error nothing is stored. A compressed layer's blob
+    is kept as it came (see :class:`~store.records.LayerBlob`).
     """
     progress = progress or LoadProgress()
     planned = [_plan(image) for image in images]
+    forms: list[LayerBlob] = []
     with store.blobs.ingest() as ingest:
         pendings: dict = {}
         for image, (rec, _) in zip(images, planned):
@@ -112,10 +139,16 @@ def import_images(store: Store, images: Sequence[ImageInput],
                                    f"says its diff_id is {diff_id}")
                 stored = diff_id in pendings or store.has_layer(diff_id)
                 size = layer.descriptor.size if layer.descriptor else layer.size
+                sources = (layer.source,) if layer.source else ()
                 with progress.layer(i + 1, len(image.layers), diff_id, size, stored) as advance:
                     if stored:
+                        if desc is not None and _keeps_bytes(desc):  # known by this digest too
+                            forms.append(LayerBlob(diff_id, desc.digest, desc.media_type, desc.size, "", sources))
                         continue
                     with layer.open() as src:
+                        kept = ingest.writer() if _keeps_bytes(desc) else None
+                        if kept is not None:
+                            src = _Tee(src, kept)
                         reader = VerifyingReader(src, layer.descriptor, label) if layer.descriptor else src
                         try:
                             pending = read_tar(ingest, reader, layer.name or diff_id, advance)
@@ -123,10 +156,14 @@ def import_images(store: Store, images: Sequence[ImageInput],
                             raise type(e)(f"{label}: {e}") from None
                         if isinstance(reader, VerifyingReader):
                             reader.finish()
+                        if kept is not None:
+                            assert desc is not None
+                            forms.append(LayerBlob(diff_id, desc.digest, desc.media_type, desc.size,
+                                                   kept.finish(), sources))
                 if pending.diff_id != diff_id:
                     raise BadImage(f"{label} has diff_id {pending.diff_id}, but the config says {diff_id}")
                 pendings[diff_id] = pending
-        return store.record_images(ingest, list(pendings.values()), planned)
+        return store.record_images(ingest, list(pendings.values()), planned, forms)
 
 
 def _plan(image: ImageInput) -> tuple[ImageRecord, list[str]]:
@@ -297,6 +334,17 @@ class _HashingFile:
         self.f.flush()
 
 
+def _kept_blob(store: Store, layer: LayerRecord) -> ExportedBlob | None:
+    """The layer as the compressed blob it was loaded or pulled in, if its bytes are kept."""
+    for form in store.layer_blobs(layer.diff_id):
+        if form.blob and os.path.exists(store.blobs.path(form.blob)):
+            # The OCI media type of its compression (the bytes, hence the digest, are the same).
+            media_type = COMPRESSIONS[LAYER_TYPES[form.media_type]]
+            return ExportedBlob(Descriptor(media_type, form.digest, form.size),
+                                lambda b=form.blob: store.blobs.open_verified(b), layer.diff_id)
+    return None
+
+
 def _layer_blob(store: Store, layer: LayerRecord, compression: str, scratch: str) -> ExportedBlob:
     def uncompressed() -> AbstractContextManager[BinaryIO]:
         return contextlib.closing(_ChunkReader(layer_tar(store.index, store.blobs, layer), layer.diff_id))
@@ -325,11 +373,13 @@ def manifest_bytes(config: Descriptor, layers: Sequence[Descriptor]) -> bytes:
 
 @contextlib.contextmanager
 def export_image(store: Store, ref: str, compression: str = "gzip",
-                 scratch: str | None = None) -> Iterator[ExportedImage]:
+                 scratch: str | None = None, originals: bool = False) -> Iterator[ExportedImage]:
     """A stored image (tag or id) as manifest, config and layer blobs, for the length of
     the ``with``. Layers go out as their stored tars (tar-split: the original bytes, so
     uncompressed digests never change), compressed with ``compression`` (gzip, zstd or
     none). Compressed layers are staged in a temporary directory under ``scratch``.
+    With ``originals``, a layer whose compressed blob was kept when it was loaded or
+    pulled goes out as that blob, with its original digest (what a push wants).
     gc waits while an export is open, so no blob disappears under it.
     """
     if compression not in COMPRESSIONS:
@@ -341,7 +391,8 @@ def export_image(store: Store, ref: str, compression: str = "gzip",
         except LayerNotFound as e:
             raise StoreCorrupt(f"image {rec.image_id} is damaged: {e}; run layerfs fsck") from None
         with tempfile.TemporaryDirectory(prefix=".layerfs-export-", dir=scratch) as tmp:
-            blobs = [_layer_blob(store, layer, compression, tmp) for layer in layers]
+            blobs = [(originals and _kept_blob(store, layer)) or _layer_blob(store, layer, compression, tmp)
+                     for layer in layers]
             config = _bytes_blob(rec.config, OCI_CONFIG)
             manifest = _bytes_blob(manifest_bytes(config.descriptor, [b.descriptor for b in blobs]),
                                    OCI_MANIFEST)
