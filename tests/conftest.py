@@ -36,3 +36,23 @@ def layerfs(store_root):
                                  f"{proc.stderr.decode()}")
         return proc
     return run
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """A real registry (Debian's docker-registry) on a free loopback port, stopped after."""
+    from registryserver import REGISTRY, RegistryServer
+    if REGISTRY is None:
+        pytest.skip("needs docker-registry (apt-get install docker-registry)")
+    srv = RegistryServer(str(tmp_path / "registry")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def proxy(registry):
+    """A TCP proxy in front of ``registry`` that drops or stalls connections on cue."""
+    from registryserver import DropProxy
+    p = DropProxy(registry.port)
+    yield p
+    p.close()

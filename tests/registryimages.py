@@ -1,15 +1,12 @@
-"""Small but real images for the registry tests: gzip layer tars, a config whose diff_ids
-match them, and a manifest (OCI or Docker v2), as bytes; and an OCI layout of them."""
+"""Images as bytes for the registry tests (a manifest, a config whose diff_ids match the
+gzip layers, the layers), built on ocihelpers, and written as OCI layouts with it."""
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
 import json
-import os
-import tarfile
 from dataclasses import dataclass
+
+from ocihelpers import Layout, compress, config_for, sha, tar_bytes
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -18,20 +15,7 @@ _LAYER_TYPES = {OCI_MANIFEST: "application/vnd.oci.image.layer.v1.tar+gzip",
 _CONFIG_TYPES = {OCI_MANIFEST: "application/vnd.oci.image.config.v1+json",
                  DOCKER_MANIFEST: "application/vnd.docker.container.image.v1+json"}
 
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def layer_tar(files: dict[str, bytes]) -> bytes:
-    """An uncompressed layer tar of regular files (parents implied)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in files.items():
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mode, ti.mtime = len(data), 0o644, 1_700_000_000
-            tf.addfile(ti, io.BytesIO(data))
-    return buf.getvalue()
+__all__ = ["DOCKER_MANIFEST", "OCI_MANIFEST", "Image", "make_image", "sha", "write_oci_layout"]
 
 
 @dataclass
@@ -54,39 +38,26 @@ class Image:
 
 
 def make_image(layer_files: list[dict[str, bytes]], media_type: str = OCI_MANIFEST,
-               arch: str = "amd64", env: list[str] | None = None) -> Image:
+               arch: str = "amd64") -> Image:
     """An image of the given layers (each {path: bytes}), config and manifest included."""
-    tars = [layer_tar(files) for files in layer_files]
-    blobs = [gzip.compress(t, mtime=0) for t in tars]
-    diff_ids = [sha(t) for t in tars]
-    config = json.dumps({"architecture": arch, "os": "linux",
-                         "config": {"Env": env or ["PATH=/usr/bin:/bin"], "Cmd": ["/bin/sh"]},
-                         "rootfs": {"type": "layers", "diff_ids": diff_ids},
-                         "history": [{"created_by": f"layer {i}"} for i in range(len(tars))]},
-                        sort_keys=True).encode()
+    tars = [tar_bytes([(name, "f", data) for name, data in files.items()]) for files in layer_files]
+    blobs = [compress(t, "gzip") for t in tars]
+    config = json.loads(config_for(tars))
+    config["architecture"] = arch
+    config = json.dumps(config, sort_keys=True).encode()
     manifest = {"schemaVersion": 2, "mediaType": media_type,
                 "config": {"mediaType": _CONFIG_TYPES[media_type], "digest": sha(config), "size": len(config)},
                 "layers": [{"mediaType": _LAYER_TYPES[media_type], "digest": sha(b), "size": len(b)}
                            for b in blobs]}
-    return Image(json.dumps(manifest, indent=2).encode(), media_type, config, blobs, diff_ids)
+    return Image(json.dumps(manifest, indent=2).encode(), media_type, config, blobs, [sha(t) for t in tars])
 
 
-def write_oci_layout(path: str, images: dict[str, Image]) -> None:
+def write_oci_layout(path: str, images: dict[str, Image]) -> str:
     """An OCI image layout holding ``images`` under their tags (ref.name annotations)."""
-    os.makedirs(os.path.join(path, "blobs", "sha256"), exist_ok=True)
-
-    def put(data: bytes) -> None:
-        with open(os.path.join(path, "blobs", "sha256", sha(data)[7:]), "wb") as f:
-            f.write(data)
-
-    manifests = []
+    layout = Layout(path)
     for tag, image in images.items():
-        for blob in [image.config, image.manifest, *image.layers]:
-            put(blob)
-        manifests.append({"mediaType": image.media_type, "digest": image.digest, "size": len(image.manifest),
-                          "annotations": {"org.opencontainers.image.ref.name": tag}})
-    with open(os.path.join(path, "oci-layout"), "w") as f:
-        json.dump({"imageLayoutVersion": "1.0.0"}, f)
-    with open(os.path.join(path, "index.json"), "w") as f:
-        json.dump({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                   "manifests": manifests}, f)
+        layout.blob(image.config, image.config_descriptor()["mediaType"])
+        for blob, desc in zip(image.layers, image.descriptors()):
+            layout.blob(blob, desc["mediaType"])
+        layout.add(layout.blob(image.manifest, image.media_type), tag)
+    return layout.write()

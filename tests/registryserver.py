@@ -142,6 +142,9 @@ class DropRule:
     times: int = 1
     skip: int = 0  # let this many matching requests through first
     respond: int = 0  # instead of dropping, answer this HTTP status (a failing front proxy)
+    hold: threading.Event | None = None  # instead of dropping, stall until this is set
+    holding: threading.Event = field(default_factory=threading.Event)  # set while stalled
+    then_drop: bool = False  # after the stall, drop (the server died meanwhile) rather than go on
     fired: int = 0
     seen: int = 0
 
@@ -254,11 +257,25 @@ class DropProxy:
                         if conn.rule and conn.rule.respond:
                             self._answer(src, dst, conn.rule)
                             return
-                        if conn.rule and conn.rule.direction == "up" and conn.rule.after == 0:
+                        if (conn.rule and conn.rule.direction == "up" and conn.rule.after == 0
+                                and conn.rule.hold is None):
                             self._drop(src, dst, conn.rule)
                             return
                 rule = conn.rule if conn.rule and conn.rule.direction == direction else None
                 count = conn.up if direction == "up" else conn.down
+                if rule and rule.hold is not None and count + len(data) > rule.after:
+                    # Stall mid-message: forward up to the mark, wait, then go on.
+                    dst.sendall(data[: max(0, rule.after - count)])
+                    with self.lock:
+                        rule.fired += 1
+                    rule.holding.set()
+                    rule.hold.wait(120)
+                    if rule.then_drop:
+                        self._drop(src, dst, rule)
+                        return
+                    data = data[max(0, rule.after - count):]
+                    count = rule.after
+                    conn.rule = rule = None
                 if rule and count + len(data) > rule.after:
                     dst.sendall(data[: max(0, rule.after - count)])
                     time.sleep(0.05)  # let those bytes go out before the reset
@@ -283,6 +300,9 @@ class DropProxy:
         self._stop = True
         self.sock.close()
         with self.lock:
+            for rule in self.rules:
+                if rule.hold is not None:
+                    rule.hold.set()
             for s in self._open:
                 try:
                     s.close()

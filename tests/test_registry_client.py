@@ -17,8 +17,8 @@ import time
 import pytest
 
 from registryimages import DOCKER_MANIFEST, OCI_MANIFEST, Image, make_image, sha, write_oci_layout
-from registryserver import (HTPASSWD, OPENSSL, REGISTRY, SKOPEO, DropProxy, DropRule, HostileRegistry,
-                            RegistryServer, TokenService, htpasswd_auth)
+from registryserver import (HTPASSWD, OPENSSL, REGISTRY, SKOPEO, DropRule, HostileRegistry, RegistryServer,
+                            TokenService, htpasswd_auth)
 from store.oci.descriptor import BadImage, Descriptor, Platform
 from store.registry import (AccessDenied, AuthenticationRequired, BlobReader, Credentials,
                             DigestMismatch, ManifestUnknown, Outcome, Reference, Registry,
@@ -38,20 +38,6 @@ PATIENT = RetryPolicy(attempts=10, base_delay=0.1, max_delay=1.0)
 
 def client(host: str, *args, **kwargs) -> Registry:
     return Registry(host, *args, timeout=TIMEOUT, **kwargs)
-
-
-@pytest.fixture
-def registry(tmp_path):
-    srv = RegistryServer(str(tmp_path / "registry")).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def proxy(registry):
-    p = DropProxy(registry.port)
-    yield p
-    p.close()
 
 
 def desc_of(data: bytes, media_type: str = "application/octet-stream") -> Descriptor:

@@ -91,10 +91,12 @@ class BlobReader(io.RawIOBase):
             if self.verified or self._resp is None:
                 return 0
             try:
-                n = self._resp.readinto(view)
+                data = self._resp.read1(len(view))
             except DROPPED + (OSError,) as e:
                 self._dropped(e)
                 continue
+            n = len(data)
+            view[:n] = data
             if n == 0:
                 if self.pos < self.desc.size:
                     self._dropped(None)  # the body ended early: a dropped connection

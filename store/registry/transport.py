@@ -62,8 +62,10 @@ class Response:
     def read(self, n: int = -1) -> bytes:
         return self._resp.read(n) if n >= 0 else self._resp.read()
 
-    def readinto(self, buf) -> int:
-        return self._resp.readinto(buf)
+    def read1(self, n: int) -> bytes:
+        """What has arrived, up to ``n`` bytes (one read: a stalled download still hands
+        over what it got, so an interruption loses nothing already received)."""
+        return self._resp.read1(n)
 
     def read_limited(self, limit: int) -> bytes | None:
         """The whole body, or None when it is longer than ``limit`` bytes."""

@@ -97,25 +97,30 @@ class _Upload:
         except DROPPED + (OSError,) as e:
             raise _Dropped(e) from None
 
+    def try_mount(self, src: str) -> tuple[bool, str | None]:
+        """POST ?mount=&from=: (True, None) when mounted; else the Location of the upload
+        the registry opened instead (None if it refused, e.g. no pull access to ``src``)."""
+        query = f"?mount={self.desc.digest}&from={src}"
+        resp = self.registry.request("POST", f"/v2/{self.repo}/blobs/uploads/{query}",
+                                     (push_scope(self.repo), pull_scope(src)), f"mounting {self.what} from {src}")
+        resp.discard()
+        if resp.status == 201:
+            self.registry.count("mount")
+            return True, None
+        if resp.status == 202 and resp.header("Location"):
+            self.registry.count("upload_start")
+            return False, resp.header("Location")
+        return False, None
+
     def start(self, mount_from: Sequence[str]) -> tuple[str | None, bool]:
         """POST a new upload (trying each mount source first): (Location, mounted)."""
-        base = f"/v2/{self.repo}/blobs/uploads/"
         for src in mount_from:
-            if src == self.repo:
-                continue
-            query = f"?mount={self.desc.digest}&from={src}"
-            resp = self.registry.request("POST", base + query, (push_scope(self.repo), pull_scope(src)),
-                                         f"mounting {self.what} from {src}")
-            if resp.status == 201:
-                resp.discard()
-                self.registry.count("mount")
-                return None, True
-            if resp.status == 202 and resp.header("Location"):
-                resp.discard()  # not there (or not ours to read): the registry opened an upload
-                self.registry.count("upload_start")
-                return resp.header("Location"), False
-            resp.discard()  # refused (no pull access to src...): a plain upload instead
-        resp = self.registry.request("POST", base, (push_scope(self.repo),), f"starting the upload of {self.what}")
+            if src != self.repo:
+                mounted, location = self.try_mount(src)
+                if mounted or location:
+                    return location, mounted
+        resp = self.registry.request("POST", f"/v2/{self.repo}/blobs/uploads/", (push_scope(self.repo),),
+                                     f"starting the upload of {self.what}")
         if resp.status != 202 or not resp.header("Location"):
             raise self.registry.error(resp, f"starting the upload of {self.what}")
         resp.discard()
@@ -235,6 +240,19 @@ class _Upload:
             except BaseException:
                 self.cancel(location)
                 raise
+
+
+def mount_blob(registry: Registry, repo: str, desc: Descriptor, src: str) -> bool:
+    """Only a cross-repository mount from ``src``; True when it worked (an upload the
+    registry opened instead is cancelled)."""
+    up = _Upload(registry, repo, desc, stream_source(_no_source), None)
+    mounted, location = up.try_mount(src)
+    up.cancel(location)
+    return mounted
+
+
+def _no_source():
+    raise RegistryError("internal error: a mount tried to upload")
 
 
 def push_blob(registry: Registry, repo: str, desc: Descriptor, source: Source,
