@@ -113,7 +113,6 @@ class Store:
         :meth:`import_tar`)."""
         tag = imagesmod.parse_reference(tag) if tag else None
         base = self.resolve_image(parent) if parent else None
-        name = os.path.basename(os.path.abspath(path))
         with self.blobs.ingest() as ingest:
             pending = read_dir(ingest, self.blobs, path, os.path.abspath(path))
             return self.record(ingest, pending, base, {"created_by": "layerfs import-dir"}, tag,

@@ -95,6 +95,9 @@ def test_load_tar_of_layout_and_stdin(tmp_path, layerfs):
     assert _loaded_id(proc) == sha(config)
     assert "Loaded image: piped:1" in proc.stdout.decode()
     assert "Loaded image: app:1" in proc.stdout.decode()
+    import gzip  # an archive compressed as a whole (docker save | gzip) is read too
+    (tmp_path / "lay.tar.gz").write_bytes(gzip.compress(open(archive, "rb").read()))
+    assert _loaded_id(layerfs("load", str(tmp_path / "lay.tar.gz"), root=str(tmp_path / "s3"))) == sha(config)
 
 
 def _multi_platform(root: str, with_amd64: bool = True):

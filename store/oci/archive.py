@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO, Protocol
 
+from ..builder import clean_path
 from ..errors import BadArchive, HostileArchive, StoreError
 from ..records import Entry, Kind
 from ..tarformat import END, header, padding
@@ -48,19 +49,11 @@ class Source(Protocol):
 
 def member_name(name: str, where: str) -> str:
     """A member name as ``a/b`` (no ``./``); refuses names that leave the archive."""
-    if name.startswith("/"):
-        raise HostileArchive(f"{where}: member {name!r} has an absolute path")
-    parts: list[str] = []
-    for part in name.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not parts:
-                raise HostileArchive(f"{where}: member {name!r} escapes the archive")
-            parts.pop()
-        else:
-            parts.append(part)
-    return "/".join(parts)
+    try:
+        return clean_path(name)
+    except HostileArchive:
+        how = "has an absolute path" if name.startswith("/") else "escapes the archive"
+        raise HostileArchive(f"{where}: member {name!r} {how}") from None
 
 
 class DirSource:

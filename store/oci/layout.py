@@ -74,6 +74,10 @@ def read_images(src: Source, platform: Platform | None = None) -> list[ImageInpu
         raise BadImage(f"{INDEX_FILE} of {src.location} has no manifests list")
     descs = [Descriptor.from_json(d, f"entry {i + 1} of {INDEX_FILE}") for i, d in enumerate(entries)]
     images = [d for d in descs if d.media_type in MANIFEST_TYPES | INDEX_TYPES or not d.media_type]
+    if not images:
+        kinds = sorted({d.media_type for d in descs})
+        raise BadImage(f"{INDEX_FILE} of {src.location} lists no image manifest"
+                       + (f" (only {', '.join(kinds)})" if kinds else ""))
     want = platform or host_platform()
     # index.json lists images, not platforms; but when its manifests name platforms,
     # those of other platforms are not loaded (as in an index).

@@ -8,6 +8,7 @@ by its name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import tempfile
@@ -44,8 +45,7 @@ def load(store: Store, path: str, tags: Sequence[str] = (), platform: str | None
         if extra and len(inputs) > 1:
             raise StoreError(f"{src.location} holds {len(inputs)} images; -t names one image")
         if extra:
-            inputs = [type(inputs[0])(inputs[0].config, inputs[0].layers,
-                                      [*inputs[0].tags, *extra], inputs[0].what)]
+            inputs = [dataclasses.replace(inputs[0], tags=[*inputs[0].tags, *extra])]
         records = import_images(store, inputs, progress)
     return [(rec, list(dict.fromkeys(i.tags))) for rec, i in zip(records, inputs)]
 
