@@ -180,6 +180,39 @@ def test_pull_skips_layers_the_store_has_and_stores_files_once(layerfs, tmp_path
     assert blob_files.count(600_000) == 5
 
 
+def test_a_layer_the_store_had_keeps_the_digest_it_was_pulled_with(layerfs, tmp_path, registry, store_root):
+    """The store had the layer (from a plain tar) when the pull skipped it: the pull notes
+    the registry's digest for it, and a push to that registry mounts that blob rather
+    than sending layerfs's own compression of the layer."""
+    from ocihelpers import tar_bytes
+    image = image_of(18, n_layers=2, size=200_000)
+    other_root = str(tmp_path / "other-store")
+    load_image(lambda *a, **k: layerfs(*a, root=other_root, **k), tmp_path, image, "x:v1")
+    layerfs("push", "x:v1", f"{registry.host}/team/x:v1", root=other_root, check=True)
+    base = tmp_path / "base.tar"
+    base.write_bytes(tar_bytes([(name, "f", data) for name, data in
+                                _files_of(image, 0).items()]))
+    assert sha(base.read_bytes()) == image.diff_ids[0]
+    layerfs("import-layer", str(base), check=True)  # the base layer, from a plain tar
+    layerfs("pull", f"{registry.host}/team/x:v1", check=True)
+    assert blob_gets(registry, sha(image.layers[0])) == []  # skipped: the store had it
+    uploads = registry.uploads()
+    layerfs("push", f"{registry.host}/team/x:v1", f"{registry.host}/team/y:v1", check=True)
+    pushed = registry_manifest(registry, "team/y", "v1")
+    assert [d["digest"] for d in pushed["layers"]] == [sha(b) for b in image.layers]
+    assert registry.uploads() == uploads + 1  # the config; both layers mounted
+    assert sorted(s for m, p, s in registry.requests("POST", "mount="))[-2:] == [201, 201]
+
+
+def _files_of(image, n: int) -> dict[str, bytes]:
+    """The files of layer ``n`` of an image made by image_of (read back from its tar)."""
+    import gzip
+    import io
+    import tarfile
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(image.layers[n]))) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()}
+
+
 # -- interruptions -------------------------------------------------------------------
 
 
