@@ -50,6 +50,36 @@ def registry(tmp_path):
 
 
 @pytest.fixture
+def basic_registry(tmp_path):
+    """A second registry, with htpasswd basic auth: alice / s3cret."""
+    from registryserver import HTPASSWD, REGISTRY, RegistryServer, htpasswd_auth
+    if REGISTRY is None or HTPASSWD is None:
+        pytest.skip("needs docker-registry and htpasswd (apt-get install docker-registry apache2-utils)")
+    d = str(tmp_path / "basic")
+    os.makedirs(d)
+    srv = RegistryServer(d, auth=htpasswd_auth(d, {"alice": "s3cret"})).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def token_registry(tmp_path):
+    """A registry with token auth and the token service it trusts: alice may pull and
+    push, bob only pull, anonymous only pull. Yields (registry, token service)."""
+    from registryserver import OPENSSL, REGISTRY, RegistryServer, TokenService
+    if REGISTRY is None or OPENSSL is None:
+        pytest.skip("needs docker-registry and openssl")
+    d = str(tmp_path / "token")
+    os.makedirs(d)
+    tokens = TokenService(d, users={"alice": "s3cret", "bob": "b0b"},
+                          grants={"alice": ("pull", "push"), "bob": ("pull",), "": ("pull",)})
+    srv = RegistryServer(d, auth=tokens.registry_auth()).start()
+    yield srv, tokens
+    srv.stop()
+    tokens.close()
+
+
+@pytest.fixture
 def proxy(registry):
     """A TCP proxy in front of ``registry`` that drops or stalls connections on cue."""
     from registryserver import DropProxy

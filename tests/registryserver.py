@@ -32,6 +32,13 @@ OPENSSL = shutil.which("openssl")
 _ACCESS_RE = re.compile(r'^\S+ - \S+ \[[^]]+\] "(\w+) (\S+) HTTP/[\d.]+" (\d+) ')
 
 
+def self_signed(cert: str, key: str, cn: str, ip: str | None = None) -> None:
+    """A self-signed certificate and its key (for an IP address too, when given)."""
+    extra = ["-addext", f"subjectAltName=IP:{ip}"] if ip else []
+    subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", f"/CN={cn}", *extra], check=True, capture_output=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -118,6 +125,12 @@ class RegistryServer:
                 if m and (method is None or m.group(1) == method) and path in m.group(2):
                     out.append((m.group(1), m.group(2), int(m.group(3))))
         return out
+
+    def blob_path(self, digest: str) -> str:
+        """Where the registry's filesystem storage keeps a blob's bytes (to damage them)."""
+        hexpart = digest.split(":", 1)[1]
+        return os.path.join(self.dir, "data", "docker", "registry", "v2", "blobs", "sha256",
+                            hexpart[:2], hexpart, "data")
 
     def uploads(self) -> int:
         """Blob uploads started (POST .../blobs/uploads/ answered 202)."""
@@ -333,9 +346,7 @@ class TokenService:
     def __post_init__(self) -> None:
         self.key = os.path.join(self.workdir, "token.key")
         self.cert = os.path.join(self.workdir, "token.crt")
-        subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", self.key,
-                        "-out", self.cert, "-days", "2", "-subj", "/CN=layerfs test token issuer"],
-                       check=True, capture_output=True)
+        self_signed(self.cert, self.key, "layerfs test token issuer")
         with open(self.cert) as f:
             self.cert_der = ssl.PEM_cert_to_DER_cert(f.read())
         service = self

@@ -5,7 +5,6 @@ and a registry really killed and started again."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os
@@ -17,8 +16,7 @@ import time
 import pytest
 
 from registryimages import DOCKER_MANIFEST, OCI_MANIFEST, Image, make_image, sha, write_oci_layout
-from registryserver import (HTPASSWD, OPENSSL, REGISTRY, SKOPEO, DropRule, HostileRegistry, RegistryServer,
-                            TokenService, htpasswd_auth)
+from registryserver import OPENSSL, REGISTRY, SKOPEO, DropRule, HostileRegistry, RegistryServer, self_signed
 from store.oci.descriptor import BadImage, Descriptor, Platform
 from store.registry import (AccessDenied, AuthenticationRequired, BlobReader, Credentials,
                             DigestMismatch, ManifestUnknown, Outcome, Reference, Registry,
@@ -212,19 +210,13 @@ def test_unknown_tag_repository_and_blob(registry):
             BlobReader(reg, "layerfs/app", desc_of(missing))
 
 
-def _blob_data_path(registry: RegistryServer, digest: str) -> str:
-    hexpart = digest[7:]
-    return os.path.join(registry.dir, "data", "docker", "registry", "v2", "blobs", "sha256",
-                        hexpart[:2], hexpart, "data")
-
-
 def test_blob_with_wrong_bytes_is_refused(registry):
     """A registry whose storage was damaged serves other bytes under the digest."""
     image = random_image(1)
     with client(registry.host) as reg:
         push_image(reg, "layerfs/app", "v1", image)
         d = Descriptor.from_json(image.descriptors()[0], "test")
-        path = _blob_data_path(registry, d.digest)
+        path = registry.blob_path(d.digest)
         data = bytearray(open(path, "rb").read())
         data[len(data) // 2] ^= 0xFF  # same size, one bit flipped
         with open(path, "wb") as f:
@@ -232,7 +224,7 @@ def test_blob_with_wrong_bytes_is_refused(registry):
         with BlobReader(reg, "layerfs/app", d) as r, pytest.raises(DigestMismatch, match="digest sha256:"):
             r.read()
         # A damaged manifest (pulled by digest) too.
-        mpath = _blob_data_path(registry, image.digest)
+        mpath = registry.blob_path(image.digest)
         with open(mpath, "wb") as f:
             f.write(image.manifest.replace(b'"schemaVersion": 2', b'"schemaVersion":  2'))
         with pytest.raises(DigestMismatch, match="manifest whose digest is"):
@@ -440,17 +432,6 @@ def test_5xx_answers_are_retried(registry, proxy):
 # -- authentication --------------------------------------------------------------------
 
 
-@pytest.fixture
-def basic_registry(tmp_path):
-    if HTPASSWD is None:
-        pytest.skip("needs htpasswd (apt-get install apache2-utils)")
-    d = str(tmp_path / "basic")
-    os.makedirs(d)
-    srv = RegistryServer(d, auth=htpasswd_auth(d, {"alice": "s3cret"})).start()
-    yield srv
-    srv.stop()
-
-
 def test_basic_auth(basic_registry):
     image = random_image(1)
     with client(basic_registry.host) as reg, \
@@ -462,20 +443,6 @@ def test_basic_auth(basic_registry):
     with client(basic_registry.host, Credentials("alice", "s3cret")) as reg:
         push_image(reg, "layerfs/app", "v1", image)
         assert pull_blobs(reg, "layerfs/app", "v1")[2] == image.layers
-
-
-@pytest.fixture
-def token_registry(tmp_path):
-    if OPENSSL is None:
-        pytest.skip("needs openssl")
-    d = str(tmp_path / "token")
-    os.makedirs(d)
-    tokens = TokenService(d, users={"alice": "s3cret", "bob": "b0b"},
-                          grants={"alice": ("pull", "push"), "bob": ("pull",), "": ("pull",)})
-    srv = RegistryServer(d, auth=tokens.registry_auth()).start()
-    yield srv, tokens
-    srv.stop()
-    tokens.close()
 
 
 def test_bearer_tokens_from_the_challenge(token_registry):
@@ -600,9 +567,7 @@ def test_tls_registry_needs_a_trusted_certificate(tmp_path, monkeypatch):
     if addr is None or OPENSSL is None:
         pytest.skip("needs a non-loopback address and openssl")
     cert, key = str(tmp_path / "reg.crt"), str(tmp_path / "reg.key")
-    subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-                    "-days", "2", "-subj", "/CN=layerfs test registry", "-addext", f"subjectAltName=IP:{addr}"],
-                   check=True, capture_output=True)
+    self_signed(cert, key, "layerfs test registry", ip=addr)
     srv = RegistryServer(str(tmp_path / "reg"), bind=addr, tls=(cert, key)).start()
     try:
         with client(srv.host) as reg, pytest.raises(RegistryUnreachable, match="certificate is not trusted"):
@@ -621,8 +586,7 @@ def test_loopback_tries_tls_first(tmp_path):
     if OPENSSL is None:
         pytest.skip("needs openssl")
     cert, key = str(tmp_path / "reg.crt"), str(tmp_path / "reg.key")
-    subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-                    "-days", "2", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    self_signed(cert, key, "localhost")
     srv = RegistryServer(str(tmp_path / "reg"), tls=(cert, key)).start()
     try:
         # As docker does for loopback registries: TLS when it is served, certificate unchecked.

@@ -10,7 +10,6 @@ import os
 import pty
 import re
 import select
-import signal
 import subprocess
 import sys
 import threading
@@ -20,8 +19,7 @@ import pytest
 
 from helpers import assert_one_line_error
 from registryimages import DOCKER_MANIFEST, OCI_MANIFEST, make_image, sha, write_oci_layout
-from registryserver import HTPASSWD, OPENSSL, SKOPEO, DropRule, HostileRegistry, RegistryServer, TokenService, \
-    htpasswd_auth
+from registryserver import SKOPEO, DropRule, HostileRegistry, RegistryServer
 
 LAYERFS = os.path.join(os.path.dirname(sys.executable), "layerfs")
 
@@ -65,11 +63,11 @@ def test_push_delete_gc_pull_gives_the_same_image(layerfs, tmp_path, registry, s
     image = image_of(1)
     image_id = load_image(layerfs, tmp_path, image, "app:v1")
     before = tree(layerfs, "app:v1")
-    ref = f"{registry.host}/team/app:v1"
+    ref = f"{registry.host}/app:v2"  # one name component after the host, as in the docs
     out = layerfs("push", "app:v1", ref, check=True).stdout.decode()
     digest = out.strip().split("digest: ")[1]
     # Layers keep the digests they were loaded with (the layout's gzip blobs, not ours).
-    pushed = registry_manifest(registry, "team/app", "v1")
+    pushed = registry_manifest(registry, "app", "v2")
     assert [d["digest"] for d in pushed["layers"]] == [sha(b) for b in image.layers]
     assert pushed["config"]["digest"] == image_id == sha(image.config)
 
@@ -230,20 +228,27 @@ def _pushed(layerfs, tmp_path, registry, seed: int, repo: str, size: int = 1_500
     return image
 
 
-def test_killed_pull_resumes_without_fetching_finished_layers(layerfs, tmp_path, registry, proxy, store_root):
-    image = _pushed(layerfs, tmp_path, registry, 8, "team/app")
+def _pull_stalled_at_layer_3(store_root, registry, proxy, image, hold: threading.Event) -> subprocess.Popen:
+    """Start `layerfs pull` through the proxy with layer 3's download stalled half-way;
+    return once layers 1 and 2 have come down."""
     digests = [sha(b) for b in image.layers]
-    # Layer 3's download stalls half-way; layers 1 and 2 finish meanwhile.
-    hold = threading.Event()
     rule = proxy.add(DropRule("GET", f"/blobs/{digests[2]}", after=len(image.layers[2]) // 2,
                               direction="down", hold=hold))
     proc = _popen(store_root, "pull", f"{proxy.host}/team/app:v1")
+    assert rule.holding.wait(60), "the pull never reached layer 3"
+    deadline = time.monotonic() + 30
+    while not all(blob_gets(registry, d) == [200] for d in digests[:2]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # a finished layer is renamed into place right after its last byte
+    return proc
+
+
+def test_killed_pull_resumes_without_fetching_finished_layers(layerfs, tmp_path, registry, proxy, store_root):
+    image = _pushed(layerfs, tmp_path, registry, 8, "team/app")
+    digests = [sha(b) for b in image.layers]
+    hold = threading.Event()
     try:
-        assert rule.holding.wait(60), "the pull never reached layer 3"
-        deadline = time.monotonic() + 30
-        while not all(blob_gets(registry, d) == [200] for d in digests[:2]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)  # the finished layers are renamed into place right after their last byte
+        proc = _pull_stalled_at_layer_3(store_root, registry, proxy, image, hold)
         proc.kill()  # as hard as a crash
         proc.wait()
     finally:
@@ -280,16 +285,9 @@ def test_layers_download_in_parallel(layerfs, tmp_path, registry, proxy, store_r
 
 def test_gc_during_a_pull_takes_nothing_of_it(layerfs, tmp_path, registry, proxy, store_root):
     image = _pushed(layerfs, tmp_path, registry, 10, "team/app")
-    digests = [sha(b) for b in image.layers]
     hold = threading.Event()
-    rule = proxy.add(DropRule("GET", f"/blobs/{digests[2]}", after=len(image.layers[2]) // 2,
-                              direction="down", hold=hold))
-    proc = _popen(store_root, "pull", f"{proxy.host}/team/app:v1")
     try:
-        assert rule.holding.wait(60)
-        deadline = time.monotonic() + 30
-        while not all(blob_gets(registry, d) == [200] for d in digests[:2]) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        proc = _pull_stalled_at_layer_3(store_root, registry, proxy, image, hold)
         report = json.loads(layerfs("gc", "--json", check=True).stdout)
         assert report["tmp_removed"] == 0  # the pull's downloads are under its lease
         scratch = [n for n in os.listdir(os.path.join(store_root, "tmp")) if n.startswith("pull-")]
@@ -298,7 +296,7 @@ def test_gc_during_a_pull_takes_nothing_of_it(layerfs, tmp_path, registry, proxy
     finally:
         hold.set()
     assert proc.wait(60) == 0, proc.stderr.read()
-    assert blob_gets(registry, digests[0]) == [200]  # nothing fetched twice
+    assert blob_gets(registry, sha(image.layers[0])) == [200]  # nothing fetched twice
     layerfs("fsck", check=True)
     assert sha(image.config) in layerfs("images", "-q", check=True).stdout.decode()
 
@@ -372,53 +370,36 @@ def test_one_progress_line_per_layer_on_a_terminal(layerfs, tmp_path, registry, 
 # -- authentication ------------------------------------------------------------------
 
 
-def test_basic_auth_from_the_command_line_and_docker_config(layerfs, tmp_path, monkeypatch):
-    if HTPASSWD is None:
-        pytest.skip("needs htpasswd")
-    d = str(tmp_path / "basic")
-    os.makedirs(d)
-    srv = RegistryServer(d, auth=htpasswd_auth(d, {"alice": "s3cret"})).start()
-    try:
-        load_image(layerfs, tmp_path, image_of(14, size=10_000), "app:v1")
-        ref = f"{srv.host}/team/app:v1"
-        assert_one_line_error(layerfs("push", "app:v1", ref), mentions=("requires a user name and password",))
-        bad = layerfs("push", "app:v1", ref, "--username", "alice", "--password-stdin", input=b"nope\n")
-        assert_one_line_error(bad, mentions=("refused the credentials of 'alice'",))
-        layerfs("push", "app:v1", ref, "-u", "alice", "--password-stdin", input=b"s3cret\n", check=True)
-        config = tmp_path / "docker"
-        config.mkdir()
-        (config / "config.json").write_text(json.dumps(
-            {"auths": {srv.host: {"auth": base64.b64encode(b"alice:s3cret").decode()}}}))
-        monkeypatch.setenv("DOCKER_CONFIG", str(config))
-        layerfs("rmi", "app:v1", check=True)
-        layerfs("pull", ref, check=True)
-    finally:
-        srv.stop()
+def test_basic_auth_from_the_command_line_and_docker_config(layerfs, tmp_path, monkeypatch, basic_registry):
+    load_image(layerfs, tmp_path, image_of(14, size=10_000), "app:v1")
+    ref = f"{basic_registry.host}/team/app:v1"
+    assert_one_line_error(layerfs("push", "app:v1", ref), mentions=("requires a user name and password",))
+    bad = layerfs("push", "app:v1", ref, "--username", "alice", "--password-stdin", input=b"nope\n")
+    assert_one_line_error(bad, mentions=("refused the credentials of 'alice'",))
+    layerfs("push", "app:v1", ref, "-u", "alice", "--password-stdin", input=b"s3cret\n", check=True)
+    config = tmp_path / "docker"
+    config.mkdir()
+    (config / "config.json").write_text(json.dumps(
+        {"auths": {basic_registry.host: {"auth": base64.b64encode(b"alice:s3cret").decode()}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(config))
+    layerfs("rmi", "app:v1", check=True)
+    layerfs("pull", ref, check=True)
 
 
-def test_bearer_tokens_through_the_cli(layerfs, tmp_path, monkeypatch):
-    if OPENSSL is None:
-        pytest.skip("needs openssl")
-    d = str(tmp_path / "token")
-    os.makedirs(d)
-    tokens = TokenService(d, users={"alice": "s3cret", "bob": "b0b"},
-                          grants={"alice": ("pull", "push"), "bob": ("pull",), "": ()})
-    srv = RegistryServer(d, auth=tokens.registry_auth()).start()
-    try:
-        load_image(layerfs, tmp_path, image_of(15, size=10_000), "app:v1")
-        ref = f"{srv.host}/team/app:v1"
-        auth_file = tmp_path / "auth.json"
-        auth_file.write_text(json.dumps({"auths": {srv.host: {"auth": base64.b64encode(b"alice:s3cret").decode()}}}))
-        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file))
-        layerfs("push", "app:v1", ref, check=True)
-        monkeypatch.delenv("REGISTRY_AUTH_FILE")
-        assert_one_line_error(layerfs("pull", ref, "-t", "x:y"), mentions=("requires authentication",))
-        denied = layerfs("push", "app:v1", f"{srv.host}/team/bob:v1", "-u", "bob", "--password-stdin", input=b"b0b")
-        assert_one_line_error(denied, mentions=("not allowed for the credentials of 'bob'",))
-        layerfs("pull", ref, "-t", "back:v1", "-u", "bob", "--password-stdin", input=b"b0b\n", check=True)
-    finally:
-        srv.stop()
-        tokens.close()
+def test_bearer_tokens_through_the_cli(layerfs, tmp_path, monkeypatch, token_registry):
+    srv, _ = token_registry
+    load_image(layerfs, tmp_path, image_of(15, size=10_000), "app:v1")
+    ref = f"{srv.host}/team/app:v1"
+    auth_file = tmp_path / "auth.json"
+    auth_file.write_text(json.dumps({"auths": {srv.host: {"auth": base64.b64encode(b"alice:s3cret").decode()}}}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file))
+    layerfs("push", "app:v1", ref, check=True)
+    monkeypatch.delenv("REGISTRY_AUTH_FILE")
+    assert_one_line_error(layerfs("push", "app:v1", f"{srv.host}/team/anon:v1"), mentions=("requires authentication",))
+    denied = layerfs("push", "app:v1", f"{srv.host}/team/bob:v1", "-u", "bob", "--password-stdin", input=b"b0b")
+    assert_one_line_error(denied, mentions=("not allowed for the credentials of 'bob'",))
+    layerfs("pull", ref, "-t", "back:v1", "-u", "bob", "--password-stdin", input=b"b0b\n", check=True)
+    layerfs("pull", ref, "-t", "anonymous:v1", check=True)  # this service lets anyone pull
 
 
 # -- bad input -----------------------------------------------------------------------
@@ -447,7 +428,7 @@ def test_bad_references_hosts_and_tags(layerfs, registry):
 def test_a_damaged_blob_stores_nothing(layerfs, tmp_path, registry):
     image = _pushed(layerfs, tmp_path, registry, 16, "team/app", size=50_000)
     hexd = sha(image.layers[2])[7:]
-    path = os.path.join(registry.dir, "data", "docker", "registry", "v2", "blobs", "sha256", hexd[:2], hexd, "data")
+    path = registry.blob_path(sha(image.layers[2]))
     data = bytearray(open(path, "rb").read())
     data[100] ^= 1
     open(path, "wb").write(bytes(data))

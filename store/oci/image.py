@@ -26,7 +26,7 @@ from ..errors import BadArchive, LayerNotFound, StoreCorrupt
 from ..export import layer_tar
 from ..records import ImageRecord, LayerBlob, LayerRecord
 from ..store import Store
-from ..tarimport import read_tar
+from ..tarimport import Tap, read_tar
 from .descriptor import (COMPRESSIONS, CONFIG_TYPES, INDEX_TYPES, LAYER_TYPES, MANIFEST_TYPES,
                          OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, BadImage, Descriptor, Platform, VerifyingReader,
                          check_digest, host_platform, parse_json, read_verified, sha256_digest)
@@ -90,23 +90,6 @@ class ImageInput:
     what: str = "the image"  # for messages: "image 2 of x.tar", "the manifest sha256:..."
 
 
-class _Tee(io.RawIOBase):
-    """Reads from a stream and writes every byte read into a blob being staged."""
-
-    def __init__(self, src: BinaryIO, sink) -> None:
-        self.src, self.sink = src, sink
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        data = self.src.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.sink.write(data)
-        return n
-
-
 def _keeps_bytes(desc: Descriptor | None) -> bool:
     """A compressed layer blob: its bytes are kept, so that it leaves (push) with the digest
     it came with; an uncompressed one's digest is its diff_id, which tar-split keeps."""
@@ -148,7 +131,7 @@ def import_images(store: Store, images: Sequence[ImageInput],
                     with layer.open() as src:
                         kept = ingest.writer() if _keeps_bytes(desc) else None
                         if kept is not None:
-                            src = _Tee(src, kept)
+                            src = Tap(src, kept.write)
                         reader = VerifyingReader(src, layer.descriptor, label) if layer.descriptor else src
                         try:
                             pending = read_tar(ingest, reader, layer.name or diff_id, advance)
