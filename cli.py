@@ -342,6 +342,8 @@ def pull(store: Store, ref: str, tag: str | None, platform: str | None, registry
     want = Platform.parse(platform) if platform else None
     with Registry.for_reference(reference, **registry_opts) as registry:
         result = pull_image(store, reference, registry, tag, want, _PullLines())
+    click.echo(f"Layers: {result.fetched} downloaded, {result.resumed} resumed from an interrupted pull, "
+               f"{result.stored} already stored")
     click.echo(f"Digest: {result.manifest_digest}")
     if result.tag:
         click.echo(f"Pulled image: {result.tag}")

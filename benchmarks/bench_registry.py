@@ -13,6 +13,8 @@ push again:  layerfs push bench REG/bench:v1             (the registry has every
 pull:        layerfs pull REG/bench:v1                   (a new store: fetch, verify,
                                                           decompress, index every file)
              skopeo copy docker://REG/bench:v1 oci:NEW:v1 (fetch and verify, no file tree)
+             the same skopeo copy, then umoci unpack      (a rootfs too, as a pull for a
+                                                          container engine ends)
 pull shared: layerfs pull REG/bench:v2                   (a store that has bench:v1)
              skopeo copy docker://REG/bench:v2 oci:LAYOUT_WITH_V1:v2
 
@@ -116,6 +118,9 @@ def main() -> None:
             "pull: layerfs pull": lambda: [*layerfs, "pull", "--root", fresh("store"), f"{shared}/bench:v1"],
             "pull: skopeo copy docker:// -> oci:": lambda: [
                 "skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{shared}/bench:v1", f"oci:{fresh('oci')}:v1"],
+            "pull: skopeo copy + umoci unpack": lambda: [
+                "sh", "-c", 'skopeo copy -q --src-tls-verify=false "$1" "oci:$2:v1" && umoci unpack --image "$2:v1" "$3"',
+                "sh", f"docker://{shared}/bench:v1", fresh("oci"), fresh("bundle")],
             "pull shared base: layerfs pull": lambda: [
                 *layerfs, "pull", "--root", pull_store_with_v1(), f"{shared}/bench:v2"],
             "pull shared base: skopeo copy": lambda: [
@@ -141,10 +146,11 @@ def main() -> None:
                 times[name].append(seconds)
                 print(f"  {name}: {seconds:.2f} s", flush=True)
         info["loadavg_end"] = loadavg()
-        rows = [["operation", "median s", "min s", "vs skopeo"]]
-        names = list(tools)
-        for i, name in enumerate(names):
-            peer = names[i + 1] if i % 2 == 0 else name
+        rows = [["operation", "median s", "min s", "vs skopeo (copy only)"]]
+        peers = {"push": "push: skopeo copy oci: -> docker://", "push again": "push again: skopeo copy",
+                 "pull": "pull: skopeo copy docker:// -> oci:", "pull shared base": "pull shared base: skopeo copy"}
+        for name in tools:
+            peer = peers[name.split(":")[0]]
             rows.append([name, f"{median(times[name]):.2f}", f"{min(times[name]):.2f}",
                          f"{median(times[name]) / median(times[peer]):.2f}x"])
         label = " (--quick: one run)" if args.quick else f" (median of {repeat} interleaved runs)"

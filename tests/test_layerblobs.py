@@ -44,7 +44,9 @@ def test_load_keeps_compressed_blobs_and_gc_frees_them_with_their_layer(layerfs,
             assert form.digest == sha(blob) and form.size == len(blob) and form.blob
             with store.blobs.open(form.blob) as f:
                 assert f.read() == blob  # the very bytes that came in
-        assert forms[layers[2]] == []  # uncompressed: its digest is its diff_id, tar-split keeps it
+        # Uncompressed: its digest is its diff_id, and tar-split gives its bytes back.
+        (plain,) = forms[layers[2]]
+        assert plain.digest == sha(layers[2]) and plain.blob == ""
         kept = [store.blobs.path(forms[t][0].blob) for t in layers[:2]]
     layerfs("gc", check=True)
     assert all(os.path.exists(p) for p in kept)  # the image still needs them
@@ -84,3 +86,15 @@ def test_an_older_store_is_upgraded_and_an_older_layerfs_would_refuse_it(store_r
     with Store(store_root) as store, store.index.read() as txn:
         version = struct.unpack("<I", txn.get(b"schema", db=store.index.db("meta")))[0]
     assert version == index_module.SCHEMA_VERSION == 2
+
+
+def test_push_keeps_the_digest_of_every_compression(layerfs, tmp_path, registry):
+    """gzip and zstd layers go out as their kept blobs, a plain one as its tar (tar-split)."""
+    from store.registry import Registry
+    layers = _layers()
+    blobs = _load(layerfs, tmp_path, layers)
+    layerfs("push", "app:v1", f"{registry.host}/mixed:v1", check=True)
+    with Registry(registry.host) as reg:
+        manifest = json.loads(reg.get_manifest("mixed", "v1").data)
+    assert [d["digest"] for d in manifest["layers"]] == [sha(b) for b in blobs]
+    assert [d["mediaType"].rsplit(".", 1)[1] for d in manifest["layers"]] == ["tar+gzip", "tar+zstd", "tar"]

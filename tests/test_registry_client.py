@@ -16,13 +16,15 @@ import time
 import pytest
 
 from registryimages import DOCKER_MANIFEST, OCI_MANIFEST, Image, make_image, sha, write_oci_layout
-from registryserver import OPENSSL, REGISTRY, SKOPEO, DropRule, HostileRegistry, RegistryServer, self_signed
+from registryserver import (OPENSSL, REGISTRY, SKOPEO, DropProxy, DropRule, HostileRegistry, RegistryServer,
+                            self_signed)
 from store.oci.descriptor import BadImage, Descriptor, Platform
 from store.registry import (AccessDenied, AuthenticationRequired, BlobReader, Credentials,
                             DigestMismatch, ManifestUnknown, Outcome, Reference, Registry,
                             RegistryError, RegistryUnreachable, RetryPolicy, TooLarge,
-                            UnsupportedManifest, find_credentials, push_blob, read_blob)
+                            UnsupportedManifest, find_credentials, push_blob)
 from store.registry.client import Manifest
+from store.registry.reference import api_host
 from store.registry.manifests import OCI_INDEX
 
 pytestmark = pytest.mark.skipif(REGISTRY is None, reason="needs docker-registry (apt-get install docker-registry)")
@@ -58,14 +60,12 @@ def push_image(reg: Registry, repo: str, tag: str, image: Image, **kw) -> list[O
 def pull_blobs(reg: Registry, repo: str, ref: str) -> tuple[Manifest, bytes, list[bytes]]:
     resolved = reg.resolve(repo, ref, Platform("linux", "amd64"))
     doc = json.loads(resolved.manifest.data)
-    config = read_blob(reg, repo, Descriptor.from_json(doc["config"], "config"), 1 << 20)
-    layers = []
-    for d in (Descriptor.from_json(d, "layer") for d in doc["layers"]):
-        with BlobReader(reg, repo, d) as r:
-            data = r.read()
+    blobs = []
+    for d in [doc["config"], *doc["layers"]]:
+        with BlobReader(reg, repo, Descriptor.from_json(d, "test")) as r:
+            blobs.append(r.read())
             r.finish()
-        layers.append(data)
-    return resolved.manifest, config, layers
+    return resolved.manifest, blobs[0], blobs[1:]
 
 
 def skopeo(*args: str) -> subprocess.CompletedProcess:
@@ -361,6 +361,21 @@ def test_download_dropped_resumes_with_range(registry, proxy):
     assert gets == [200, 206, 206]
 
 
+def test_download_resumed_from_a_registry_that_ignores_range():
+    """A server without Range support answers the resumed request with the whole blob:
+    the client drops the bytes it already has and goes on."""
+    blob = os.urandom(2_000_000)
+    hostile = HostileRegistry({"/v2/": (200, {}, b"{}"), f"/v2/a/b/blobs/{sha(blob)}": (200, {}, blob)})
+    proxy = DropProxy(hostile.server.server_address[1])
+    proxy.add(DropRule("GET", "/blobs/", after=700_000, direction="down"))
+    try:
+        with client(proxy.host, retry=FAST) as reg, BlobReader(reg, "a/b", desc_of(blob)) as r:
+            assert r.read() == blob and r.resumes == 1
+    finally:
+        proxy.close()
+        hostile.close()
+
+
 def test_download_that_keeps_failing_is_one_clear_error(registry, proxy):
     blob = os.urandom(500_000)
     with client(registry.host) as reg:
@@ -601,7 +616,7 @@ def test_references():
     r = Reference.parse("localhost:5000/app:v2")
     assert (r.registry, r.repository, r.tag, r.digest) == ("localhost:5000", "app", "v2", None)
     r = Reference.parse("debian")
-    assert (r.registry, r.api_host, r.repository, r.tag, r.name) == \
+    assert (r.registry, api_host(r.registry), r.repository, r.tag, r.name) == \
         ("docker.io", "registry-1.docker.io", "library/debian", "latest", "debian")
     d = "sha256:" + "a" * 64
     r = Reference.parse(f"ghcr.io/org/tool@{d}")

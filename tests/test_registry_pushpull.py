@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import pty
+import random
 import re
 import select
 import subprocess
@@ -27,10 +28,10 @@ LAYERFS = os.path.join(os.path.dirname(sys.executable), "layerfs")
 def image_of(seed: int, n_layers: int = 3, size: int = 600_000, shared_base: bool = False, **kw):
     """An image whose layers hold random files; with ``shared_base`` its first layer is
     the same for every seed (a base image other images build on)."""
-    rnd = __import__("random").Random(seed)
+    rnd = random.Random(seed)
     layers = []
     for i in range(n_layers):
-        r = __import__("random").Random(0 if (shared_base and i == 0) else seed * 100 + i)
+        r = random.Random(0 if (shared_base and i == 0) else seed * 100 + i)
         layers.append({f"layer{i}/data.bin": r.randbytes(size), f"layer{i}/note.txt": b"layer %d\n" % i,
                        "etc/os-release": b"ID=test\nVERSION=%d\n" % (rnd.randint(0, 9) if i else 0)})
     return make_image(layers, **kw)
@@ -81,6 +82,40 @@ def test_push_delete_gc_pull_gives_the_same_image(layerfs, tmp_path, registry, s
     # Pushed again elsewhere: the same layer digests, so the same manifest.
     again = layerfs("push", ref, f"{registry.host}/team/copy:v1", check=True).stdout.decode()
     assert again.strip().split("digest: ")[1] == digest
+
+
+def test_pull_by_digest_and_for_a_platform(layerfs, tmp_path, registry):
+    """An index of two platforms: this machine's by default, the other with --platform;
+    by digest, nothing is tagged unless asked."""
+    from store.oci.descriptor import host_platform
+    from store.registry import Registry
+    from store.registry.client import Manifest
+    here = host_platform().architecture
+    other = "arm64" if here != "arm64" else "amd64"
+    images = {arch: image_of(20 + n, n_layers=1, size=5000, arch=arch) for n, arch in enumerate((here, other))}
+    entries = []
+    for arch, image in images.items():
+        load_image(layerfs, tmp_path, image, f"multi:{arch}")
+        layerfs("push", f"multi:{arch}", f"{registry.host}/multi:{arch}", check=True)
+        with Registry(registry.host) as reg:
+            data = reg.get_manifest("multi", arch).data
+        entries.append({"mediaType": OCI_MANIFEST, "digest": sha(data), "size": len(data),
+                        "platform": {"os": "linux", "architecture": arch}})
+    layerfs("rmi", f"multi:{here}", f"multi:{other}", check=True)
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": entries}).encode()
+    with Registry(registry.host) as reg:
+        reg.put_manifest("multi", "latest", Manifest("application/vnd.oci.image.index.v1+json", index, sha(index)))
+    out = layerfs("pull", f"{registry.host}/multi", check=True).stdout.decode()
+    assert f"Image ID: {sha(images[here].config)}" in out
+    out = layerfs("pull", f"{registry.host}/multi", "--platform", f"linux/{other}", "-t", "theirs:v1",
+                  check=True).stdout.decode()
+    assert f"Image ID: {sha(images[other].config)}" in out and "Pulled image: theirs:v1" in out
+    layerfs("rmi", "theirs:v1", check=True)
+    out = layerfs("pull", f"{registry.host}/multi@{entries[1]['digest']}", check=True).stdout.decode()
+    assert f"Image ID: {sha(images[other].config)}" in out and "Pulled image" not in out
+    assert_one_line_error(layerfs("pull", f"{registry.host}/multi", "--platform", "linux/s390x"),
+                          mentions=("no manifest for linux/s390x",))
 
 
 def test_second_push_sends_no_layer(layerfs, tmp_path, registry):
@@ -169,7 +204,8 @@ def test_pull_skips_layers_the_store_has_and_stores_files_once(layerfs, tmp_path
     layerfs("pull", f"{registry.host}/team/img6:v1", check=True)
     base_digest = sha(base_user.layers[0])
     assert blob_gets(registry, base_digest) == [200]
-    layerfs("pull", f"{registry.host}/team/img7:v1", check=True)
+    out = layerfs("pull", f"{registry.host}/team/img7:v1", check=True).stdout.decode()
+    assert "Layers: 2 downloaded, 0 resumed from an interrupted pull, 1 already stored" in out
     assert blob_gets(registry, base_digest) == [200]  # not fetched for the second image
     assert len(blob_gets(registry, sha(other_user.layers[1]))) == 1
     # Every random data file is stored once: the shared base's, and two per image above it.
@@ -258,6 +294,7 @@ def test_killed_pull_resumes_without_fetching_finished_layers(layerfs, tmp_path,
     assert json.loads(layerfs("layers", "--json", check=True).stdout) == []
     out = layerfs("pull", f"{proxy.host}/team/app:v1", check=True).stdout.decode()
     assert f"Image ID: {sha(image.config)}" in out
+    assert "Layers: 0 downloaded, 3 resumed from an interrupted pull, 0 already stored" in out
     assert blob_gets(registry, digests[0]) == [200] and blob_gets(registry, digests[1]) == [200]
     assert blob_gets(registry, digests[2]) == [200, 206]  # picked up where it stopped
     assert layerfs("fsck", check=True).returncode == 0
@@ -444,6 +481,25 @@ def test_manifest_over_the_cap_stores_nothing(layerfs):
                                "/v2/a/b/manifests/v1": (200, {"Content-Type": OCI_MANIFEST}, big)})
     try:
         assert_one_line_error(layerfs("pull", f"{hostile.host}/a/b:v1"), mentions=("byte limit",))
+    finally:
+        hostile.close()
+    _nothing_stored(layerfs)
+
+
+def test_config_that_disagrees_with_the_manifest_fetches_no_layer(layerfs):
+    image = image_of(19, n_layers=2, size=1000)
+    doc = json.loads(image.config)
+    doc["rootfs"]["diff_ids"] = doc["rootfs"]["diff_ids"][:1]
+    config = json.dumps(doc).encode()
+    manifest = json.loads(image.manifest)
+    manifest["config"].update(digest=sha(config), size=len(config))
+    # The layer blobs are not served: a client that asked for them would fail differently.
+    hostile = HostileRegistry({"/v2/": (200, {}, b"{}"),
+                               "/v2/a/b/manifests/v1": (200, {"Content-Type": OCI_MANIFEST},
+                                                        json.dumps(manifest).encode()),
+                               f"/v2/a/b/blobs/{sha(config)}": (200, {}, config)})
+    try:
+        assert_one_line_error(layerfs("pull", f"{hostile.host}/a/b:v1"), mentions=("lists 1 layers",))
     finally:
         hostile.close()
     _nothing_stored(layerfs)

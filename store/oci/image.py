@@ -90,11 +90,14 @@ class ImageInput:
     what: str = "the image"  # for messages: "image 2 of x.tar", "the manifest sha256:..."
 
 
-def _keeps_bytes(desc: Descriptor | None) -> bool:
-    """A compressed layer blob: its bytes are kept, so that it leaves (push) with the digest
-    it came with; an uncompressed one's digest is its diff_id, which tar-split keeps."""
-    return (desc is not None and LAYER_TYPES.get(desc.media_type) in ("gzip", "zstd")
-            and desc.digest.startswith("sha256:"))
+def _form(desc: Descriptor | None) -> str:
+    """What to remember of a layer blob, so that it leaves (push) with the digest it came
+    with: "bytes" of a compressed one; "name" of an uncompressed one (its digest is its
+    diff_id, and tar-split gives its bytes back); "" (no descriptor, another digest)."""
+    if desc is None or not desc.digest.startswith("sha256:"):
+        return ""
+    compression = LAYER_TYPES.get(desc.media_type)
+    return "bytes" if compression in ("gzip", "zstd") else "name" if compression == "none" else ""
 
 
 def import_images(store: Store, images: Sequence[ImageInput],
@@ -124,12 +127,13 @@ def import_images(store: Store, images: Sequence[ImageInput],
                 size = layer.descriptor.size if layer.descriptor else layer.size
                 sources = (layer.source,) if layer.source else ()
                 with progress.layer(i + 1, len(image.layers), diff_id, size, stored) as advance:
-                    if stored:
-                        if desc is not None and _keeps_bytes(desc):  # known by this digest too
+                    if stored or _form(desc) == "name":  # known by this digest (too)
+                        if desc is not None and _form(desc):
                             forms.append(LayerBlob(diff_id, desc.digest, desc.media_type, desc.size, "", sources))
+                    if stored:
                         continue
                     with layer.open() as src:
-                        kept = ingest.writer() if _keeps_bytes(desc) else None
+                        kept = ingest.writer() if _form(desc) == "bytes" else None
                         if kept is not None:
                             src = Tap(src, kept.write)
                         reader = VerifyingReader(src, layer.descriptor, label) if layer.descriptor else src
@@ -317,14 +321,18 @@ class _HashingFile:
         self.f.flush()
 
 
-def _kept_blob(store: Store, layer: LayerRecord) -> ExportedBlob | None:
-    """The layer as the compressed blob it was loaded or pulled in, if its bytes are kept."""
-    for form in store.layer_blobs(layer.diff_id):
+def _kept_blob(store: Store, layer: LayerRecord, scratch: str) -> ExportedBlob | None:
+    """The layer as the blob it was loaded or pulled in: a compressed one whose bytes are
+    kept, else the plain tar if it came as one; None when neither."""
+    forms = store.layer_blobs(layer.diff_id)
+    for form in forms:
         if form.blob and os.path.exists(store.blobs.path(form.blob)):
             # The OCI media type of its compression (the bytes, hence the digest, are the same).
             media_type = COMPRESSIONS[LAYER_TYPES[form.media_type]]
             return ExportedBlob(Descriptor(media_type, form.digest, form.size),
                                 lambda b=form.blob: store.blobs.open_verified(b), layer.diff_id)
+    if any(form.digest == layer.diff_id for form in forms):
+        return _layer_blob(store, layer, "none", scratch)
     return None
 
 
@@ -374,7 +382,7 @@ def export_image(store: Store, ref: str, compression: str = "gzip",
         except LayerNotFound as e:
             raise StoreCorrupt(f"image {rec.image_id} is damaged: {e}; run layerfs fsck") from None
         with tempfile.TemporaryDirectory(prefix=".layerfs-export-", dir=scratch) as tmp:
-            blobs = [(originals and _kept_blob(store, layer)) or _layer_blob(store, layer, compression, tmp)
+            blobs = [(originals and _kept_blob(store, layer, tmp)) or _layer_blob(store, layer, compression, tmp)
                      for layer in layers]
             config = _bytes_blob(rec.config, OCI_CONFIG)
             manifest = _bytes_blob(manifest_bytes(config.descriptor, [b.descriptor for b in blobs]),

@@ -6,7 +6,7 @@ blob as a verified stream; ``push_blob`` uploads one (HEAD, mount, PUT or PATCH 
 
 from .client import Manifest, Registry
 from .credentials import Credentials, find_credentials
-from .download import BlobReader, read_blob
+from .download import BlobReader
 from .errors import (AccessDenied, AuthenticationRequired, DigestMismatch, ManifestUnknown,
                      RegistryError, RegistryUnreachable, TooLarge, UnsupportedManifest)
 from .reference import Reference
@@ -16,4 +16,4 @@ from .upload import Outcome, push_blob, stream_source
 __all__ = ["AccessDenied", "AuthenticationRequired", "BlobReader", "Credentials",
            "DigestMismatch", "Manifest", "ManifestUnknown", "Outcome",
            "Reference", "Registry", "RegistryError", "RegistryUnreachable", "RetryPolicy", "TooLarge",
-           "UnsupportedManifest", "find_credentials", "push_blob", "read_blob", "stream_source"]
+           "UnsupportedManifest", "find_credentials", "push_blob", "stream_source"]

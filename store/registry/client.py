@@ -11,13 +11,13 @@ import threading
 import urllib.parse
 from dataclasses import dataclass
 
-from .auth import Authenticator
-from .credentials import Credentials, find_credentials
-from .errors import (DigestMismatch, ManifestUnknown, RegistryError, TooLarge)
 from ..oci.descriptor import Descriptor, Platform
 from ..oci.image import resolve_manifest
+from .auth import Authenticator
+from .credentials import Credentials, find_credentials
+from .errors import DigestMismatch, ManifestUnknown, RegistryError, TooLarge
 from .manifests import ACCEPT, MAX_MANIFEST, media_type
-from .reference import Reference, valid_digest
+from .reference import Reference, api_host, valid_digest
 from .transport import Response, RetryPolicy, Transport
 
 # Blobs up to this size go in one PUT; larger ones in PATCH chunks, so that a dropped
@@ -27,10 +27,12 @@ CHUNK_SIZE = 16 << 20
 
 
 def pull_scope(repo: str) -> str:
+    """The token scope to read ``repo``."""
     return f"repository:{repo}:pull"
 
 
 def push_scope(repo: str) -> str:
+    """The token scope to write ``repo`` (pushing reads too: HEAD, mounts)."""
     return f"repository:{repo}:pull,push"
 
 
@@ -71,14 +73,14 @@ class Resolved:
 
 
 class Registry:
-    """One registry (``localhost:5000``, ``docker.io``...): connections, auth, and counts
-    of what was sent, which tests and progress reports read."""
+    """One registry (``localhost:5000``, ``docker.io``...): connections, authentication,
+    and counts of the requests that matter (uploads started, chunks, resumes, mounts)."""
 
     def __init__(self, registry: str, credentials: Credentials | None = None, *,
                  insecure: bool = False, retry: RetryPolicy | None = None, timeout: float = 60.0,
                  monolithic_max: int = MONOLITHIC_MAX, chunk_size: int = CHUNK_SIZE) -> None:
         self.name = registry
-        self.transport = Transport(Reference(registry, "x").api_host, insecure, timeout, retry)
+        self.transport = Transport(api_host(registry), insecure, timeout, retry)
         self.auth = Authenticator(self.transport, credentials)
         self.monolithic_max = monolithic_max
         self.chunk_size = chunk_size
@@ -94,6 +96,7 @@ class Registry:
         return cls(ref.registry, creds, **kwargs)
 
     def close(self) -> None:
+        """Close the idle connections."""
         self.transport.close()
 
     def __enter__(self) -> "Registry":
@@ -103,6 +106,7 @@ class Registry:
         self.close()
 
     def count(self, what: str, n: int = 1) -> None:
+        """Count an event (thread-safe: blobs move in parallel)."""
         with self._counts_lock:
             self.counts[what] += n
 
@@ -229,6 +233,7 @@ class Registry:
         return int(length) if length and length.isdigit() else -1
 
     def blob_url(self, repo: str, digest: str) -> str:
+        """The path of a blob of ``repo``."""
         return f"/v2/{repo}/blobs/{digest}"
 
     def upload_url(self, location: str, **query: str) -> str:

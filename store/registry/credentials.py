@@ -113,6 +113,7 @@ def _from_file(path: str, registry: str, repository: str) -> Credentials | None:
 
 
 def docker_config_path() -> str:
+    """docker's config file: ``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``."""
     return os.path.join(os.environ.get("DOCKER_CONFIG") or os.path.expanduser("~/.docker"), "config.json")
 
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from .client import Registry, pull_scope
-from .errors import DigestMismatch, RegistryError, TooLarge
+from .errors import DigestMismatch, RegistryError
 from ..oci.descriptor import Descriptor
 from .transport import DROPPED, Response
 
@@ -143,13 +143,3 @@ class BlobReader(io.RawIOBase):
             self._resp = None
         super().close()
 
-
-def read_blob(registry: Registry, repo: str, desc: Descriptor, limit: int) -> bytes:
-    """A small blob (an image config) whole and verified; TooLarge over ``limit`` bytes."""
-    if desc.size > limit:
-        raise TooLarge(f"blob {desc.digest[:19]} of {registry.name}/{repo} is {desc.size} bytes, "
-                            f"over the {limit} byte limit for a config")
-    with BlobReader(registry, repo, desc) as r:
-        data = r.read()
-        r.finish()
-    return data

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from .. import images as imagesmod
 from .. import leases
 from ..errors import BadArchive
-from ..oci.descriptor import Descriptor, Platform, parse_json
+from ..oci.descriptor import BadImage, Descriptor, Platform, parse_json
 from ..oci.image import ImageInput, LoadProgress, config_diff_ids, import_images, manifest_input
 from ..records import ImageRecord
 from ..store import Store
@@ -57,11 +57,13 @@ class PullProgress(LoadProgress):
 
 @dataclass(slots=True, frozen=True)
 class PullResult:
+    """The image recorded, the manifest it came from, and where its layers came from."""
+
     image: ImageRecord
     manifest_digest: str
     tag: str | None
     fetched: int  # layers downloaded now
-    reused: int  # layers an interrupted pull had downloaded
+    resumed: int  # layers an interrupted pull had downloaded, whole or in part
     stored: int  # layers the store already had
 
 
@@ -80,6 +82,7 @@ class _Scratch:
         os.makedirs(self.dir)
 
     def path(self, digest: str) -> str:
+        """Where the blob ``digest`` goes once downloaded (``.part`` while it comes)."""
         return os.path.join(self.dir, digest.replace(":", "-"))
 
     def adopt(self, digests: set[str]) -> None:
@@ -232,6 +235,9 @@ def pull(store: Store, ref: Reference, registry: Registry, tag: str | None = Non
                            image.tags, image.what)
         descs = [layer.descriptor for layer in image.layers]
         diff_ids = config_diff_ids(parse_json(image.config, f"the config of {what}"))
+        if len(diff_ids) != len(descs):  # before anything is downloaded
+            raise BadImage(f"the config of {what} lists {len(diff_ids)} layers (diff_ids) but its "
+                           f"manifest has {len(descs)}")
         need = {d.digest for d, diff_id in zip(descs, diff_ids) if not store.has_layer(diff_id)}
         scratch.adopt(need)
         states = ["stored" if d.digest not in need else

@@ -41,6 +41,8 @@ class PushProgress:
 
 @dataclass(slots=True, frozen=True)
 class PushResult:
+    """The manifest's digest, and how each blob got there."""
+
     digest: str  # of the manifest
     outcomes: tuple[Outcome, ...]  # per blob: layers, then the config
 

@@ -16,6 +16,11 @@ _API_HOSTS = {DOCKER_HUB: "registry-1.docker.io", "index.docker.io": "registry-1
 _DIGEST_RE = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
 
 
+def api_host(registry: str) -> str:
+    """The host[:port] that serves a registry's API (Docker Hub's is not docker.io)."""
+    return _API_HOSTS.get(registry, registry)
+
+
 def valid_digest(digest: str) -> bool:
     """True for a ``sha256:``/``sha512:`` digest in canonical (lowercase hex) form."""
     return bool(_DIGEST_RE.match(digest))
@@ -63,11 +68,6 @@ class Reference:
         return cls(registry, path, tag, digest)
 
     @property
-    def api_host(self) -> str:
-        """The host[:port] that serves the registry API."""
-        return _API_HOSTS.get(self.registry, self.registry)
-
-    @property
     def name(self) -> str:
         """``registry/repository``, the name a pulled image is tagged with (Hub names shortened)."""
         if self.registry == DOCKER_HUB:
@@ -86,9 +86,6 @@ class Reference:
         if self.digest:
             out += f"@{self.digest}"
         return out
-
-    def with_digest(self, digest: str) -> "Reference":
-        return Reference(self.registry, self.repository, self.tag, digest)
 
 
 def host_part(host_port: str) -> str:

@@ -57,10 +57,8 @@ class Response:
         self.url = url
 
     def header(self, name: str) -> str | None:
+        """A response header (None when absent)."""
         return self._resp.getheader(name)
-
-    def read(self, n: int = -1) -> bytes:
-        return self._resp.read(n) if n >= 0 else self._resp.read()
 
     def read1(self, n: int) -> bytes:
         """What has arrived, up to ``n`` bytes (one read: a stalled download still hands

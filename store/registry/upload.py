@@ -27,6 +27,8 @@ _RANGE = re.compile(r"^(?:bytes=)?0-(\d+)$")
 
 
 class Outcome(enum.Enum):
+    """How a blob got to the registry."""
+
     EXISTS = "exists"  # the repository had it
     MOUNTED = "mounted"  # linked from another repository of the registry
     UPLOADED = "uploaded"
