@@ -246,3 +246,19 @@ def assert_one_line_error(proc, *, mentions: tuple[str, ...] = ()) -> str:
     for word in mentions:
         assert word in lines[0], f"{word!r} not in the error {lines[0]!r}"
     return lines[0]
+
+
+def tree_and_links(root: str, *, mtimes: bool = True) -> tuple[dict[str, tuple], list[tuple[str, ...]]]:
+    """What a copy of a tree must keep: :func:`full_tree_of_dir`'s fields plus each entry's
+    mtime (ns) and user.* xattrs, and the hard-link groups (names sharing an inode)."""
+    entries = full_tree_of_dir(root)
+    groups: dict[tuple[int, int], list[str]] = {}
+    for rel, fields in entries.items():
+        full = os.path.join(root, rel)
+        st = os.lstat(full)
+        xattrs = {n: os.getxattr(full, n, follow_symlinks=False)
+                  for n in sorted(os.listxattr(full, follow_symlinks=False)) if n.startswith("user.")}
+        entries[rel] = fields + ((st.st_mtime_ns if mtimes else None), xattrs)
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
+    return entries, sorted(tuple(sorted(g)) for g in groups.values() if len(g) > 1)

@@ -10,8 +10,11 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
+
+from unionrunner import fuse_layerfs_pids
 
 BIN = os.path.dirname(sys.executable)
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
@@ -123,21 +126,6 @@ def test_upper_written_in_overlay_format_reads_back_in_the_kernel(layers):
     assert tree(str(layers / "kmnt")) == expected
 
 
-def test_mount_through_mount_fuse3(layers):
-    # mount(8) runs /sbin/mount.fuse3 for -t fuse.fuse-layerfs with a sanitised PATH, so
-    # an installed system needs fuse-layerfs on that PATH; the test calls the same helper
-    # directly with the venv on PATH instead of changing the machine.
-    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
-    opts = f"lowerdir={layers / 'l2'}:{layers / 'l1'},upperdir={layers / 'upper'},workdir={layers / 'work'}"
-    helper = shutil.which("mount.fuse3") or "/sbin/mount.fuse3"
-    res = subprocess.run([helper, "fuse-layerfs", str(layers / "mnt"), "-t", "fuse-layerfs",
-                          "-o", opts], capture_output=True, text=True, env=env, timeout=60)
-    assert res.returncode == 0, res.stderr
-    assert open(layers / "mnt/etc/a").read() == "a from l2\n"
-    subprocess.run(["umount", str(layers / "mnt")], check=True)
-    assert not _mounted(str(layers / "mnt"))
-
-
 def test_lowerdir_only_is_read_only(layers):
     opts = f"lowerdir={layers / 'l2'}:{layers / 'l1'}"
     res = subprocess.run([os.path.join(BIN, "fuse-layerfs"), "-o", opts, str(layers / "mnt")],
@@ -160,3 +148,190 @@ def test_bad_command_lines(layers):
                           str(layers / "mnt")], capture_output=True, text=True)
     assert res.returncode != 0 and "workdir" in res.stderr
     assert not _mounted(str(layers / "mnt"))
+
+
+# -- a drop-in mount_program ------------------------------------------------------------
+
+
+def test_containers_storage_command_line(layers):
+    """What containers/storage runs: lowers as absolute symlinks (overlay/l/SHORTID ->
+    ../ID/diff), an empty option that leaves ",," and a trailing comma, volatile, and its
+    own directory as the working directory; every access must work."""
+    home = layers / "overlay"
+    (home / "l").mkdir(parents=True)
+    for name, target in (("AAAA", layers / "l2"), ("BBBB", layers / "l1")):
+        os.symlink(os.path.relpath(target, home / "l"), home / "l" / name)
+    opts = (f"lowerdir={home}/l/AAAA:{home}/l/BBBB,upperdir={layers / 'upper'},"
+            f"workdir={layers / 'work'},,volatile,")
+    res = subprocess.run([os.path.join(BIN, "fuse-layerfs"), "-o", opts, str(layers / "mnt")],
+                         capture_output=True, text=True, timeout=60, cwd=home)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "" and res.stderr == ""
+    _kernel_mount(layers)
+    assert tree(str(layers / "mnt")) == tree(str(layers / "kmnt"))
+    (layers / "mnt/etc/new").write_text("written\n")
+    assert (layers / "upper/etc/new").read_text() == "written\n"
+
+
+def test_relative_paths_in_the_background(layers):
+    """Relative layer paths and mountpoint are taken from the caller's directory, although
+    the server runs on in the background from another one."""
+    res = subprocess.run([os.path.join(BIN, "fuse-layerfs"), "-o",
+                          "lowerdir=l2:l1,upperdir=upper,workdir=work", "mnt"],
+                         capture_output=True, text=True, timeout=60, cwd=layers)
+    assert res.returncode == 0, res.stderr
+    assert _mounted(str(layers / "mnt"))
+    assert open(layers / "mnt/etc/a").read() == "a from l2\n"
+    with open(f"/proc/{fuse_layerfs_pids(str(layers / 'mnt'))[0]}/cwd/.probe", "w"):
+        pass  # the server does not keep the caller's directory busy
+    os.unlink("/.probe")
+
+
+def test_empty_and_repeated_options(layers):
+    args = ["-o", "", "-o", f"lowerdir={layers / 'l2'}:{layers / 'l1'}", "-o",
+            f",upperdir={layers / 'upper'},,workdir={layers / 'work'},"]
+    res = subprocess.run([os.path.join(BIN, "fuse-layerfs"), *args, str(layers / "mnt")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(layers / "mnt/docs")) == ["new"]
+
+
+@pytest.mark.parametrize("option", ["fsync=0", "fsync=1", "volatile", "noacl", "nodev,nosuid",
+                                    "noexec", "noatime", "relatime", "rw", "dev,suid",
+                                    "defaults", "x-systemd.automount", "_netdev"])
+def test_accepted_options(layers, option):
+    """Options podman, containers/storage, mount(8) and mount.fuse3 pass mount a working
+    union (their effect, where they have one, is checked below)."""
+    _fuse_layerfs(layers, "-o", option)
+    assert open(layers / "mnt/etc/a").read() == "a from l2\n"
+    (layers / "mnt/fresh").write_text("x")
+    flags = next(line.split()[5] for line in open("/proc/self/mountinfo")
+                 if line.split()[4] == str(layers / "mnt"))
+    for flag in ("nodev", "nosuid", "noexec", "noatime"):
+        assert (flag in flags.split(",")) == (flag in option.split(",")), (option, flags)
+
+
+def test_nodev_reaches_the_kernel(layers):
+    os.mknod(layers / "l1/null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    _fuse_layerfs(layers, "-o", "nodev")
+    with pytest.raises(PermissionError):
+        open(layers / "mnt/null", "wb")
+
+
+@pytest.mark.parametrize("option", ["uidmapping=0:100000:65536", "gidmapping=0:100000:65536",
+                                    "squash_to_uid=1000", "squash_to_gid=1000", "squash_to_root",
+                                    "xattr_permissions=2", "timeout=5", "frobnicate",
+                                    "fsync=2", "volatile=yes"])
+def test_refused_options(layers, option):
+    """An option fuse-layerfs cannot honour is one line naming it, exit 2, nothing mounted."""
+    opts = (f"lowerdir={layers / 'l2'}:{layers / 'l1'},upperdir={layers / 'upper'},"
+            f"workdir={layers / 'work'},{option}")
+    res = subprocess.run([os.path.join(BIN, "fuse-layerfs"), "-o", opts, str(layers / "mnt")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fuse-layerfs: ") and option.split("=")[0] in lines[0], \
+        res.stderr
+    assert not _mounted(str(layers / "mnt"))
+    assert os.listdir(layers / "upper") == []
+
+
+def test_layers_under_the_mountpoint_are_refused(layers):
+    """Mounting over a layer directory would make the server read its own mount (a hang)."""
+    fl = os.path.join(BIN, "fuse-layerfs")
+    for opts, mnt in ((f"lowerdir={layers / 'l1'}", layers / "l1"),
+                      (f"lowerdir={layers / 'l1'},upperdir={layers / 'upper'},workdir={layers / 'work'}",
+                       layers)):
+        res = subprocess.run([fl, "-o", opts, str(mnt)], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and "under the mountpoint" in res.stderr, res.stderr
+        assert not _mounted(str(mnt))
+
+
+def test_server_log_in_the_background(layers):
+    """The background server logs to WORKDIR/layerfs/server.log; a failed mount names it."""
+    _fuse_layerfs(layers)
+    log = layers / "work/layerfs/server.log"
+    assert f"mounting {layers / 'mnt'}" in log.read_text()
+    assert os.stat(log).st_mode & 0o077 == 0
+    _umount(str(layers / "mnt"))
+    deadline = time.monotonic() + 10
+    while "unmounted" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"unmounted {layers / 'mnt'}" in log.read_text()
+    # A mountpoint that is already a mount: libfuse refuses it in the server.
+    _kernel_mount(layers)
+    opts = f"lowerdir={layers / 'l2'}:{layers / 'l1'},upperdir={layers / 'upper'},workdir={layers / 'work'}"
+    res = subprocess.run([os.path.join(BIN, "fuse-layerfs"), "-o", opts + ",allow_other=bad",
+                          str(layers / "mnt")], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert f"(log: {log})" in res.stderr, res.stderr
+    assert not _mounted(str(layers / "mnt"))
+    assert not fuse_layerfs_pids(str(layers / "mnt"))
+
+
+def test_lower_hard_links_keep_their_link_count(layers):
+    os.link(layers / "l1/top", layers / "l1/etc/top-link")
+    _fuse_layerfs(layers)
+    _kernel_mount(layers)
+    for root in ("mnt", "kmnt"):
+        a, b = os.lstat(layers / root / "top"), os.lstat(layers / root / "etc/top-link")
+        assert (a.st_nlink, b.st_nlink, a.st_ino == b.st_ino) == (2, 2, True), root
+
+
+def test_lower_hard_links_survive_copy_up(layers):
+    """As the kernel's overlayfs with index=on: a write through one name shows through
+    the other, in the mount and in the upper; removing a name lowers the count."""
+    os.link(layers / "l1/top", layers / "l1/etc/top-link")
+    os.link(layers / "l1/gone/x", layers / "l1/gone/x2")
+    _fuse_layerfs(layers)
+    m = layers / "mnt"
+    with open(m / "etc/top-link", "a") as f:
+        f.write("more\n")
+    assert (m / "top").read_text() == "top\nmore\n"
+    assert os.lstat(m / "top").st_ino == os.lstat(m / "etc/top-link").st_ino
+    assert os.lstat(layers / "upper/top").st_ino == os.lstat(layers / "upper/etc/top-link").st_ino
+    assert (layers / "l1/top").read_text() == "top\n"  # the lower is untouched
+    os.unlink(m / "gone/x2")
+    assert os.lstat(m / "gone/x").st_nlink == 1
+
+
+# mount(8) looks for /sbin/mount.<type> with a reset PATH; mount.fuse3 then runs the
+# program through sh with PATH=/usr/local/sbin:...:/bin. Each install path is tried in a
+# private mount namespace in which only this test sees the link (an overlay on /usr/sbin,
+# a tmpfs on /usr/local/sbin), so the machine is not changed.
+_MOUNT_SCRIPT = r"""
+set -eu
+trap 'umount -l "$MNT" 2>/dev/null || true' EXIT
+case "$HOW" in
+helper)
+    mkdir -p "$T/su" "$T/sw"
+    mount -t overlay overlay -o "lowerdir=/usr/sbin,upperdir=$T/su,workdir=$T/sw" /usr/sbin
+    ln -s "$BIN/mount.fuse.fuse-layerfs" /usr/sbin/mount.fuse.fuse-layerfs
+    ln -s "$BIN/mount.fuse-layerfs" /usr/sbin/mount.fuse-layerfs ;;
+path)
+    mount -t tmpfs tmpfs /usr/local/sbin
+    ln -s "$BIN/fuse-layerfs" /usr/local/sbin/fuse-layerfs ;;
+esac
+env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin mount -t "$TYPE" fuse-layerfs "$MNT" -o "$OPTS"
+cat "$MNT/etc/a"
+grep " $MNT " /proc/self/mounts | cut -d' ' -f3
+echo changed > "$MNT/etc/b"
+umount "$MNT"
+"""
+
+
+@pytest.mark.parametrize("how,fstype", [("helper", "fuse.fuse-layerfs"), ("helper", "fuse-layerfs"),
+                                        ("path", "fuse.fuse-layerfs")])
+def test_mount_t_fuse_layerfs(layers, how, fstype):
+    env = dict(os.environ, HOW=how, TYPE=fstype, T=str(layers), BIN=BIN, MNT=str(layers / "mnt"),
+               OPTS=f"lowerdir={layers / 'l2'}:{layers / 'l1'},upperdir={layers / 'upper'},"
+                    f"workdir={layers / 'work'}")
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", _MOUNT_SCRIPT],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ["a from l2", "fuse.fuse-layerfs"]
+    assert (layers / "upper/etc/b").read_text() == "changed\n"
+    deadline = time.monotonic() + 10
+    while fuse_layerfs_pids(str(layers / "mnt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not fuse_layerfs_pids(str(layers / "mnt")), "the server outlived its unmount"

@@ -226,3 +226,39 @@ def test_chroot_runs_a_program_from_the_image(tmp_path, mounts, layerfs):
     assert out.stdout.split("\n")[:2] == ["from the image", "written"]
     assert out.stdout.split("\n")[2].strip() == "8"
     assert stat.S_IMODE(os.stat(os.path.join(mnt, "bin/busybox")).st_mode) == 0o755
+
+
+def test_open_directories_keep_their_own_listings(tmp_path, mounts, image):
+    """A directory read in pieces while other directories are listed (git status, rsync,
+    os.walk) sees its own names: every open directory has its own listing."""
+    mnt = str(tmp_path / "mnt")
+    mounts(image, mnt)
+    p = os.path.join(mnt, "p")
+    for d in ("a", "b"):
+        os.makedirs(os.path.join(p, d))
+    for i in range(30):
+        open(os.path.join(p, "b", f"f{i}"), "w").close()
+    open(os.path.join(p, "x"), "w").close()
+    seen = []
+    with os.scandir(p) as it:
+        for entry in it:
+            seen.append(entry.name)
+            if entry.is_dir():
+                os.listdir(entry.path)
+    assert sorted(seen) == ["a", "b", "x"]
+    # A snapshot: a listing read in many pieces is not disturbed by changes made meanwhile.
+    c = os.path.join(p, "c")
+    os.mkdir(c)
+    for i in range(300):
+        open(os.path.join(c, f"f{i}"), "w").close()
+    fd = os.open(c, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with os.scandir(fd) as it:
+            first = next(it).name
+            for i in range(300):
+                os.rename(os.path.join(c, f"f{i}"), os.path.join(c, f"g{i}"))
+            rest = [e.name for e in it]
+        assert sorted([first] + rest) == sorted(f"f{i}" for i in range(300))
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(c)) == sorted(f"g{i}" for i in range(300))

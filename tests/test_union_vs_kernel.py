@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from store import Store
-from unionrunner import (KERNEL_OPTIONS, RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, C, D,
+from unionrunner import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, KERNEL_OPTIONS, RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, C, D,
                          F, H, KernelOverlay, L, OverlayUnavailable, P, W, force_umount, as_user,
                          assert_same_trees, make_layers, outcome, run_ops, snapshot,
                          union_pair)
@@ -453,6 +453,57 @@ def test_link_count_after_unlinking_a_lower_hard_link(pair):
     """Unlinking one name of a lower hard-link pair leaves st_nlink 1 on the other."""
     run_ops(pair, [("unlink", "h2"), ("stat", "h1"), ("unlink", "dh/l1"), ("stat", "ahard"),
                    ("append", "ahard", "x"), ("stat", "dh/l2")])
+
+
+def test_rename_over_a_hard_link(pair):
+    """rename(src, dst) where dst has other names: they show the link count going down
+    (their attributes were cached before the rename: the kernel must be told)."""
+    run_ops(pair, [("link", "d/x", "d/xl"), ("stat", "d/xl"), ("stat", "d/x"),
+                   ("rename", "b", "d/x"), ("stat", "d/xl"), ("stat", "d/x"), ("read", "d/xl")])
+    run_ops(pair, [("stat", "h1"), ("stat", "h2"), ("rename", "x", "h2"), ("stat", "h1"),
+                   ("stat", "h2")])
+    run_ops(pair, [("stat", "dh/l2"), ("rename", "e2/q", "dh/l1"), ("stat", "dh/l2"),
+                   ("stat", "ahard"), ("rename", "dh/l2", "ahard"), ("stat", "ahard"),
+                   ("listdir", "dh")])
+
+
+def _ctime_moves(root, op):
+    """Whether the other name's ctime moved when ``op`` changed the inode it names."""
+    other = os.path.join(root, "d/yl")
+    os.link(os.path.join(root, "d/y"), other)
+    before = os.lstat(other).st_ctime_ns
+    time.sleep(0.02)
+    if op == "rename":
+        os.rename(os.path.join(root, "d/y"), os.path.join(root, "d/y2"))
+    elif op == "chmod":
+        os.chmod(os.path.join(root, "d/y"), 0o600)
+    elif op == "append":
+        with open(os.path.join(root, "d/y"), "a") as f:
+            f.write("more")
+    st = os.lstat(other)
+    return st.st_ctime_ns > before, st.st_nlink, oct(st.st_mode), st.st_size
+
+
+@pytest.mark.parametrize("op", ["rename", "chmod", "append"])
+def test_other_names_see_a_changed_inode(pair, op):
+    """A rename, chmod or write through one name moves the ctime (and mode, size) that
+    the inode's other names show, as in the kernel."""
+    same(pair, _ctime_moves, op)
+
+
+@pytest.mark.parametrize("mode,offset,length", [
+    (0, 0, 1 << 20),  # allocate and extend
+    (FALLOC_FL_KEEP_SIZE, 0, 1 << 20),
+    (FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 100, 4096),
+    (FALLOC_FL_ZERO_RANGE, 10, 30),
+    (FALLOC_FL_PUNCH_HOLE, 0, 10),  # punch hole needs keep size: EOPNOTSUPP on both
+])
+@pytest.mark.parametrize("path", ["big", "newfile"])
+def test_fallocate_modes(pair, mode, offset, length, path):
+    """fallocate(2) with the modes the backing filesystem has, on a lower file (copied up
+    by the open) and a new one: the same outcome, size and bytes as the kernel's."""
+    ops = [("create_write", "newfile", "0123456789" * 1000)] if path == "newfile" else []
+    run_ops(pair, ops + [("fallocate", path, mode, offset, length), ("stat", path), ("read", path)])
 
 
 def test_d_ino_is_st_ino(pair):

@@ -27,11 +27,13 @@ def view(tmp_path, store):
     upper, work = tmp_path / "upper", tmp_path / "work"
     upper.mkdir()
     work.mkdir()
-    return UnionView(StoreLower(store.tree(img), store.blobs), str(upper), str(work))
+    v = UnionView(StoreLower(store.tree(img), store.blobs), str(upper), str(work))
+    yield v
+    v.close()
 
 
 def read(view: UnionView, path: str) -> bytes:
-    fd, _ = view.open(path, os.O_RDONLY)
+    fd = view.open(path, os.O_RDONLY)[0]
     try:
         return b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
     finally:
@@ -50,7 +52,7 @@ def test_chmod_copies_metadata_only_and_first_write_copies_data(view):
     assert os.stat(up).st_blocks == 0  # sparse: no data copied
     assert view.getattr("etc/big")["st_mode"] & 0o777 == 0o600
     assert read(view, "etc/big") == b"B" * 200_000
-    fd, _ = view.open("etc/big", os.O_WRONLY)
+    fd = view.open("etc/big", os.O_WRONLY)[0]
     os.pwrite(fd, b"x", 0)
     os.close(fd)
     assert METACOPY not in os.listxattr(up)
@@ -60,7 +62,7 @@ def test_chmod_copies_metadata_only_and_first_write_copies_data(view):
 
 
 def test_o_trunc_copies_no_data(view):
-    fd, _ = view.open("etc/big", os.O_WRONLY | os.O_TRUNC)
+    fd = view.open("etc/big", os.O_WRONLY | os.O_TRUNC)[0]
     os.close(fd)
     up = os.path.join(view.upper, "etc/big")
     assert os.path.getsize(up) == 0 and METACOPY not in os.listxattr(up)
@@ -104,7 +106,7 @@ def test_rename_of_a_lower_directory_copies_no_data(view):
 def test_hard_links_stay_linked_after_copy_up(view):
     a, b = view.getattr("bin/a"), view.getattr("bin/b")
     assert a["st_ino"] == b["st_ino"] and a["st_nlink"] == 2
-    fd, _ = view.open("bin/a", os.O_WRONLY | os.O_APPEND)
+    fd = view.open("bin/a", os.O_WRONLY | os.O_APPEND)[0]
     os.write(fd, b"more\n")
     os.close(fd)
     assert read(view, "bin/b") == b"linked\nmore\n"
@@ -133,10 +135,13 @@ def test_upper_full_gives_enospc_and_stays_consistent(tmp_path, store):
         (small / "upper").mkdir()
         (small / "work").mkdir()
         v = UnionView(StoreLower(store.tree(img), store.blobs), str(small / "upper"), str(small / "work"))
-        with pytest.raises(OSError) as e:
-            v.open("f", os.O_WRONLY)  # copy-up of 3 MiB into 1 MiB
-        assert e.value.errno == errno.ENOSPC
-        assert os.listdir(small / "upper") == [] and os.listdir(small / "work") == []
-        assert read(v, "f") == open(store.blobs.path(store.tree(img).lookup("f").blob), "rb").read()
+        try:
+            with pytest.raises(OSError) as e:
+                v.open("f", os.O_WRONLY)  # copy-up of 3 MiB into 1 MiB
+            assert e.value.errno == errno.ENOSPC
+            assert os.listdir(small / "upper") == [] and os.listdir(small / "work") == []
+            assert read(v, "f") == open(store.blobs.path(store.tree(img).lookup("f").blob), "rb").read()
+        finally:
+            v.close()
     finally:
         subprocess.run(["umount", str(small)], check=True)

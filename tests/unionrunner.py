@@ -273,6 +273,58 @@ class LayerfsMount:
             self.container = ""
 
 
+FUSE_LAYERFS = os.path.join(os.path.dirname(sys.executable), "fuse-layerfs")
+
+
+def fuse_layerfs_pids(mnt: str) -> list[int]:
+    """Running fuse-layerfs servers of ``mnt`` (their command line names it)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"unionfs.compat" in args and os.fsencode(mnt) in args:
+            out.append(int(pid))
+    return out
+
+
+class FuseLayerfs:
+    """``fuse-layerfs`` over ``lowers`` (bottom first) with a fresh upper, and its undoing."""
+
+    def __init__(self, lowers: list[str], base: str, *options: str) -> None:
+        self.lowers = lowers
+        self.upper = os.path.join(base, "upper")
+        self.work = os.path.join(base, "work")
+        self.mnt = os.path.join(base, "mnt")
+        self.options = options
+        for d in (self.upper, self.work, self.mnt):
+            os.makedirs(d, exist_ok=True)
+        os.chmod(self.upper, 0o755)
+
+    def mount(self) -> str:
+        opts = f"lowerdir={':'.join(reversed(self.lowers))},upperdir={self.upper},workdir={self.work}"
+        opts += "".join("," + o for o in self.options)
+        res = subprocess.run([FUSE_LAYERFS, "-o", opts, self.mnt], capture_output=True, text=True,
+                             timeout=120)
+        if res.returncode != 0:
+            raise AssertionError(f"fuse-layerfs -o {opts} failed: {res.stderr.strip()}")
+        return self.mnt
+
+    def umount(self) -> None:
+        """Unmount, then make sure the server has gone (killed if it lingers)."""
+        pids = fuse_layerfs_pids(self.mnt)
+        force_umount(self.mnt)
+        deadline = time.monotonic() + 5
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for p in pids:
+            if _alive(p):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -442,7 +494,20 @@ def do_op(root: str, op: tuple):
         return norm_stat(os.lstat(P(args[0])))
     if name == "listdir":
         return sorted(os.listdir(P(args[0])))
+    if name == "fallocate":  # (path, mode, offset, length) on a file opened read-write
+        fd = os.open(P(args[0]), os.O_RDWR)
+        try:
+            if _libc.fallocate(fd, args[1], ctypes.c_int64(args[2]), ctypes.c_int64(args[3])) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code))
+            return None
+        finally:
+            os.close(fd)
     raise ValueError(f"unknown op {name}")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 
 
 # ops whose path argument should keep its inode number (copy-up must not renumber it)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -93,24 +94,26 @@ class UnionOperations(mfusepy.Operations):
         self.on_ready = on_ready
         self.timeout = timeout
         self._written: set[int] = set()  # fds written since their last flush
+        self._dir_lock = threading.Lock()
+        self._dir_handles = itertools.count(1)
+        self._listings: dict[int, list | None] = {}  # open directory handle -> its listing
 
     def _refresh_links(self, st: os.stat_result, path: str | None) -> None:
-        """Make the kernel forget what it cached for the other names of a hard-linked file.
+        """Make the kernel forget what it cached for the other names of a hard-linked file."""
+        self._invalidate(self.view.other_names(st, _rel(path) if path else None))
+
+    def _invalidate(self, names: list[str]) -> None:
+        """Drop the kernel's cached attributes of ``names``.
 
         libfuse's high-level API gives each name its own kernel inode, so a change made
-        through one name would leave the others' cached size and mode stale.
+        through one name (or to the link count) would leave the other names' cached
+        size, mode, ctime and link count stale.
         """
-        fuse = mfusepy._libfuse.fuse_get_context().contents.fuse
-        for other in self.view.other_names(st, _rel(path) if path else None):
-            _libfuse_invalidate_path(fuse, ("/" + other).encode("utf-8", "surrogateescape"))
-
-    def _after_change(self, path: str) -> None:
-        try:
-            st = os.lstat(self.view.resolve(_rel(path)).upper or "/nonexistent")
-        except OSError:
+        if not names:
             return
-        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-            self._refresh_links(st, path)
+        fuse = mfusepy._libfuse.fuse_get_context().contents.fuse
+        for name in names:
+            _libfuse_invalidate_path(fuse, ("/" + name).encode("utf-8", "surrogateescape"))
 
     def init_with_config(self, conn, config) -> None:
         if config is not None:
@@ -132,9 +135,33 @@ class UnionOperations(mfusepy.Operations):
             return self.view.fd_attrs(fh.fh)
         return self.view.getattr(_rel(path))
 
+    # Directory handles: each open directory has its own listing, a snapshot taken by
+    # its first readdir (and again at offset 0, on rewinddir), which later changes and
+    # other handles never disturb. mfusepy installs opendir/releasedir only because
+    # they are defined here.
+
+    def opendir(self, path):
+        with self._dir_lock:
+            fh = next(self._dir_handles)
+            self._listings[fh] = None
+        return fh
+
+    def releasedir(self, path, fh):
+        with self._dir_lock:
+            self._listings.pop(fh, None)
+        return 0
+
     @_translate
-    def readdir(self, path, fh):
-        return [(name, attrs, 0) for name, attrs in self.view.readdir(_rel(path))]
+    def readdir(self, path: str, fh: int, offset: int = 0) -> list[tuple[str, dict]]:
+        """The listing of the open directory ``fh``; made anew when read from offset 0."""
+        with self._dir_lock:
+            listing = self._listings.get(fh)
+        if listing is None or offset == 0:
+            listing = self.view.readdir(_rel(path))
+            with self._dir_lock:
+                if fh in self._listings:
+                    self._listings[fh] = listing
+        return listing
 
     @_translate
     def readlink(self, path):
@@ -162,23 +189,20 @@ class UnionOperations(mfusepy.Operations):
     @_translate
     @_held
     def setxattr(self, path, name, value, options, position=0):
-        self.view.setxattr(_rel(path), name, value, options)
-        self._after_change(path)
+        self._invalidate(self.view.setxattr(_rel(path), name, value, options))
         return 0
 
     @_translate
     @_held
     def removexattr(self, path, name):
-        self.view.removexattr(_rel(path), name)
-        self._after_change(path)
+        self._invalidate(self.view.removexattr(_rel(path), name))
         return 0
 
     @_translate
     @_held
     def open(self, path, fi):
-        fd, lower_backed = self.view.open(_rel(path), fi.flags)
-        if fi.flags & os.O_TRUNC:
-            self._after_change(path)  # the other names of a hard-linked file are now empty
+        fd, lower_backed, truncated = self.view.open(_rel(path), fi.flags)
+        self._invalidate(truncated)  # the other names of a hard-linked file are now empty
         fi.fh = fd
         fi.keep_cache = 1 if lower_backed else 0  # lower data never changes
         return 0
@@ -208,19 +232,23 @@ class UnionOperations(mfusepy.Operations):
         if fh is not None and getattr(fh, "fh", 0):
             os.ftruncate(fh.fh, length)
             self.view.version += 1
+            st = os.fstat(fh.fh)
+            if st.st_nlink > 1:
+                self._refresh_links(st, path)
         else:
-            self.view.truncate(_rel(path), length)
-        if path is not None:
-            self._after_change(path)
+            self._invalidate(self.view.truncate(_rel(path), length))
         return 0
 
     @_translate
     @_held
     def fallocate(self, path, mode, offset, size, fi):
-        if mode:
-            raise OSError(errno.EOPNOTSUPP, "fallocate mode")
-        os.posix_fallocate(fi.fh, offset, size)
+        # Every mode the backing filesystem has (keep size, punch hole, zero range...).
+        if _fallocate(fi.fh, mode, offset, size) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), path)
         self.view.version += 1
+        if mode:
+            self._written.add(fi.fh)  # the size or data changed: refreshed at flush
         return 0
 
     @_translate
@@ -266,16 +294,7 @@ class UnionOperations(mfusepy.Operations):
     @_translate
     @_held
     def unlink(self, path):
-        node = self.view.resolve(_rel(path))
-        lower_names = self.view.lower_link_names(node) if node.st is None and node.lower \
-            and node.lower.entry.hardlink and node.lower.entry.nlink > 1 else []
-        self.view.unlink(_rel(path))
-        if node.st is not None and node.st.st_nlink > 1:
-            self._refresh_links(node.st, path)
-        fuse = mfusepy._libfuse.fuse_get_context().contents.fuse
-        for other in lower_names:  # the link count the other names show went down
-            if other != _rel(path):
-                _libfuse_invalidate_path(fuse, ("/" + other).encode("utf-8", "surrogateescape"))
+        self._invalidate(self.view.unlink(_rel(path)))  # the others' link count went down
         return 0
 
     @_translate
@@ -288,9 +307,7 @@ class UnionOperations(mfusepy.Operations):
     @_translate
     @_held
     def link(self, target, source):
-        self.view.link(_rel(source), _rel(target))
-        node = self.view.resolve(_rel(source))
-        self._refresh_links(node.st, None)  # the source's own link count changed too
+        self._invalidate(self.view.link(_rel(source), _rel(target)))  # their link count went up
         return 0
 
     @_translate
@@ -303,23 +320,21 @@ class UnionOperations(mfusepy.Operations):
     @_translate
     @_held
     def rename(self, old, new, flags=0):
-        self.view.rename(_rel(old), _rel(new), flags)
+        self._invalidate(self.view.rename(_rel(old), _rel(new), flags))
         return 0
 
     @_translate
     @_held
     def chmod(self, path, mode):
-        self.view.chmod(_rel(path), mode)
-        self._after_change(path)
+        self._invalidate(self.view.chmod(_rel(path), mode))
         return 0
 
     @_translate
     @_held
     def chown(self, path, uid, gid):
         attrs = self.view.getattr(_rel(path))
-        self.view.chown(_rel(path), attrs["st_uid"] if uid == -1 else uid,
-                        attrs["st_gid"] if gid == -1 else gid)
-        self._after_change(path)
+        self._invalidate(self.view.chown(_rel(path), attrs["st_uid"] if uid == -1 else uid,
+                                         attrs["st_gid"] if gid == -1 else gid))
         return 0
 
     @_translate
@@ -332,8 +347,8 @@ class UnionOperations(mfusepy.Operations):
         def pick(value: int, current: int) -> int:
             return now if value == _UTIME_NOW else current if value == _UTIME_OMIT else value
 
-        self.view.utimens(_rel(path), pick(atime, attrs["st_atime"]), pick(mtime, attrs["st_mtime"]))
-        self._after_change(path)
+        self._invalidate(self.view.utimens(_rel(path), pick(atime, attrs["st_atime"]),
+                                           pick(mtime, attrs["st_mtime"])))
         return 0
 
 
@@ -344,57 +359,42 @@ def _libfuse_invalidate_path(fuse, path: bytes) -> None:
     fn(fuse, path)  # -ENOENT for a name the kernel never looked up: nothing to drop
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
 _FUSE_READDIR_PLUS = 1
 _FUSE_FILL_DIR_PLUS = 2
 
 
 class UnionFUSE(mfusepy.FUSE):
-    """mfusepy's FUSE with what it leaves out: renameat2 flags, readdirplus, dir caching."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        self._dir_lock = threading.Lock()
-        self._listings: dict[int, list] = {}
-        self._next_dir = 0
-        super().__init__(*args, **kwargs)
+    """mfusepy's FUSE with what it leaves out: renameat2 flags and readdirplus."""
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(old.decode(self.encoding, self.errors),
                                       new.decode(self.encoding, self.errors), flags)
 
     def opendir(self, path: bytes, fip) -> int:
-        # Every change to a directory goes through this mount, and the kernel drops its
-        # cached listing when one does, so listings may be cached across opens (libfuse
-        # honours these flags from 3.16 on).
-        with self._dir_lock:
-            self._next_dir += 1
-            fip.contents.fh = self._next_dir
+        fip.contents.fh = self.operations.opendir(path.decode(self.encoding, self.errors))
+        # Every change goes through this mount, so the kernel may keep listings across
+        # opens (libfuse honours these flags from 3.16 on).
         fip.contents.cache_readdir = 1
         fip.contents.keep_cache = 1
-        return 0
-
-    def releasedir(self, path: bytes, fip) -> int:
-        with self._dir_lock:
-            self._listings.pop(fip.contents.fh, None)
         return 0
 
     def readdir_fuse_3(self, path: bytes, buf, filler, offset: int, fip, flags: int) -> int:
         # Offsets (i + 1) rather than mfusepy's 0: in offset mode libfuse passes the full
         # stat of each entry on to the kernel (readdirplus), which then needs no lookup per
-        # entry. The listing is made once per open directory and served in pieces.
-        fh = fip.contents.fh
-        with self._dir_lock:
-            listing = self._listings.get(fh)
-        if listing is None or offset == 0:
-            try:
-                listing = self.operations.readdir(path.decode(self.encoding, self.errors), fh)
-            except mfusepy.FuseOSError as e:
-                return -e.errno
-            with self._dir_lock:
-                self._listings[fh] = listing
+        # entry. The listing is served in pieces from the handle's snapshot.
+        try:
+            listing = self.operations.readdir(path.decode(self.encoding, self.errors),
+                                              fip.contents.fh, offset)
+        except mfusepy.FuseOSError as e:
+            return -e.errno
         plus = _FUSE_FILL_DIR_PLUS if flags & _FUSE_READDIR_PLUS else 0
         st = mfusepy.c_stat()
         for i in range(offset, len(listing)):
-            name, attrs, _ = listing[i]
+            name, attrs = listing[i]
             ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
             mfusepy.set_st_attrs(st, attrs, use_ns=True)
             if filler(buf, name.encode(self.encoding, self.errors), st, i + 1,

@@ -8,8 +8,10 @@ the fuse-overlayfs compatible mount program.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
+import stat
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -18,7 +20,12 @@ from store.blobs import BlobStore
 from store.errors import StoreError
 from store.merged import MergedTree
 from store.dirimport import dir_entry, entry_of
-from store.records import Entry, Kind
+from store.records import OPAQUE, Entry, Kind
+from store.upper import OPQ
+
+from .cache import BoundedCache
+from .markers import OVERLAY_PREFIXES, checked_lower_path
+from .realdir import RealDir, xattr_at
 
 
 @dataclass(slots=True, frozen=True)
@@ -39,6 +46,10 @@ class Lower(Protocol):
     def hardlink_names(self, node: LowerNode) -> list[str]: ...
 
 
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
 class StoreLower:
     """An image's layers, read from the store's flattened merged view.
 
@@ -46,12 +57,12 @@ class StoreLower:
     missed once costs no index read the next time.
     """
 
-    CACHE_MAX = 200_000
+    CACHE_MAX = 65_536  # about 30 MB of entries
 
     def __init__(self, tree: MergedTree, blobs: BlobStore) -> None:
         self.tree = tree
         self.blobs = blobs
-        self._lookups: dict[str, LowerNode | None] = {}
+        self._lookups: BoundedCache[str, LowerNode | None] = BoundedCache(self.CACHE_MAX)
         self._groups: dict[int, dict[str, list[str]]] = {}  # layer -> hard-link groups
 
     def _node(self, path: str, layer: int, e: Entry) -> LowerNode:
@@ -64,8 +75,6 @@ class StoreLower:
             pass
         found = self.tree.lookup_in_layer(path)
         node = self._node(path, *found) if found else None
-        if len(self._lookups) >= self.CACHE_MAX:
-            self._lookups.clear()
         self._lookups[path] = node
         return node
 
@@ -90,20 +99,36 @@ class StoreLower:
         return list(groups.get(group, [group]))
 
 
+@dataclass(slots=True)
+class _Found:
+    """A name of a :class:`DirLower`, as the layers show it."""
+
+    node: LowerNode
+    merged: list[tuple[int, str]]  # a directory: (layer, its path there) merged here, top first
+    data: tuple[int, str] | None  # a regular file: where its bytes are (below a metacopy)
+
+
 class DirLower:
     """A stack of plain directories, top first, merged as overlayfs merges lowerdirs.
 
     Whiteouts and opaque directories are honoured in every form (char device 0/0, xattr
-    whiteouts, ``.wh.`` files, opaque xattrs, ``.wh..wh..opq``). The directories must not
-    change while mounted, as for overlayfs; lookups are cached on that promise.
+    whiteouts, ``.wh.`` files, opaque xattrs, ``.wh..wh..opq``), and so are the kernel's
+    redirects of renamed directories and metacopy files (``trusted.overlay.*`` or
+    ``user.overlay.*``), so an upper that the kernel, fuse-overlayfs or fuse-layerfs wrote
+    works as a lower layer. A redirect that could leave the layers is refused (EIO), and
+    every layer is read beneath its root without following symlinks (:mod:`.realdir`).
+    The directories must not change while mounted, as for overlayfs; lookups are cached
+    on that promise.
     """
 
     def __init__(self, dirs: list[str]) -> None:
         self.dirs = [os.path.abspath(d) for d in dirs]
-        self._cache: dict[str, tuple[LowerNode, str, list[str]] | None] = {}
+        self.layers = [RealDir(d) for d in self.dirs]
+        self._cache: BoundedCache[str, _Found | None] = BoundedCache(65_536)
+        self._layer_of: dict[tuple[int, int], str] = {}  # hard-linked inode -> its layer
+        self._groups: dict[str, dict[tuple[int, int], list[str]]] = {}  # layer -> hard-link groups
 
-    def _resolve(self, path: str) -> tuple[LowerNode, str, list[str]] | None:
-        """(node, real path of its topmost copy, lower dirs where it is a merged directory)."""
+    def _resolve(self, path: str) -> _Found | None:
         if path in self._cache:
             return self._cache[path]
         if path == "":
@@ -112,70 +137,159 @@ class DirLower:
             parent_path, _, name = path.rpartition("/")
             parent = self._resolve(parent_path)
             found = None
-            if parent is not None and parent[0].entry.kind == Kind.DIR:
-                found = self._lookup_in(parent[2], path, name)
+            if parent is not None and parent.node.entry.kind == Kind.DIR:
+                found = self._lookup_in(parent, path, name)
         self._cache[path] = found
         return found
 
-    def _root(self) -> tuple[LowerNode, str, list[str]]:
+    def _root(self) -> _Found:
         merged = []
-        for d in self.dirs:
-            merged.append(d)
+        for i, d in enumerate(self.dirs):
+            merged.append((i, ""))
             if dir_entry(d).opaque:
                 break
         st = os.lstat(self.dirs[0])
-        return LowerNode(dir_entry(self.dirs[0]), ("D", st.st_dev, st.st_ino)), self.dirs[0], merged
+        return _Found(LowerNode(dir_entry(self.dirs[0]), ("D", st.st_dev, st.st_ino)), merged, None)
 
-    def _lookup_in(self, dirs: list[str], path: str, name: str):
-        top: tuple[Entry, str, os.stat_result] | None = None
-        merged: list[str] = []
-        for d in dirs:
-            full = os.path.join(d, path)
+    def _entry(self, layer: int, rel: str) -> tuple[os.stat_result, Entry | None, str | None, bool]:
+        """(lstat, entry, redirect, is a metacopy) of ``rel`` in a layer; FileNotFoundError
+        where the layer has no such name (or a component of it is not a directory)."""
+        try:
+            with self.layers[layer].at(rel) as (fd, name):
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                # /proc/self/fd/N/NAME: the entry itself, reached without following anything.
+                e = entry_of(f"/proc/self/fd/{fd}/{name}", st)
+                if e is None or e.kind not in (Kind.DIR, Kind.REG):
+                    return st, e, None, False
+                redirect = next((v for p in OVERLAY_PREFIXES
+                                 if (v := xattr_at(fd, name, p + "redirect")) is not None), None)
+                if e.kind == Kind.DIR:
+                    if not e.opaque and os.path.lexists(f"/proc/self/fd/{fd}/{name}/{OPQ}"):
+                        e = dataclasses.replace(e, flags=e.flags | OPAQUE)
+                    return st, e, redirect, False
+                metacopy = any(xattr_at(fd, name, p + "metacopy") is not None for p in OVERLAY_PREFIXES)
+                return st, e, redirect, metacopy
+        except (NotADirectoryError, FileNotFoundError):
+            raise FileNotFoundError(errno.ENOENT, "not in this layer", rel) from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # a symlink on the way: not a directory of this layer
+                raise FileNotFoundError(errno.ENOENT, "not in this layer", rel) from None
+            raise
+
+    def _lookup_in(self, parent: _Found, path: str, name: str) -> _Found | None:
+        # As the kernel's ovl_lookup: walk the parent's merged layers top-down; a relative
+        # redirect renames what is looked up in the layers below, an absolute one restarts
+        # from the root of every layer below; a metacopy file's data is the first
+        # non-metacopy file further down.
+        plan = list(parent.merged)
+        current, absolute = name, None
+        top: tuple[Entry, os.stat_result, bool, int] | None = None
+        merged: list[tuple[int, str]] = []
+        data: tuple[int, str] | None = None
+        i = 0
+        while i < len(plan):
+            layer, dir_path = plan[i]
+            i += 1
+            rel = absolute if absolute is not None else _join(dir_path, current)
             try:
-                st = os.lstat(full)
+                st, e, redirect, metacopy = self._entry(layer, rel)
             except FileNotFoundError:
-                if os.path.lexists(os.path.join(os.path.dirname(full), ".wh." + name)):
+                if absolute is None and len(current) <= 251 \
+                        and self.layers[layer].lexists(_join(dir_path, ".wh." + current)):
                     break  # an OCI whiteout in this layer hides the name below
                 continue
-            e = entry_of(full, st)
             if e is None or e.kind == Kind.WHITEOUT:
                 break
             if top is None:
-                top = (e, full, st)
-            if e.kind != Kind.DIR or top[0].kind != Kind.DIR:
+                top = (e, st, metacopy, layer)
+            elif top[0].kind == Kind.DIR:
+                if e.kind != Kind.DIR:
+                    break
+            elif e.kind != Kind.REG:
+                break  # below a metacopy file, only a regular file can hold its data
+            if e.kind == Kind.REG:
+                if not metacopy:
+                    data = (layer, rel)
+                    break
+            elif e.kind == Kind.DIR:
+                merged.append((layer, rel))
+                if e.opaque:
+                    break
+            else:
                 break
-            merged.append(d)
-            if e.opaque:
-                break
+            if redirect is not None:
+                if redirect.startswith("/"):
+                    absolute = checked_lower_path(redirect[1:], path)
+                    plan, i = [(j, "") for j in range(layer + 1, len(self.layers))], 0
+                elif "/" in redirect or redirect in ("", ".", ".."):
+                    raise OSError(errno.EIO, f"invalid redirect {redirect!r}", path)
+                elif absolute is not None:
+                    absolute = _join(absolute.rpartition("/")[0], redirect)
+                else:
+                    current = redirect
         if top is None:
             return None
-        e, full, st = top
-        return LowerNode(e, ("D", st.st_dev, st.st_ino)), full, merged
+        e, st, metacopy, top_layer = top
+        if metacopy and data is None:
+            raise OSError(errno.EIO, "a metacopy file with no data below it", path)
+        if st.st_nlink > 1 and e.kind != Kind.DIR:
+            # A hard link within its layer: the union counts and copies up the group's
+            # names (hardlink_names), as the kernel's overlayfs does with index=on.
+            e = dataclasses.replace(e, nlink=st.st_nlink, hardlink=path)
+            self._layer_of[(st.st_dev, st.st_ino)] = self.dirs[top_layer]
+        return _Found(LowerNode(e, ("D", st.st_dev, st.st_ino)), merged, data)
 
     def lookup(self, path: str) -> LowerNode | None:
         found = self._resolve(path)
-        return found[0] if found else None
+        return found.node if found else None
 
     def listdir(self, path: str) -> Iterator[tuple[str, LowerNode]]:
         found = self._resolve(path)
-        if found is None or found[0].entry.kind != Kind.DIR:
+        if found is None or found.node.entry.kind != Kind.DIR:
             return
         names: set[str] = set()
-        for d in found[2]:
+        for layer, rel in found.merged:
             try:
-                names.update(n for n in os.listdir(os.path.join(d, path)) if not n.startswith(".wh."))
+                names.update(n for n, _, _ in self.layers[layer].entries(rel) if not n.startswith(".wh."))
             except OSError:
                 continue
         for name in sorted(names):
-            child = self.lookup(f"{path}/{name}" if path else name)
+            child = self.lookup(_join(path, name))
             if child is not None:
                 yield name, child
 
     def open(self, path: str, node: LowerNode) -> int:
         found = self._resolve(path)
-        if found is None:
+        if found is None or found.data is None:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-        return os.open(found[1], os.O_RDONLY)
+        layer, rel = found.data
+        return self.layers[layer].open(rel, os.O_RDONLY)
 
     def hardlink_names(self, node: LowerNode) -> list[str]:
-        return []  # not tracked for plain directories: copy-up breaks such links, as overlayfs does by default
+        """Every path of the node's layer that names the same file (one walk of the layer,
+        the first time one of its hard links is asked about)."""
+        key = node.ident[1:]
+        layer = self._layer_of.get(key)
+        if layer is None:
+            return []
+        groups = self._groups.get(layer)
+        if groups is None:
+            groups = self._groups[layer] = _hardlink_groups(layer)
+        return list(groups.get(key) or [node.entry.hardlink])  # linked after the walk: itself
+
+
+def _hardlink_groups(root: str) -> dict[tuple[int, int], list[str]]:
+    """(st_dev, st_ino) -> the paths below ``root`` of each file with more than one link."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            if name.startswith(".wh."):
+                continue
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(full)
+            except OSError:
+                continue
+            if st.st_nlink > 1 and not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0):  # shared whiteouts
+                groups.setdefault((st.st_dev, st.st_ino), []).append(os.path.relpath(full, root))
+    return groups

@@ -4,19 +4,21 @@ Pure Python and path based: every method takes paths relative to the mount root 
 the root), returns plain values and raises ``OSError(errno)``; the FUSE adapter is a thin
 mapping onto it, and tests drive it without a mount.
 
-The upper directory holds the container's changes in the OCI format: ``.wh.NAME`` hides
-NAME of the lower tree, ``.wh..wh..opq`` in a directory hides all of the lower
-directory. Two private xattrs extend it where OCI has no word:
+The upper and work directories are reached only through directory descriptors
+(:mod:`.realdir`): no symlink in them is ever followed, and paths below the mount may
+be as long as the kernel allows whatever the upper directory's own path. How the upper
+records whiteouts, opaque directories, renamed lower directories and metadata-only
+copies is its format (:mod:`.markers`): the OCI format plus private xattrs for the
+store's containers, the kernel overlayfs's own format for fuse-layerfs.
 
-- ``user.layerfs.metacopy`` = lower path, on a sparse upper file whose metadata changed
-  (chmod, chown, utimens, setxattr, rename) but whose data is still the lower file's, as
-  overlayfs's metacopy; the data is copied on the first write, in place, and the xattr
-  removed last, so a crash never shows half-copied data.
-- ``user.layerfs.redirect`` = lower path, on a directory renamed from a lower one (as
-  overlayfs's redirect_dir): its lower contents are merged from that path. No file data
-  is copied to rename a directory.
+- A metacopy file is a sparse upper file whose metadata changed (chmod, chown, utimens,
+  setxattr, rename) while its data is still the lower file's, as overlayfs's metacopy;
+  the data is copied on the first write, in place, and the marker removed last, so a
+  crash never shows half-copied data.
+- A renamed lower directory is an upper directory with a redirect to the lower path it
+  merges (overlayfs's redirect_dir): no file data is copied to rename a directory.
 
-Copy-up is atomic: a file is built in ``work/`` (data, owner, mode, xattrs, times,
+Copy-up is atomic: an object is built in ``work/`` (data, owner, mode, xattrs, times,
 fsync unless volatile) and renamed into place. Inode numbers are allocated per mount,
 keyed by the lower entry's identity (hard links share it) or the upper inode, and a
 copy-up keeps the number it had.
@@ -26,23 +28,28 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import re
 import itertools
 import os
-import shutil
+import re
 import stat
 import threading
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 
+import xxhash
+
 from store.records import Entry, Kind
-from store.upper import (METACOPY, OPQ, OVERLAY_OPAQUE, PRIVATE_PREFIX, REDIRECT, WH,
-                         is_whiteout_st, xattr_text)
+from store.upper import METACOPY, OPQ, REDIRECT, WH
 
 from .lower import Lower, LowerNode
+from .markers import OciMarkers, is_whiteout_st
+from .realdir import RealDir
 
-HIDDEN_XATTR_PREFIXES = (PRIVATE_PREFIX, "trusted.overlay.", "user.overlay.")
+__all__ = ["METACOPY", "REDIRECT", "Node", "PauseGate", "UnionView"]
+
 COPY_CHUNK = 1 << 20
 HIDDEN = re.compile(r"\.fuse_hidden[0-9a-f]{16}")  # libfuse's name for files unlinked while open
+_DIR_FD = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _KIND_MODE = {Kind.REG: stat.S_IFREG, Kind.DIR: stat.S_IFDIR, Kind.SYMLINK: stat.S_IFLNK,
               Kind.CHR: stat.S_IFCHR, Kind.BLK: stat.S_IFBLK, Kind.FIFO: stat.S_IFIFO}
@@ -117,7 +124,7 @@ class Node:
     """What one path of the union shows."""
 
     path: str
-    upper: str | None = None  # its real path in the upper directory
+    upper: str | None = None  # its path in the upper directory
     st: os.stat_result | None = None  # lstat of ``upper``
     lower: LowerNode | None = None  # the lower entry merged here, or the data of a metacopy file
     lower_path: str | None = None  # that entry's path in the lower tree
@@ -139,83 +146,131 @@ class UnionView:
     """The merged tree of ``lower`` under the writable directory ``upper``."""
 
     def __init__(self, lower: Lower, upper: str, work: str, *, volatile: bool = False,
-                 read_only: bool = False, overlay_format: bool = False) -> None:
+                 read_only: bool = False, markers: OciMarkers | None = None) -> None:
         self.lower = lower
-        self.overlay_format = overlay_format  # write overlayfs markers instead of OCI ones
-        self.upper = os.path.abspath(upper)
-        self.work = os.path.abspath(work)
+        self.markers = markers or OciMarkers()
+        self.up = RealDir(upper)
+        self.wk = RealDir(work)
+        self.upper = self.up.path
+        self.work = self.wk.path
         self.volatile = volatile
         self.read_only = read_only
         self.lock = _ChangeLock(self)  # namespace changes and copy-ups, one at a time
         self._ids_lock = threading.Lock()  # inode numbers and hard-link names
         self.version = 0  # bumped by every change; listings are cached per version
-        self._listings: dict[str, tuple[int, list[tuple[str, dict]]]] = {}
+        self._listings: dict[str, tuple[int, list[tuple[str, dict]]]] = {}  # oldest first
+        self._listed = 0  # names in self._listings
         self.gate = PauseGate()  # closed while a commit reads the upper layer
-        self._inos: dict[object, int] = {}
+        self._inos: dict[tuple[int, int], int] = {}  # copied-up upper inode -> its lower number
         self._names: dict[tuple[int, int], set[str]] = {}  # upper inode -> paths (hard links)
         self._redirect_map: dict[str, str] | None = None  # see _redirects()
-        self._hidden_files: dict[str, str] = {}  # ".fuse_hidden" path -> file in work/ ("" lower)
+        self._hidden_files: dict[str, str] = {}  # ".fuse_hidden" path -> its name in work/ ("" lower)
         self._hidden_nodes: dict[str, Node] = {}
-        self._next_ino = itertools.count(2)  # 1 is the root
         self._tmp = itertools.count()
+
+    def close(self) -> None:
+        """Close the upper and work directories' descriptors."""
+        self.up.close()
+        self.wk.close()
 
     # -- resolution -------------------------------------------------------------
 
     def _root(self) -> Node:
-        st = os.lstat(self.upper)
-        merge = not self._is_opaque(self.upper)
+        st = os.fstat(self.up.fd)
+        merge = not self.markers.opaque(self.up.fd)
         low = self.lower.lookup("") if merge else None
-        return Node("", self.upper, st, low, "" if merge else None, merge)
+        return Node("", "", st, low, "" if merge else None, merge)
+
+    @contextlib.contextmanager
+    def _dirfd(self, node: Node) -> Iterator[int]:
+        """A descriptor of an upper directory node, for the ``*at`` calls on its entries."""
+        fd = self.up.open_dir(node.upper)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def _child(self, parent: Node, name: str) -> Node | None:
         """The node ``name`` in directory ``parent``, or None where nothing shows."""
+        if parent.upper is None:
+            return self._child_at(parent, -1, name)[0]
+        with self._dirfd(parent) as fd:
+            return self._child_at(parent, fd, name)[0]
+
+    def _child_at(self, parent: Node, parent_fd: int, name: str,
+                  want_fd: bool = False) -> tuple[Node | None, int | None]:
+        """``_child`` given a descriptor of the parent's upper directory; with ``want_fd``
+        also a new descriptor of the child if it is an upper directory (caller closes)."""
         path = _join(parent.path, name)
-        upper = st = None
+        st = None
         if parent.upper is not None:
-            cand = os.path.join(parent.upper, name)
             try:
-                st = os.lstat(cand)
-                upper = cand
+                st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
             except FileNotFoundError:
-                if os.path.lexists(os.path.join(parent.upper, WH + name)):
-                    return None
-            if st is not None and is_whiteout_st(st):
-                return None
+                if self.markers.whited_out(parent_fd, name):
+                    return None, None
+            else:
+                if is_whiteout_st(st):
+                    return None, None
         lower_path = _join(parent.lower_path, name) if parent.merge_lower else None
         if st is None:
             low = self.lower.lookup(lower_path) if lower_path is not None else None
             if low is None:
-                return None
-            return Node(path, None, None, low, lower_path, low.entry.kind == Kind.DIR)
+                return None, None
+            return Node(path, None, None, low, lower_path, low.entry.kind == Kind.DIR), None
+        upper = _join(parent.upper, name)
         if stat.S_ISDIR(st.st_mode):
-            redirect = xattr_text(upper, REDIRECT)
-            if redirect is not None:
-                lower_path = redirect
-            elif self._is_opaque(upper):
-                lower_path = None
+            fd = os.open(name, _DIR_FD, dir_fd=parent_fd)
+            try:
+                redirect = self.markers.redirect(parent_fd, name, parent.lower_path)
+                if redirect is not None:
+                    lower_path = redirect
+                elif self.markers.opaque(fd):
+                    lower_path = None
+            except BaseException:
+                os.close(fd)
+                raise
+            if not want_fd:
+                os.close(fd)
+                fd = None
             low = self.lower.lookup(lower_path) if lower_path is not None else None
             merge = low is not None and low.entry.kind == Kind.DIR
-            return Node(path, upper, st, low if merge else None, lower_path if merge else None, merge)
-        origin = xattr_text(upper, METACOPY) if stat.S_ISREG(st.st_mode) else None
-        low = self.lower.lookup(origin) if origin is not None else None
-        return Node(path, upper, st, low, origin if low else None, False)
+            return Node(path, upper, st, low if merge else None, lower_path if merge else None, merge), fd
+        if stat.S_ISREG(st.st_mode):
+            origin = self.markers.metacopy_origin(parent_fd, name, lower_path)
+            if origin is not None:
+                low = self.lower.lookup(origin)
+                if low is None or low.entry.kind != Kind.REG:
+                    raise _err(errno.EIO, path)  # the data it stands for is not below
+                return Node(path, upper, st, low, origin, False), None
+        return Node(path, upper, st), None
 
     def resolve(self, path: str) -> Node:
         """The node at ``path``; ENOENT if nothing shows there, ENOTDIR through a file."""
         node = self._root()
         if not path:
             return node
-        for name in path.split("/"):
-            if not node.is_dir:
-                raise _err(errno.ENOTDIR, path)
-            if name.startswith(WH):
-                raise _err(errno.ENOENT, path)  # the markers are never visible
-            if len(name) > 63 and len(name.encode("utf-8", "surrogateescape")) > 255:
-                raise _err(errno.ENAMETOOLONG, path)
-            child = self._child(node, name)
-            if child is None:
-                raise _err(errno.ENOENT, path)
-            node = child
+        names = path.split("/")
+        last = len(names) - 1
+        fd = self.up.fd
+        try:
+            for i, name in enumerate(names):
+                if not node.is_dir:
+                    raise _err(errno.ENOTDIR, path)
+                if name.startswith(WH):
+                    raise _err(errno.ENOENT, path)  # the markers are never visible
+                if len(name) > 63 and len(name.encode("utf-8", "surrogateescape")) > 255:
+                    raise _err(errno.ENAMETOOLONG, path)
+                child, child_fd = self._child_at(node, fd, name, want_fd=i < last)
+                if fd != self.up.fd:
+                    os.close(fd)
+                fd = child_fd if child_fd is not None else self.up.fd
+                if child is None:
+                    raise _err(errno.ENOENT, path)
+                node = child
+        finally:
+            if fd != self.up.fd:
+                os.close(fd)
         return node
 
     def _lower_below(self, parent: Node, name: str) -> LowerNode | None:
@@ -226,32 +281,41 @@ class UnionView:
 
     # -- identity and attributes ----------------------------------------------------
 
+    # Inode numbers: 1 for the root; a lower entry's is a digest of its identity (hard
+    # links share it), so the server keeps no table that grows with what is walked; an
+    # upper object's is its upper inode number, tagged, unless it was copied up, when it
+    # keeps the number it had below (a table as large as the copy-ups). The tags keep
+    # the two kinds apart and below 2**63 (signed 64-bit readers). Two lower entries
+    # share a number with probability about n**2 / 2**62: 2e-7 at a million entries.
+    _LOWER_TAG, _UPPER_TAG, _MASK = 1 << 61, 1 << 62, (1 << 61) - 1
+
     def ino(self, node: Node) -> int:
         """The inode number of a node: stable for the mount's life, kept across copy-up."""
         if node.path == "":
             return 1
-        with self._ids_lock:
-            if node.st is not None:
-                key = ("U", node.st.st_dev, node.st.st_ino)
-                ino = self._inos.get(key)
-                if ino is None:
-                    ino = self._inos.get(node.lower.ident) if node.lower else None
-                    ino = ino or next(self._next_ino)
-                    self._inos[key] = ino
+        if node.st is not None:
+            ino = self._inos.get((node.st.st_dev, node.st.st_ino))
+            if ino is not None:
                 return ino
-            assert node.lower is not None
-            ino = self._inos.get(node.lower.ident)
-            if ino is None:
-                ino = self._inos[node.lower.ident] = next(self._next_ino)
-            return ino
+            if node.lower is not None and stat.S_ISREG(node.st.st_mode):
+                return self._lower_ino(node.lower.ident)  # a metacopy file: still the lower's
+            return self._UPPER_TAG | (node.st.st_ino & self._MASK)
+        return self._lower_ino(node.lower.ident)
 
-    def _alias(self, st: os.stat_result, ident: object) -> None:
+    def _lower_ino(self, ident: Hashable) -> int:
+        return self._LOWER_TAG | (xxhash.xxh3_64_intdigest(repr(ident).encode("utf-8", "surrogateescape"))
+                                  & self._MASK)
+
+    def _alias(self, st: os.stat_result, ident: Hashable) -> None:
         """Let a new upper inode keep the number of the lower entry it was copied from."""
         with self._ids_lock:
-            ino = self._inos.get(ident)
-            if ino is None:
-                ino = self._inos[ident] = next(self._next_ino)
-            self._inos[("U", st.st_dev, st.st_ino)] = ino
+            self._inos[(st.st_dev, st.st_ino)] = self._lower_ino(ident)
+
+    def _drop_alias(self, st: os.stat_result | None) -> None:
+        """The upper inode ``st`` is gone: a new file may get its inode number."""
+        if st is not None and (stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1):
+            with self._ids_lock:
+                self._inos.pop((st.st_dev, st.st_ino), None)
 
     def attrs(self, node: Node) -> dict:
         """``stat`` fields of a node, as the FUSE adapter returns them."""
@@ -282,11 +346,20 @@ class UnionView:
         """Renamed lower directories: union path -> lower path (read from the upper once)."""
         if self._redirect_map is None:
             found = {}
-            for dirpath, dirnames, _ in os.walk(self.upper):
-                for d in dirnames:
-                    lower = xattr_text(os.path.join(dirpath, d), REDIRECT)
-                    if lower is not None:
-                        found[os.path.relpath(os.path.join(dirpath, d), self.upper)] = lower
+            stack = [self._root()]
+            while stack:
+                node = stack.pop()
+                with self._dirfd(node) as fd:
+                    for name, is_dir, _ in self.up.entries(node.upper):
+                        if not is_dir or name.startswith(WH):
+                            continue
+                        child = self._child_at(node, fd, name)[0]
+                        if child is None or child.upper is None:
+                            continue
+                        natural = _join(node.lower_path, name) if node.merge_lower else None
+                        if child.lower_path is not None and child.lower_path != natural:
+                            found[child.path] = child.lower_path
+                        stack.append(child)
             self._redirect_map = found
         return self._redirect_map
 
@@ -311,6 +384,19 @@ class UnionView:
                     out.append(name)
         return out
 
+    def link_names(self, node: Node) -> list[str]:
+        """Every name the union shows for the inode of ``node`` (its hard links), its own included."""
+        if node.st is not None:
+            if node.st.st_nlink > 1 and not stat.S_ISDIR(node.st.st_mode):
+                return sorted(set(self.other_names(node.st)) | {node.path})
+        elif node.lower is not None and node.lower.entry.hardlink and node.lower.entry.nlink > 1:
+            return self.lower_link_names(node)
+        return [node.path]
+
+    def _others(self, node: Node) -> list[str]:
+        """The other names of ``node``'s inode, whose cached attributes a change outdates."""
+        return [n for n in self.link_names(node) if n != node.path]
+
     def other_names(self, st: os.stat_result, path: str | None = None) -> list[str]:
         """Other paths seen for the upper inode ``st`` (its other hard links)."""
         with self._ids_lock:
@@ -326,20 +412,30 @@ class UnionView:
             return self.hidden_attrs(path)
         return self.attrs(self.resolve(path))
 
+    LISTINGS_MAX_ENTRIES = 50_000  # names kept in cached listings, all directories together (~30 MB)
+
     def readdir(self, path: str) -> list[tuple[str, dict]]:
         """The names in a directory with their attributes ("." and ".." first).
 
         Listings are cached until the next change made through the view (libfuse 3.14
-        does not let the kernel cache them), so a repeated walk costs no lookups.
+        does not let the kernel cache them), so a repeated walk costs no lookups; the
+        cache holds at most LISTINGS_MAX_ENTRIES names, oldest listings dropped first.
         """
         version = self.version
         cached = self._listings.get(path)
         if cached is not None and cached[0] == version:
             return cached[1]
         listing = self._readdir(path)
-        if len(self._listings) > 50_000:
-            self._listings.clear()
-        self._listings[path] = (version, listing)
+        with self._ids_lock:
+            old = self._listings.pop(path, None)
+            if old is not None:
+                self._listed -= len(old[1])
+            while self._listings and self._listed + len(listing) > self.LISTINGS_MAX_ENTRIES:
+                oldest = next(iter(self._listings))
+                self._listed -= len(self._listings.pop(oldest)[1])
+            if len(listing) <= self.LISTINGS_MAX_ENTRIES:
+                self._listings[path] = (version, listing)
+                self._listed += len(listing)
         return listing
 
     def _readdir(self, path: str) -> list[tuple[str, dict]]:
@@ -349,13 +445,11 @@ class UnionView:
         names: set[str] = set()
         hidden: set[str] = set()
         if node.upper is not None:
-            for entry in os.scandir(node.upper):
-                name = entry.name
+            for name, _, whiteout in self.up.entries(node.upper):
                 if name.startswith(WH):
                     if name != OPQ:
                         hidden.add(name[len(WH):])
-                elif not entry.is_file(follow_symlinks=False) and not entry.is_dir(follow_symlinks=False) \
-                        and is_whiteout_st(entry.stat(follow_symlinks=False)):
+                elif whiteout:
                     hidden.add(name)
                 else:
                     names.add(name)
@@ -365,10 +459,15 @@ class UnionView:
                     names.add(name)
         parent = self.resolve(path.rpartition("/")[0]) if path else node
         out = [(".", self.attrs(node)), ("..", {"st_mode": stat.S_IFDIR, "st_ino": self.ino(parent)})]
-        for name in sorted(names):
-            child = self._child(node, name)
-            if child is not None:
-                out.append((name, self.attrs(child)))
+        fd = self.up.open_dir(node.upper) if node.upper is not None else -1
+        try:
+            for name in sorted(names):
+                child = self._child_at(node, fd, name)[0]
+                if child is not None:
+                    out.append((name, self.attrs(child)))
+        finally:
+            if fd >= 0:
+                os.close(fd)
         return out
 
     def readlink(self, path: str) -> str:
@@ -376,17 +475,17 @@ class UnionView:
         if node.st is not None:
             if not stat.S_ISLNK(node.st.st_mode):
                 raise _err(errno.EINVAL, path)
-            return os.readlink(node.upper)
+            return self.up.readlink(node.upper)
         if node.lower.entry.kind != Kind.SYMLINK:
             raise _err(errno.EINVAL, path)
         return node.lower.entry.target
 
     def getxattr(self, path: str, name: str) -> bytes:
         node = self.resolve(path)
-        if name.startswith(HIDDEN_XATTR_PREFIXES):
+        if name.startswith(self.markers.hidden_xattrs):
             raise _err(errno.ENODATA, path)
         if node.st is not None:
-            return os.getxattr(node.upper, name, follow_symlinks=False)
+            return self.up.getxattr(node.upper, name)
         for n, v in node.lower.entry.xattrs:
             if n == name:
                 return v
@@ -395,13 +494,13 @@ class UnionView:
     def listxattr(self, path: str) -> list[str]:
         node = self.resolve(path)
         if node.st is not None:
-            names = os.listxattr(node.upper, follow_symlinks=False)
+            names = self.up.listxattr(node.upper)
         else:
             names = [n for n, _ in node.lower.entry.xattrs]
-        return [n for n in names if not n.startswith(HIDDEN_XATTR_PREFIXES)]
+        return [n for n in names if not n.startswith(self.markers.hidden_xattrs)]
 
     def statfs(self) -> dict:
-        sv = os.statvfs(self.upper)
+        sv = self.up.statvfs()
         return {k: getattr(sv, k) for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
                                             "f_files", "f_ffree", "f_favail", "f_namemax")}
 
@@ -412,47 +511,50 @@ class UnionView:
             raise _err(errno.EROFS)
 
     @contextlib.contextmanager
-    def _staged(self):
+    def _staged(self) -> Iterator[str]:
         """A fresh name in work/ to build an object in; removed again if building fails."""
-        tmp = os.path.join(self.work, f"cu-{os.getpid()}-{next(self._tmp)}")
+        tmp = f"cu-{os.getpid()}-{next(self._tmp)}"
         try:
             yield tmp
         except BaseException:
-            if os.path.isdir(tmp) and not os.path.islink(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
-            elif os.path.lexists(tmp):
-                os.unlink(tmp)
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(self.wk.lstat(tmp).st_mode):
+                    for name, _, _ in self.wk.entries(tmp):  # at most a marker
+                        self.wk.unlink(_join(tmp, name))
+                    self.wk.rmdir(tmp)
+                else:
+                    self.wk.unlink(tmp)
             raise
 
     @contextlib.contextmanager
     def _parent_times_kept(self, parent: Node):
         """A copy-up changes no visible name, so the parent keeps its times (as overlayfs)."""
-        st = os.lstat(parent.upper)
+        st = self.up.lstat(parent.upper)
         yield
-        os.utime(parent.upper, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        self.up.utime(parent.upper, (st.st_atime_ns, st.st_mtime_ns))
 
     def _sync(self, fd: int) -> None:
         if not self.volatile:
             os.fsync(fd)
 
-    def _apply_entry_metadata(self, path: str, e: Entry, fd: int | None = None) -> None:
-        """Give a new upper object the owner, mode, xattrs and times of a lower entry."""
-        follow = e.kind != Kind.SYMLINK
-        target: str | int = fd if fd is not None else path
+    def _apply_entry_metadata(self, tmp: str, e: Entry, fd: int | None = None) -> None:
+        """Give a new object in work/ (``fd`` if it is an open file) the owner, mode,
+        xattrs and times of a lower entry."""
         try:
-            os.chown(target, e.uid, e.gid, follow_symlinks=follow or fd is not None)
+            os.fchown(fd, e.uid, e.gid) if fd is not None else self.wk.chown(tmp, e.uid, e.gid)
         except PermissionError:
             if os.geteuid() == 0:
                 raise  # a rootless mount keeps its own uid, as fuse-overlayfs without mapping
-        if e.kind != Kind.SYMLINK:
-            os.chmod(target, e.mode)  # after chown, which clears setuid/setgid
+        if e.kind != Kind.SYMLINK:  # after chown, which clears setuid/setgid
+            os.fchmod(fd, e.mode) if fd is not None else self.wk.chmod(tmp, e.mode)
         for name, value in e.xattrs:
             try:
-                os.setxattr(target, name, value, follow_symlinks=follow or fd is not None)
+                os.setxattr(fd, name, value) if fd is not None else self.wk.setxattr(tmp, name, value)
             except OSError as err:
                 if err.errno not in (errno.ENOTSUP, errno.EPERM):
                     raise
-        os.utime(target, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=follow or fd is not None)
+        times = (e.mtime_ns, e.mtime_ns)
+        os.utime(fd, ns=times) if fd is not None else self.wk.utime(tmp, times)
 
     def _upper_dir(self, path: str) -> Node:
         """The directory at ``path``, copied up (with its ancestors) if it was lower only."""
@@ -461,20 +563,22 @@ class UnionView:
             raise _err(errno.ENOTDIR, path)
         if node.upper is not None:
             return node
-        parent = self._upper_dir(path.rpartition("/")[0])
-        dst = os.path.join(parent.upper, path.rpartition("/")[2])
+        parent_path, _, name = path.rpartition("/")
+        parent = self._upper_dir(parent_path)
         with self._staged() as tmp, self._parent_times_kept(parent):
-            os.mkdir(tmp, 0o700)
+            self.wk.mkdir(tmp, 0o700)
             self._apply_entry_metadata(tmp, node.lower.entry)
-            os.rename(tmp, dst)
-        new = self._child(parent, path.rpartition("/")[2])
+            self.wk.rename(tmp, self.up, _join(parent.upper, name))
+        new = self._child(parent, name)
         self._alias(new.st, node.lower.ident)
         return new
 
     def copy_up(self, path: str, data: bool = True, empty: bool = False) -> Node:
-        """Give ``path`` an upper copy; ``data=False`` copies metadata only (metacopy),
-        ``empty=True`` makes an empty file with the metadata (its data is being replaced)."""
+        """Give ``path`` an upper copy; ``data=False`` copies metadata only (metacopy,
+        where the upper format has it), ``empty=True`` makes an empty file with the
+        metadata (its data is being replaced)."""
         self._check_writable()
+        data = data or not self.markers.metacopy
         with self.lock:
             node = self.resolve(path)
             if node.is_dir:
@@ -489,11 +593,11 @@ class UnionView:
                 linked = self._copy_up_hardlinks(node)
                 if linked.st is not None:
                     return linked
-            parent = self._upper_dir(path.rpartition("/")[0])
-            dst = os.path.join(parent.upper, path.rpartition("/")[2])
+            parent_path, _, name = path.rpartition("/")
+            parent = self._upper_dir(parent_path)
             with self._parent_times_kept(parent):
-                self._copy_up_one(node, dst, data, empty)
-            new = self._child(parent, path.rpartition("/")[2])
+                self._copy_up_one(node, _join(parent.upper, name), data, empty)
+            new = self._child(parent, name)
             self._alias(new.st, node.lower.ident)
             return new
 
@@ -501,24 +605,24 @@ class UnionView:
         e = node.lower.entry
         with self._staged() as tmp:
             if e.kind == Kind.SYMLINK:
-                os.symlink(e.target, tmp)
+                self.wk.symlink(e.target, tmp)
                 self._apply_entry_metadata(tmp, e)
             elif e.kind in (Kind.CHR, Kind.BLK, Kind.FIFO):
-                os.mknod(tmp, _KIND_MODE[e.kind] | 0o600, os.makedev(e.rdev_major, e.rdev_minor))
+                self.wk.mknod(tmp, _KIND_MODE[e.kind] | 0o600, os.makedev(e.rdev_major, e.rdev_minor))
                 self._apply_entry_metadata(tmp, e)
             else:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = self.wk.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
                     if data and not empty and e.size:
                         self._copy_data(node, fd)
-                    elif not data and not empty:
+                    elif not data and not empty and e.size:
                         os.ftruncate(fd, e.size)
-                        os.setxattr(fd, METACOPY, node.lower_path.encode("utf-8", "surrogateescape"))
+                        self.markers.write_metacopy(fd, node.lower_path)
                     self._apply_entry_metadata(tmp, e, fd)
                     self._sync(fd)
                 finally:
                     os.close(fd)
-            os.rename(tmp, dst)
+            self.wk.rename(tmp, self.up, dst)
 
     def _copy_data(self, node: Node, dst_fd: int) -> None:
         src = self.lower.open(node.lower_path, node.lower)
@@ -540,20 +644,24 @@ class UnionView:
             os.close(src)
 
     def _fill_metacopy(self, node: Node) -> None:
-        """Copy a metacopy file's data into it in place; the xattr goes last."""
-        fd = os.open(node.upper, os.O_WRONLY)
+        """Copy a metacopy file's data into it in place; the marker goes last."""
+        fd = self.up.open(node.upper, os.O_WRONLY)
         try:
             self._copy_data(node, fd)
             os.utime(fd, ns=(node.st.st_atime_ns, node.st.st_mtime_ns))
             self._sync(fd)
-            os.removexattr(fd, METACOPY)
+            self.markers.clear_metacopy(fd)
         finally:
             os.close(fd)
 
     def _drop_metacopy(self, node: Node) -> None:
         """The data is being replaced entirely (O_TRUNC, truncate to 0): copy nothing."""
-        os.truncate(node.upper, 0)
-        os.removexattr(node.upper, METACOPY, follow_symlinks=False)
+        fd = self.up.open(node.upper, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, 0)
+            self.markers.clear_metacopy(fd)
+        finally:
+            os.close(fd)
 
     def _copy_up_hardlinks(self, node: Node) -> Node:
         """Copy up every visible name of a lower hard-link group as one upper inode."""
@@ -561,16 +669,17 @@ class UnionView:
         for name in self.lower_link_names(node):
             other = self.resolve(name)
             parent = self._upper_dir(name.rpartition("/")[0])
-            dst = os.path.join(parent.upper, name.rpartition("/")[2])
+            dst = _join(parent.upper, name.rpartition("/")[2])
             with self._parent_times_kept(parent):
                 if first is None:
                     self._copy_up_one(other, dst, data=True)
                     first = dst
-                    self._alias(os.lstat(dst), node.lower.ident)
+                    self._alias(self.up.lstat(dst), node.lower.ident)
                 else:
-                    os.link(first, dst)
-            st = os.lstat(dst)
-            self._names.setdefault((st.st_dev, st.st_ino), set()).add(other.path)
+                    self.up.link(first, self.up, dst)
+            st = self.up.lstat(dst)
+            with self._ids_lock:
+                self._names.setdefault((st.st_dev, st.st_ino), set()).add(other.path)
         return self.resolve(node.path)
 
     # -- names ----------------------------------------------------------------------
@@ -590,71 +699,50 @@ class UnionView:
             raise _err(errno.EEXIST, path)
         return self._upper_dir(parent_path), name
 
-    # Markers. Both forms are read: OCI (``.wh.NAME`` files, ``.wh..wh..opq``) and
-    # overlayfs (char device 0/0, ``trusted.overlay.opaque`` or ``user.overlay.opaque``
-    # = y); new ones are written in the upper's own format.
-
-    def _is_opaque(self, dir_real: str) -> bool:
-        if os.path.lexists(os.path.join(dir_real, OPQ)):
-            return True
-        # Our own (OCI format) uppers never carry the xattr: spare the getxattr there.
-        return self.overlay_format and any(xattr_text(dir_real, n) == "y" for n in OVERLAY_OPAQUE)
-
     def _whiteout(self, parent: Node, name: str) -> None:
         """Hide the lower ``name`` of ``parent`` (only if the lower has it)."""
         if self._lower_below(parent, name) is None:
             return
-        if self.overlay_format:
-            try:
-                os.mknod(os.path.join(parent.upper, name), stat.S_IFCHR, 0)
-                return
-            except PermissionError:
-                pass  # not allowed to make devices: fall back to the OCI marker, as fuse-overlayfs
-        os.close(os.open(os.path.join(parent.upper, WH + name), os.O_WRONLY | os.O_CREAT, 0o600))
+        with self._dirfd(parent) as fd:
+            self.markers.write_whiteout(fd, name)
 
-    def _make_opaque(self, dir_real: str) -> None:
-        if self.overlay_format:
-            for name in OVERLAY_OPAQUE:
-                try:
-                    os.setxattr(dir_real, name, b"y")
-                    return
-                except OSError:
-                    continue
-        os.close(os.open(os.path.join(dir_real, OPQ), os.O_WRONLY | os.O_CREAT, 0o600))
+    def _make_opaque(self, tree: RealDir, rel: str) -> None:
+        fd = tree.open_dir(rel)
+        try:
+            self.markers.write_opaque(fd)
+        finally:
+            os.close(fd)
 
-    def _clear_markers(self, dir_real: str) -> None:
+    def _clear_markers(self, rel: str) -> None:
         """Remove the whiteouts inside an upper directory (before it is removed or replaced)."""
-        for name in os.listdir(dir_real):
-            full = os.path.join(dir_real, name)
-            if name.startswith(WH) or is_whiteout_st(os.lstat(full)):
-                os.unlink(full)
+        for name, _, whiteout in self.up.entries(rel):
+            if name.startswith(WH) or whiteout:
+                self.up.unlink(_join(rel, name))
 
-    def _publish(self, tmp: str, parent: Node, name: str) -> None:
-        """Move a new object built in work/ to ``name``, replacing a whiteout there."""
-        dst = os.path.join(parent.upper, name)
-        if os.path.isdir(tmp) and not os.path.islink(tmp):
-            try:
-                if is_whiteout_st(os.lstat(dst)):
-                    os.unlink(dst)  # a directory cannot be renamed over a device
-            except FileNotFoundError:
-                pass
-        os.rename(tmp, dst)
+    def _publish(self, tree: RealDir, src: str, parent: Node, name: str) -> None:
+        """Move ``src`` of ``tree`` (work/, or the upper for a rename) to ``name`` in the
+        upper directory ``parent``, replacing a whiteout there."""
+        dst = _join(parent.upper, name)
+        if stat.S_ISDIR(tree.lstat(src).st_mode):
+            with contextlib.suppress(FileNotFoundError):
+                if is_whiteout_st(self.up.lstat(dst)):
+                    self.up.unlink(dst)  # a directory cannot be renamed over a device
+        tree.rename(src, self.up, dst)
         if len(name) <= 251:  # a longer name cannot have an OCI whiteout
-            try:
-                os.unlink(os.path.join(parent.upper, WH + name))
-            except FileNotFoundError:
-                pass
+            with contextlib.suppress(FileNotFoundError):
+                self.up.unlink(_join(parent.upper, WH + name))
 
     def create(self, path: str, mode: int, flags: int, uid: int, gid: int) -> int:
         """Create and open a regular file; returns an OS file descriptor."""
         with self.lock:
             parent, name = self._new_name(path)
             with self._staged() as tmp:
-                fd = os.open(tmp, (flags | os.O_CREAT | os.O_EXCL) & ~os.O_TRUNC, 0o600)
+                flags = (flags | os.O_CREAT | os.O_EXCL) & ~(os.O_TRUNC | os.O_DIRECT)
+                fd = self.wk.open(tmp, flags, 0o600)
                 try:
                     os.fchown(fd, uid, _group_in(parent, gid))
                     os.fchmod(fd, stat.S_IMODE(mode))
-                    self._publish(tmp, parent, name)
+                    self._publish(self.wk, tmp, parent, name)
                 except OSError:
                     os.close(fd)
                     raise
@@ -664,57 +752,64 @@ class UnionView:
         with self.lock:
             parent, name = self._new_name(path)
             with self._staged() as tmp:
-                os.mkdir(tmp, 0o700)
+                self.wk.mkdir(tmp, 0o700)
                 if self._lower_below(parent, name) is not None:
-                    self._make_opaque(tmp)  # a dir made where a lower one was removed hides it
-                os.chown(tmp, uid, _group_in(parent, gid))
+                    self._make_opaque(self.wk, tmp)  # a dir made where a lower one was removed hides it
+                self.wk.chown(tmp, uid, _group_in(parent, gid))
                 setgid = parent.st.st_mode & stat.S_ISGID  # inherited by new directories
-                os.chmod(tmp, stat.S_IMODE(mode) | setgid)
-                self._publish(tmp, parent, name)
+                self.wk.chmod(tmp, stat.S_IMODE(mode) | setgid)
+                self._publish(self.wk, tmp, parent, name)
 
     def symlink(self, target: str, path: str, uid: int, gid: int) -> None:
         with self.lock:
             parent, name = self._new_name(path)
             with self._staged() as tmp:
-                os.symlink(target, tmp)
-                os.chown(tmp, uid, _group_in(parent, gid), follow_symlinks=False)
-                self._publish(tmp, parent, name)
+                self.wk.symlink(target, tmp)
+                self.wk.chown(tmp, uid, _group_in(parent, gid))
+                self._publish(self.wk, tmp, parent, name)
 
     def mknod(self, path: str, mode: int, rdev: int, uid: int, gid: int) -> None:
         with self.lock:
             parent, name = self._new_name(path)
             with self._staged() as tmp:
-                os.mknod(tmp, mode, rdev)
-                os.chown(tmp, uid, _group_in(parent, gid), follow_symlinks=False)
-                os.chmod(tmp, stat.S_IMODE(mode))
-                self._publish(tmp, parent, name)
+                self.wk.mknod(tmp, mode, rdev)
+                self.wk.chown(tmp, uid, _group_in(parent, gid))
+                self.wk.chmod(tmp, stat.S_IMODE(mode))
+                self._publish(self.wk, tmp, parent, name)
 
-    def link(self, src: str, path: str) -> None:
+    def link(self, src: str, path: str) -> list[str]:
+        """Returns every name the source had (their link count went up)."""
         with self.lock:
             node = self.resolve(src)
             if node.is_dir:
                 raise _err(errno.EPERM, src)
             parent, name = self._new_name(path)
             node = self.copy_up(src, data=True)
+            names = self.link_names(node)
             with self._staged() as tmp:
-                os.link(node.upper, tmp, follow_symlinks=False)
-                self._publish(tmp, parent, name)
-            st = os.lstat(node.upper)
-            self._names.setdefault((st.st_dev, st.st_ino), set()).update((src, path))
+                self.up.link(node.upper, self.wk, tmp)
+                self._publish(self.wk, tmp, parent, name)
+            st = self.up.lstat(node.upper)
+            with self._ids_lock:
+                self._names.setdefault((st.st_dev, st.st_ino), set()).update((src, path))
+            return names
 
-    def unlink(self, path: str) -> None:
+    def unlink(self, path: str) -> list[str]:
         self._check_writable()
         if path in self._hidden_files:
             real = self._hidden_files.pop(path)
             self._hidden_nodes.pop(path, None)
             if real:
-                os.unlink(real)
-            return
+                self.wk.unlink(real)
+            return []
         with self.lock:
             node = self.resolve(path)
             if node.is_dir:
                 raise _err(errno.EISDIR, path)
+            others = self._others(node)
             self._remove(node)
+            self._forget_name(node)
+            return others
 
     def rmdir(self, path: str) -> None:
         self._check_writable()
@@ -734,10 +829,11 @@ class UnionView:
         if node.upper is not None:
             if node.is_dir:
                 self._clear_markers(node.upper)
-                os.rmdir(node.upper)
+                self.up.rmdir(node.upper)
                 self._redirects().pop(node.path, None)
             else:
-                os.unlink(node.upper)
+                self.up.unlink(node.upper)
+            self._drop_alias(node.st)
         self._whiteout(parent, name)
 
     # libfuse keeps a file that is unlinked while open under a ".fuse_hidden..." name
@@ -746,14 +842,11 @@ class UnionView:
 
     def _hide(self, old: str, new: str) -> None:
         node = self.resolve(old)
-        target = None
+        target = ""  # a lower-only file: nothing to move; its lower data serves fstat
         if node.upper is not None and not node.is_dir:
-            target = os.path.join(self.work, f"hidden-{os.getpid()}-{next(self._tmp)}")
-            os.rename(node.upper, target)
-        elif node.upper is None and node.lower is not None and node.lower.entry.kind == Kind.REG:
-            # Lower-only: nothing to move; remember the lower data for fstat.
-            target = ""
-        self._hidden_files[new] = target if target is not None else ""
+            target = f"hidden-{os.getpid()}-{next(self._tmp)}"
+            self.up.rename(node.upper, self.wk, target)
+        self._hidden_files[new] = target
         self._hidden_nodes[new] = node
         parent = self._upper_dir(old.rpartition("/")[0])
         self._whiteout(parent, old.rpartition("/")[2])
@@ -761,17 +854,23 @@ class UnionView:
     def hidden_attrs(self, path: str) -> dict:
         real = self._hidden_files[path]
         node = self._hidden_nodes[path]
-        attrs = self.attrs(Node(path, real, os.lstat(real)) if real else node)
+        attrs = self.attrs(Node(path, None, self.wk.lstat(real)) if real else node)
         attrs["st_nlink"] = 0
         attrs["st_ino"] = self.ino(node)
         return attrs
 
-    def rename(self, old: str, new: str, flags: int = 0) -> None:
-        """rename(2)/renameat2(2) with RENAME_NOREPLACE and RENAME_EXCHANGE."""
+    def rename(self, old: str, new: str, flags: int = 0) -> list[str]:
+        """rename(2)/renameat2(2) with RENAME_NOREPLACE and RENAME_EXCHANGE; returns the
+        other names of the moved inode (its ctime changed) and of the one replaced (its
+        link count went down)."""
         self._check_writable()
         if HIDDEN.fullmatch(new.rpartition("/")[2]) and not flags and not self.resolve(old).is_dir:
             with self.lock:
-                return self._hide(old, new)
+                node = self.resolve(old)
+                others = self._others(node)
+                self._hide(old, new)
+                self._forget_name(node)
+                return others
         noreplace, exchange = flags & 1, flags & 2
         if flags & ~3:
             raise _err(errno.EINVAL, new)
@@ -780,10 +879,15 @@ class UnionView:
             new_parent_path, _, new_name = new.rpartition("/")
             if new_name.startswith(WH):
                 raise _err(errno.EINVAL, new)
+            if len(new_name.encode("utf-8", "surrogateescape")) > 255:
+                raise _err(errno.ENAMETOOLONG, new)
             new_parent = self.resolve(new_parent_path)
+            if not new_parent.is_dir:
+                raise _err(errno.ENOTDIR, new)
             dst = self._child(new_parent, new_name)
             if old == new:
-                return
+                return []
+            others = self._others(src) + (self._others(dst) if dst is not None else [])
             if (new + "/").startswith(old + "/") or (exchange and (old + "/").startswith(new + "/")):
                 raise _err(errno.EINVAL, new)  # into its own subtree
             if dst is not None and noreplace:
@@ -791,7 +895,8 @@ class UnionView:
             if exchange:
                 if dst is None:
                     raise _err(errno.ENOENT, new)
-                return self._exchange(src, dst)
+                self._exchange(src, dst)
+                return others
             if dst is not None:
                 if dst.is_dir and not src.is_dir:
                     raise _err(errno.EISDIR, new)
@@ -799,109 +904,152 @@ class UnionView:
                     raise _err(errno.ENOTDIR, new)
                 if dst.is_dir and len(self.readdir(new)) > 2:
                     raise _err(errno.ENOTEMPTY, new)
-            moved = self._copy_up_for_move(src)
-            old_parent = self._upper_dir(old.rpartition("/")[0])
             new_parent = self._upper_dir(new_parent_path)
+            moved = self._copy_up_for_move(src, new_parent)
+            old_parent = self._upper_dir(old.rpartition("/")[0])
             if dst is not None and dst.upper is not None and dst.is_dir:
                 self._clear_markers(dst.upper)
-            target = os.path.join(new_parent.upper, new_name)
-            self._publish(moved.upper, new_parent, new_name)
+            self._publish(self.up, moved.upper, new_parent, new_name)
+            if dst is not None:
+                self._drop_alias(dst.st)
             if moved.is_dir:
-                self._moved_redirects(old, new, target)
-            if moved.is_dir:
-                self._fix_moved_dir(target, new_parent, new_name)
+                self._moved_redirects(old, new)
+                if not src.merge_lower:
+                    self._fix_moved_dir(new_parent, new_name)
             self._whiteout(old_parent, old.rpartition("/")[2])
+            if not src.is_dir:
+                self._forget_name(moved)
+                if dst is not None:
+                    self._forget_name(dst)
+                if moved.st.st_nlink > 1:
+                    with self._ids_lock:
+                        self._names.setdefault((moved.st.st_dev, moved.st.st_ino), set()).add(new)
+            return [n for n in others if n not in (old, new)]
 
-    def _moved_redirects(self, old: str, new: str, real: str) -> None:
+    def _forget_name(self, node: Node) -> None:
+        """``node``'s path no longer names its upper inode."""
+        if node.st is not None and not stat.S_ISDIR(node.st.st_mode):
+            with self._ids_lock:
+                names = self._names.get((node.st.st_dev, node.st.st_ino))
+                if names is not None:
+                    names.discard(node.path)
+
+    def _moved_redirects(self, old: str, new: str) -> None:
         """Keep the renamed-directory map current after ``old`` moved to ``new``."""
         redirects = self._redirects()
         for key in [k for k in redirects if k == old or k.startswith(old + "/")]:
             redirects[new + key[len(old):]] = redirects.pop(key)
-        lower = xattr_text(real, REDIRECT)
-        if lower is not None:
-            redirects[new] = lower
+        moved = self.resolve(new)
+        parent = self.resolve(new.rpartition("/")[0])
+        natural = _join(parent.lower_path, new.rpartition("/")[2]) if parent.merge_lower else None
+        if moved.lower_path is not None and moved.lower_path != natural:
+            redirects[new] = moved.lower_path
 
-    def _copy_up_for_move(self, node: Node) -> Node:
-        """Copy a node up without its data; a lower directory gets a redirect."""
+    def _copy_up_for_move(self, node: Node, dst_parent: Node) -> Node:
+        """Copy a node up without its data, to be moved into ``dst_parent``; what it
+        merged or showed from below is recorded (a redirect) before it moves."""
+        parent = self._upper_dir(node.path.rpartition("/")[0])
+        name = node.path.rpartition("/")[2]
         if node.is_dir:
-            had_lower = node.merge_lower
-            lower_path = node.lower_path
+            had_lower, lower_path = node.merge_lower, node.lower_path
             node = self._upper_dir(node.path)
-            if had_lower and xattr_text(node.upper, REDIRECT) is None:
-                os.setxattr(node.upper, REDIRECT, lower_path.encode("utf-8", "surrogateescape"),
-                            follow_symlinks=False)
+            if had_lower:
+                with self._dirfd(parent) as fd:
+                    self.markers.write_redirect(fd, name, lower_path, dst_parent.lower_path)
             return node
-        return self.copy_up(node.path, data=False)
+        node = self.copy_up(node.path, data=False)
+        if node.metacopy:
+            with self._dirfd(parent) as fd:
+                self.markers.moved_metacopy(fd, name, node.lower_path, dst_parent.lower_path)
+        return node
 
-    def _fix_moved_dir(self, real: str, parent: Node, name: str) -> None:
+    def _fix_moved_dir(self, parent: Node, name: str) -> None:
         """A moved directory without a redirect must not merge what lies below its new name."""
-        if xattr_text(real, REDIRECT) is None and self._lower_below(parent, name) is not None:
-            self._make_opaque(real)
+        if self._lower_below(parent, name) is not None:
+            self._make_opaque(self.up, _join(parent.upper, name))
 
     def _exchange(self, a: Node, b: Node) -> None:
-        a = self._copy_up_for_move(a)
-        b = self._copy_up_for_move(b)
-        _renameat2(a.upper, b.upper, 2)
+        a_parent = self._upper_dir(a.path.rpartition("/")[0])
+        b_parent = self._upper_dir(b.path.rpartition("/")[0])
+        redirected = {a.path: a.merge_lower, b.path: b.merge_lower}
+        a = self._copy_up_for_move(a, b_parent)
+        b = self._copy_up_for_move(b, a_parent)
+        self.up.rename(a.upper, self.up, b.upper, 2)  # RENAME_EXCHANGE
         self._redirect_map = None  # rebuilt from the upper when next needed
         for node, other in ((a, b), (b, a)):
             # after the swap, ``node``'s object sits at ``other``'s path
-            if os.path.isdir(other.upper) and not os.path.islink(other.upper):
+            if node.is_dir and not redirected[node.path]:
                 parent = self.resolve(other.path.rpartition("/")[0])
-                self._fix_moved_dir(other.upper, parent, other.path.rpartition("/")[2])
+                self._fix_moved_dir(parent, other.path.rpartition("/")[2])
 
     # -- metadata -------------------------------------------------------------------
 
-    def _meta_target(self, path: str) -> Node:
+    # The changing calls below return the other names of the inode they changed (its
+    # hard links), whose attributes the kernel has cached under those names.
+
+    def _meta_target(self, path: str) -> tuple[RealDir, str, list[str]]:
+        """Where a metadata change of ``path`` lands (its upper copy, metadata only), and
+        the other names of its inode."""
         self._check_writable()
         hidden = self._hidden_files.get(path)
         if hidden:  # fchmod, futimens... of a file unlinked while open
-            return Node(path, hidden, os.lstat(hidden))
-        return self.copy_up(path, data=False)
+            return self.wk, hidden, []
+        node = self.copy_up(path, data=False)
+        return self.up, node.upper, self._others(node)
 
-    def chmod(self, path: str, mode: int) -> None:
+    def chmod(self, path: str, mode: int) -> list[str]:
         with self.lock:
-            node = self._meta_target(path)
-            if not stat.S_ISLNK(node.st.st_mode):
-                os.chmod(node.upper, stat.S_IMODE(mode))
+            tree, rel, others = self._meta_target(path)
+            if not stat.S_ISLNK(tree.lstat(rel).st_mode):
+                tree.chmod(rel, stat.S_IMODE(mode))
+            return others
 
-    def chown(self, path: str, uid: int, gid: int) -> None:
+    def chown(self, path: str, uid: int, gid: int) -> list[str]:
         with self.lock:
-            node = self._meta_target(path)
-            os.chown(node.upper, uid, gid, follow_symlinks=False)
+            tree, rel, others = self._meta_target(path)
+            tree.chown(rel, uid, gid)
+            return others
 
-    def utimens(self, path: str, atime_ns: int, mtime_ns: int) -> None:
+    def utimens(self, path: str, atime_ns: int, mtime_ns: int) -> list[str]:
         with self.lock:
-            node = self._meta_target(path)
-            os.utime(node.upper, ns=(atime_ns, mtime_ns), follow_symlinks=False)
+            tree, rel, others = self._meta_target(path)
+            tree.utime(rel, (atime_ns, mtime_ns))
+            return others
 
-    def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
-        if name.startswith(HIDDEN_XATTR_PREFIXES):
+    def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> list[str]:
+        if name.startswith(self.markers.hidden_xattrs):
             raise _err(errno.EPERM, path)
         with self.lock:
-            node = self._meta_target(path)
-            os.setxattr(node.upper, name, value, flags, follow_symlinks=False)
+            tree, rel, others = self._meta_target(path)
+            tree.setxattr(rel, name, value, flags)
+            return others
 
-    def removexattr(self, path: str, name: str) -> None:
-        if name.startswith(HIDDEN_XATTR_PREFIXES):
+    def removexattr(self, path: str, name: str) -> list[str]:
+        if name.startswith(self.markers.hidden_xattrs):
             raise _err(errno.ENODATA, path)
         with self.lock:
             node = self.resolve(path)
             if node.st is None and all(n != name for n, _ in node.lower.entry.xattrs):
                 raise _err(errno.ENODATA, path)
-            node = self._meta_target(path)
-            os.removexattr(node.upper, name, follow_symlinks=False)
+            tree, rel, others = self._meta_target(path)
+            tree.removexattr(rel, name)
+            return others
 
     # -- data -------------------------------------------------------------------------
 
-    def open(self, path: str, flags: int) -> tuple[int, bool]:
-        """Open a file; returns (fd, lower_backed). Writing or O_TRUNC copies up first."""
+    def open(self, path: str, flags: int) -> tuple[int, bool, list[str]]:
+        """Open a file; returns (fd, lower_backed, the other names of a file truncated by
+        O_TRUNC). Writing or O_TRUNC copies up first.
+
+        O_DIRECT is the caller's wish about the kernel's page cache of this mount; the
+        server's own reads and writes of the backing file have no aligned buffers."""
         write = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
-        flags &= ~(os.O_CREAT | os.O_EXCL)
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_DIRECT)
         if not write:
             node = self.resolve(path)
             if node.lower is not None and (node.st is None or node.metacopy):
-                return self.lower.open(node.lower_path, node.lower), True
-            return os.open(node.upper, flags), False
+                return self.lower.open(node.lower_path, node.lower), True, []
+            return self.up.open(node.upper, flags), False, []
         self._check_writable()
         with self.lock:
             node = self.resolve(path)
@@ -911,13 +1059,14 @@ class UnionView:
             if node.metacopy and truncating:
                 self._drop_metacopy(node)
             node = self.copy_up(path, empty=truncating)
-            return os.open(node.upper, flags), False
+            fd = self.up.open(node.upper, flags)
+            return fd, False, self._others(node) if truncating else []
 
-    def truncate(self, path: str, length: int) -> None:
+    def truncate(self, path: str, length: int) -> list[str]:
         self._check_writable()
         if self._hidden_files.get(path):
-            os.truncate(self._hidden_files[path], length)
-            return
+            self.wk.truncate(self._hidden_files[path], length)
+            return []
         with self.lock:
             node = self.resolve(path)
             if node.is_dir:
@@ -925,20 +1074,5 @@ class UnionView:
             if length == 0 and node.metacopy:
                 self._drop_metacopy(node)
             node = self.copy_up(path, empty=length == 0)
-            os.truncate(node.upper, length)
-
-
-_libc = None
-
-
-def _renameat2(old: str, new: str, flags: int) -> None:
-    """renameat2(2), which the os module does not offer."""
-    global _libc
-    import ctypes
-    import ctypes.util
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    AT_FDCWD = -100
-    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), new)
+            self.up.truncate(node.upper, length)
+            return self._others(node)
