@@ -15,6 +15,8 @@ import os
 import stat
 import sys
 import tempfile
+import threading
+import time
 
 import click
 import lmdb
@@ -199,6 +201,164 @@ def save(store: Store, images: tuple[str, ...], output: str, fmt: str, compress:
     for image in save_images(store, images, output, fmt, compress):
         if output != "-":
             click.echo(f"{image.image.image_id} {image.manifest.descriptor.digest}")
+
+
+class _Lines:
+    """One status line per layer on a terminal (stderr), redrawn in place at most ten
+    times a second; nothing elsewhere (as load's bars), so that a script sees only the
+    result, or one error line."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.rows: list[str] = []
+        self.drawn = 0
+        self.last = 0.0
+        self.lock = threading.Lock()
+
+    def start(self, labels: list[str]) -> None:
+        with self.lock:
+            self.rows = [f"{label}: waiting" for label in labels]
+            self.labels = labels
+            self._draw(force=True)
+
+    def set(self, i: int, status: str, done: bool = False) -> None:
+        with self.lock:
+            row = f"{self.labels[i]}: {status}"
+            # A new stage (downloading -> extracting) is always shown; amounts at most 10/s.
+            new_stage = row.split()[:4] != self.rows[i].split()[:4]
+            self.rows[i] = row
+            self._draw(force=done or new_stage)
+
+    def _draw(self, force: bool) -> None:
+        if not self.tty or (not force and time.monotonic() - self.last < 0.1):
+            return
+        self.last = time.monotonic()
+        up = f"\x1b[{self.drawn}F" if self.drawn else ""
+        sys.stderr.write(up + "".join(f"{row}\x1b[K\n" for row in self.rows))
+        sys.stderr.flush()
+        self.drawn = len(self.rows)
+
+
+def _amount(done: int, total: int) -> str:
+    return f"{human(done)}/{human(total)}"
+
+
+class _PullLines(_Lines):
+    """pull's progress: download, then extraction, per layer."""
+
+    def plan(self, layers, states) -> None:
+        self.sizes = [d.size for d in layers]
+        self.start([f"layer {i}/{len(layers)} {short(d.digest)}" for i, d in enumerate(layers, 1)])
+        for i, state in enumerate(states):
+            if state == "stored":
+                self.set(i, "already in the store", done=True)
+            elif state == "here":
+                self.set(i, "downloaded by an earlier pull; checking")
+
+    def fetching(self, number: int, done: int) -> None:
+        self.set(number - 1, f"downloading {_amount(done, self.sizes[number - 1])}")
+
+    def fetched(self, number: int) -> None:
+        self.set(number - 1, "downloaded")
+
+    @contextlib.contextmanager
+    def layer(self, number: int, count: int, diff_id: str, size: int, stored: bool):
+        if stored:
+            yield lambda n: None
+            return
+        read = 0
+
+        def advance(n: int) -> None:
+            nonlocal read
+            read += n
+            self.set(number - 1, f"extracting {_amount(read, size)}")
+
+        yield advance
+        self.set(number - 1, "done", done=True)
+
+
+class _PushLines(_Lines):
+    """push's progress, per blob (the layers, then the config)."""
+
+    def plan(self, blobs) -> None:
+        self.sizes = [d.size for d in blobs]
+        n = len(blobs) - 1
+        self.start([f"layer {i}/{n} {short(d.digest)}" for i, d in enumerate(blobs[:-1], 1)]
+                   + [f"config {short(blobs[-1].digest)}"])
+
+    def sending(self, number: int, done: int) -> None:
+        self.set(number - 1, f"pushing {_amount(done, self.sizes[number - 1])}")
+
+    def finished(self, number: int, outcome) -> None:
+        words = {"exists": "already on the registry", "mounted": "mounted from another repository",
+                 "uploaded": "pushed"}
+        self.set(number - 1, words[outcome.value], done=True)
+
+
+def registry_options(fn):
+    """--username, --password-stdin and --insecure, passed on as one ``registry_opts``."""
+    @click.option("--username", "-u", help="User name for the registry (stored credentials are "
+                                           "used otherwise: $REGISTRY_AUTH_FILE, ~/.docker/config.json).")
+    @click.option("--password-stdin", is_flag=True, help="Read the password (or token) from stdin.")
+    @click.option("--insecure", is_flag=True,
+                  help="Allow plain http and unverified TLS (loopback registries always may).")
+    @functools.wraps(fn)
+    def wrapper(username, password_stdin, insecure, **kwargs):
+        if password_stdin and not username:
+            raise click.UsageError("--password-stdin needs --username")
+        if username and not password_stdin:
+            raise click.UsageError("--username needs --password-stdin (the password on stdin)")
+        from store.registry import Credentials
+
+        creds = None
+        if username:
+            password = sys.stdin.readline().rstrip("\r\n")
+            creds = Credentials(username, password, "--username")
+        return fn(registry_opts={"credentials": creds, "insecure": insecure}, **kwargs)
+    return wrapper
+
+
+@cli.command()
+@click.argument("image")
+@click.argument("ref")
+@registry_options
+@with_store
+def push(store: Store, image: str, ref: str, registry_opts: dict) -> None:
+    """Push IMAGE to a registry as REF ([HOST[:PORT]/]NAME:TAG); blobs the registry has
+    are not sent again, and layers keep the digests they were loaded or pulled with."""
+    from store.registry import Reference, Registry
+    from store.registry.push import push as push_image
+
+    reference = Reference.parse(ref)
+    with Registry.for_reference(reference, **registry_opts) as registry:
+        result = push_image(store, image, reference, registry, _PushLines())
+    click.echo(f"{reference}: digest: {result.digest}")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("-t", "--tag", help="Tag the image NAME[:TAG] [default: REF's name and tag].")
+@click.option("--platform", metavar="OS/ARCH[/VARIANT]",
+              help="The platform to take from a multi-platform index [default: this machine's].")
+@registry_options
+@with_store
+def pull(store: Store, ref: str, tag: str | None, platform: str | None, registry_opts: dict) -> None:
+    """Pull REF ([HOST[:PORT]/]NAME[:TAG][@DIGEST]) from a registry; layers the store has
+    are not fetched, and nothing shows as an image until all of it is here."""
+    from store.oci.descriptor import Platform
+    from store.registry import Reference, Registry
+    from store.registry.pull import pull as pull_image
+
+    reference = Reference.parse(ref)
+    want = Platform.parse(platform) if platform else None
+    with Registry.for_reference(reference, **registry_opts) as registry:
+        result = pull_image(store, reference, registry, tag, want, _PullLines())
+    click.echo(f"Layers: {result.fetched} downloaded, {result.resumed} resumed from an interrupted pull, "
+               f"{result.stored} already stored")
+    click.echo(f"Digest: {result.manifest_digest}")
+    if result.tag:
+        click.echo(f"Pulled image: {result.tag}")
+    click.echo(f"Image ID: {result.image.image_id}")
 
 
 @cli.command()

@@ -21,7 +21,8 @@ from .blobs import CHUNK
 from . import marker as markermod
 from .errors import IndexDamaged, StoreCorrupt
 from .index import prefix_scan
-from .records import bytes_digest, digest_bytes, entry_blob, unpack_image, unpack_layer
+from .records import (LayerBlob, bytes_digest, digest_bytes, entry_blob, layer_blob_key, pack_layer_blob,
+                      unpack_image, unpack_layer, unpack_layer_blob)
 from .tarsplit import segments
 
 
@@ -96,6 +97,12 @@ def check(store, fast: bool = False, repair: bool = False) -> FsckReport:
             for blob_id in sorted(used - recorded.keys()):
                 report.problems.append(Problem("missing-blob-record", blob_id,
                                                f"used by layer {layer.diff_id} but not recorded"))
+        forms = [unpack_layer_blob(bytes(k), v) for k, v in txn.cursor(db=index.db("layerblobs"))]
+        for form in forms:
+            if form.blob and form.blob not in recorded:
+                report.problems.append(Problem("missing-blob-record", form.blob,
+                                               f"the kept compressed form {form.digest} of layer "
+                                               f"{form.diff_id} is not recorded"))
         images = [unpack_image(bytes_digest(k), v) for k, v in txn.cursor(db=index.db("images"))]
         tags = [(bytes(k).decode(), bytes_digest(v)) for k, v in txn.cursor(db=index.db("tags"))]
         chains = [(bytes_digest(k), bytes(v)) for k, v in txn.cursor(db=index.db("chains"))]
@@ -150,12 +157,13 @@ def check(store, fast: bool = False, repair: bool = False) -> FsckReport:
             report.problems.append(Problem("missing-upper", c.name, "its upper directory is missing"))
 
     if repair and bad_blobs:
-        _move_aside(store, list(bad_blobs), report)
+        _move_aside(store, list(bad_blobs), report, [f for f in forms if f.blob in bad_blobs])
     return report
 
 
-def _move_aside(store, blob_ids: list[str], report: FsckReport) -> None:
-    """Move damaged blobs to corrupt/ and drop their records."""
+def _move_aside(store, blob_ids: list[str], report: FsckReport, forms: list[LayerBlob]) -> None:
+    """Move damaged blobs to corrupt/ and drop their records; a compressed form whose
+    bytes were damaged stays known by its descriptor only."""
     aside = os.path.join(store.root, "corrupt")
     os.makedirs(aside, exist_ok=True)
     with store.lock.exclusive():
@@ -169,6 +177,9 @@ def _move_aside(store, blob_ids: list[str], report: FsckReport) -> None:
         def txn_fn(txn) -> None:
             for blob_id in blob_ids:
                 txn.delete(blob_id.encode(), db=store.index.db("blobs"))
+            for f in forms:
+                bare = LayerBlob(f.diff_id, f.digest, f.media_type, f.size, "", f.sources)
+                txn.put(layer_blob_key(f.diff_id, f.digest), pack_layer_blob(bare), db=store.index.db("layerblobs"))
 
         store.index.write(txn_fn)
 

@@ -4,8 +4,8 @@ Roots are the images (tagged or not; a container pins its image, which rmi refus
 remove). Work in progress is protected twice: its staging in tmp/ by its lease, and
 its publish-and-record step by the store lock, which gc takes exclusively. Under the store lock held exclusively (so
 no layer is being recorded meanwhile), one write transaction marks what the images
-reach (their layers, the blobs of those layers' entries and tar-split records, the
-merged-view chains of their layer prefixes) and deletes the records of everything else;
+reach (their layers, the blobs of those layers' entries, tar-split records and kept
+compressed forms, the merged-view chains of their layer prefixes) and deletes the records of everything else;
 the files go afterwards, outside the transaction. A crash at any point leaves only
 unrecorded files, which the next gc removes.
 """
@@ -23,7 +23,7 @@ from . import crashpoints, leases
 from .fstree import remove_tree
 from .index import delete_prefix, prefix_scan
 from .merged import chain_ids
-from .records import bytes_digest, digest_bytes, entry_blob, unpack_image, unpack_layer
+from .records import bytes_digest, digest_bytes, entry_blob, unpack_image, unpack_layer, unpack_layer_blob
 from .tarsplit import segments
 
 
@@ -73,6 +73,16 @@ def _sweep_records(store, dry_run: bool, report: GcReport, ignore: frozenset[str
                 live_blobs |= _layer_blobs(txn, index, layer.num)
             else:
                 dead_layers.append(layer)
+        # The kept compressed forms of live layers (a push sends them again); those of
+        # other layers go with them.
+        dead_forms = []
+        for key, raw in txn.cursor(db=index.db("layerblobs")):
+            if bytes(key[:32]) in live_layers:
+                blob = unpack_layer_blob(bytes(key), raw).blob
+                if blob:
+                    live_blobs.add(blob.encode())
+            else:
+                dead_forms.append(bytes(key))
         dead_blobs = []
         for key, raw in txn.cursor(db=index.db("blobs")):
             if bytes(key) not in live_blobs:
@@ -94,6 +104,8 @@ def _sweep_records(store, dry_run: bool, report: GcReport, ignore: frozenset[str
         for key, num in dead_chains:
             txn.delete(key, db=index.db("chains"))
             delete_prefix(txn, index.db("merged"), num)
+        for key in dead_forms:
+            txn.delete(key, db=index.db("layerblobs"))
         for key in dead_blobs:
             txn.delete(key, db=index.db("blobs"))
         return [k.decode() for k in dead_blobs]

@@ -18,7 +18,9 @@ from .errors import InvalidReference, InvalidTime
 # The docker reference grammar, without digests: [host[:port]/]component(/component)*[:tag]
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
 _HOST = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?/)"
-_NAME_RE = re.compile(rf"^(?:{_HOST}(?={_COMPONENT}/))?{_COMPONENT}(?:/{_COMPONENT})*$")
+# A first part is a registry host when it looks like one (a dot, a port, or localhost),
+# as docker reads it: localhost:5000/app, registry.example/app, but team/app is a name.
+_NAME_RE = re.compile(rf"^(?:(?=[^/]*[.:]|localhost/){_HOST})?{_COMPONENT}(?:/{_COMPONENT})*$")
 _TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
 
 OCI_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",

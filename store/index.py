@@ -18,7 +18,10 @@ import lmdb
 from .errors import IndexDamaged, NotAStore, SchemaTooNew, StoreCorrupt, StoreFull
 from .migrate import migrate
 
-SCHEMA_VERSION = 2  # 2: entries and merged keyed by a digest of the parent path
+# 2: entries and merged keyed by a digest of the parent path (migrate.py converts a
+# version 1 index), and ``layerblobs`` (new, nothing to convert). An older layerfs must
+# refuse a version 2 store: its gc would not know the kept compressed blobs are in use.
+SCHEMA_VERSION = 2
 
 # Named databases (see DESIGN.md "The store").
 DATABASES = (
@@ -34,6 +37,7 @@ DATABASES = (
     "merged",  # u32 chain num | D(parent) | name -> u32 layer num, u8 kind
     "containers",
     "leases",
+    "layerblobs",  # 32-byte diff_id | 32-byte compressed digest -> LayerBlob
 )
 
 # Sparse and only address space: large enough that a mount's reader threads never see

@@ -195,6 +195,56 @@ def unpack_image(image_id: str, buf: bytes) -> ImageRecord:
     return ImageRecord(image_id, layers, bytes(buf[pos + 32 * n:]), created)
 
 
+@dataclass(slots=True, frozen=True)
+class LayerBlob:
+    """A compressed form of a layer, as it was loaded or pulled: the digest registries and
+    manifests know the layer by. Its bytes are kept (``blob``), so that a push sends the
+    very same blob and the digest survives; a form known only by its descriptor (the layer
+    was already stored) has no ``blob``, and can still be mounted or found on a registry."""
+
+    diff_id: str
+    digest: str  # sha256 of the compressed bytes
+    media_type: str
+    size: int
+    blob: str = ""  # the store blob holding the bytes; "" when only the descriptor is known
+    sources: tuple[str, ...] = ()  # "registry/repository" names known to hold it, newest first
+
+
+_LAYERBLOB = struct.Struct("<QHH")
+MAX_SOURCES = 16
+
+
+def layer_blob_key(diff_id: str, digest: str) -> bytes:
+    """``diff_id | digest``: a layer's compressed forms are one contiguous range."""
+    return digest_bytes(diff_id) + digest_bytes(digest)
+
+
+def pack_layer_blob(r: LayerBlob) -> bytes:
+    media_type, blob = _b(r.media_type), _b(r.blob)
+    return (_LAYERBLOB.pack(r.size, len(media_type), len(blob)) + media_type + blob
+            + _b("\n".join(r.sources)))
+
+
+def unpack_layer_blob(key: bytes, buf: bytes) -> LayerBlob:
+    size, lmt, lblob = _LAYERBLOB.unpack_from(buf)
+    pos = _LAYERBLOB.size
+    media_type = _s(buf[pos:pos + lmt]); pos += lmt
+    blob = _s(buf[pos:pos + lblob]); pos += lblob
+    rest = _s(bytes(buf[pos:]))
+    return LayerBlob(bytes_digest(key[:32]), bytes_digest(key[32:64]), media_type, size, blob,
+                     tuple(rest.split("\n")) if rest else ())
+
+
+def merge_layer_blob(old: LayerBlob | None, new: LayerBlob) -> LayerBlob:
+    """What the index keeps when a form is seen again: the bytes already kept (or the new
+    ones), and the new sources before the old."""
+    if old is None:
+        return new
+    sources = tuple(dict.fromkeys(new.sources + old.sources))[:MAX_SOURCES]
+    return LayerBlob(old.diff_id, old.digest, old.media_type or new.media_type, old.size,
+                     old.blob or new.blob, sources)
+
+
 def digest_bytes(digest: str) -> bytes:
     """``sha256:<hex>`` -> 32 raw bytes (index keys)."""
     return bytes.fromhex(digest.split(":", 1)[1])

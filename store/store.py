@@ -9,7 +9,7 @@ import contextlib
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -26,8 +26,9 @@ from .errors import (AmbiguousName, ImageNotFound, IndexDamaged, LayerNotFound, 
 from .export import export_to_path, layer_entries, write_layer
 from .index import Index, prefix_scan
 from .merged import MergedTree
-from .records import (Entry, ImageRecord, LayerRecord, bytes_digest, digest_bytes, pack_image,
-                      unpack_image, unpack_layer)
+from .records import (Entry, ImageRecord, LayerBlob, LayerRecord, bytes_digest, digest_bytes,
+                      layer_blob_key, merge_layer_blob, pack_image, pack_layer_blob, unpack_image,
+                      unpack_layer, unpack_layer_blob)
 from .lock import StoreLock
 from .tarimport import open_input, read_tar
 
@@ -196,10 +197,13 @@ class Store:
         return self.record_images(ingest, [pending], [(rec, [tag] if tag else [])])[0]
 
     def record_images(self, ingest: Ingest, pendings: list[PendingLayer],
-                      images: list[tuple[ImageRecord, list[str]]]) -> list[ImageRecord]:
+                      images: list[tuple[ImageRecord, list[str]]],
+                      layer_blobs: Sequence[LayerBlob] = ()) -> list[ImageRecord]:
         """Record read layers (those not stored yet) and images made of stored and new
-        layers, each with its tags (normalised NAME:TAG), in one transaction."""
+        layers, each with its tags (normalised NAME:TAG), and the compressed forms the
+        layers came in, in one transaction."""
         def add_images(txn: lmdb.Transaction, layers: list[LayerRecord]) -> list[ImageRecord]:
+            self._put_layer_blobs(txn, layer_blobs)
             for rec, tags in images:
                 for d in rec.layers:  # an rmi and gc may have taken a stored layer meanwhile
                     if txn.get(digest_bytes(d), db=self.index.db("layers")) is None:
@@ -257,6 +261,28 @@ class Store:
             if key is None:
                 raise LayerNotFound(f"no such layer: {ref}")
             return unpack_layer(bytes_digest(key), txn.get(key, db=self.index.db("layers")))
+
+    def _put_layer_blobs(self, txn: lmdb.Transaction, records: Sequence[LayerBlob]) -> None:
+        db = self.index.db("layerblobs")
+        for rec in records:
+            if txn.get(digest_bytes(rec.diff_id), db=self.index.db("layers")) is None:
+                continue  # its layer went (a gc after a push): nothing to name
+            key = layer_blob_key(rec.diff_id, rec.digest)
+            raw = txn.get(key, db=db)
+            txn.put(key, pack_layer_blob(merge_layer_blob(unpack_layer_blob(key, raw) if raw else None, rec)),
+                    db=db)
+
+    def layer_blobs(self, diff_id: str) -> list[LayerBlob]:
+        """The compressed forms a layer was loaded or pulled in (kept bytes first)."""
+        with self.index.read() as txn:
+            out = [unpack_layer_blob(bytes(k), v)
+                   for k, v in prefix_scan(txn, self.index.db("layerblobs"), digest_bytes(diff_id))]
+        return sorted(out, key=lambda r: not r.blob)
+
+    def add_layer_sources(self, records: Sequence[LayerBlob]) -> None:
+        """Note compressed forms (and the repositories holding them) of stored layers,
+        e.g. after a push, so that a later push to the same registry can mount them."""
+        self.index.write(lambda txn: self._put_layer_blobs(txn, records))
 
     def has_layer(self, diff_id: str) -> bool:
         """True if a layer with this diff_id is stored."""

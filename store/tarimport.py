@@ -255,7 +255,7 @@ def read_tar(ingest: Ingest, src: BinaryIO, comment: str = "",
              progress: Callable[[int], None] | None = None) -> PendingLayer:
     """Read a (possibly compressed) layer tar from ``src``, staging its file contents."""
     if progress is not None:
-        src = _Counting(src, progress)  # type: ignore[assignment]
+        src = Tap(src, lambda data: progress(len(data)))  # type: ignore[assignment]
     stream_src, kind = decompressed(src)
     split = TarSplitWriter()
     stream = _TarStream(stream_src, kind, split)
@@ -321,11 +321,12 @@ def _add_member(builder: LayerBuilder, ingest, stream: _TarStream, split: TarSpl
     # Other types (volume labels, unknown vendor types) carry no file: tar-split keeps them.
 
 
-class _Counting(io.RawIOBase):
-    """Reports how many input bytes were consumed (for a progress bar)."""
+class Tap(io.RawIOBase):
+    """A reader that hands every chunk it reads to ``on_read`` (a progress bar's count,
+    a copy of the bytes being staged)."""
 
-    def __init__(self, src: BinaryIO, progress: Callable[[int], None]) -> None:
-        self.src, self.progress = src, progress
+    def __init__(self, src: BinaryIO, on_read: Callable[[bytes], object]) -> None:
+        self.src, self.on_read = src, on_read
 
     def readable(self) -> bool:
         return True
@@ -334,7 +335,7 @@ class _Counting(io.RawIOBase):
         data = self.src.read(len(b))
         n = len(data)
         b[:n] = data
-        self.progress(n)
+        self.on_read(data)
         return n
 
 

@@ -64,3 +64,53 @@ def mounts(layerfs):
         if _fuse_mounted(mnt):
             subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
             subprocess.run(["umount", "-l", mnt], capture_output=True)
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """A real registry (Debian's docker-registry) on a free loopback port, stopped after."""
+    from registryserver import REGISTRY, RegistryServer
+    if REGISTRY is None:
+        pytest.skip("needs docker-registry (apt-get install docker-registry)")
+    srv = RegistryServer(str(tmp_path / "registry")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def basic_registry(tmp_path):
+    """A second registry, with htpasswd basic auth: alice / s3cret."""
+    from registryserver import HTPASSWD, REGISTRY, RegistryServer, htpasswd_auth
+    if REGISTRY is None or HTPASSWD is None:
+        pytest.skip("needs docker-registry and htpasswd (apt-get install docker-registry apache2-utils)")
+    d = str(tmp_path / "basic")
+    os.makedirs(d)
+    srv = RegistryServer(d, auth=htpasswd_auth(d, {"alice": "s3cret"})).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def token_registry(tmp_path):
+    """A registry with token auth and the token service it trusts: alice may pull and
+    push, bob only pull, anonymous only pull. Yields (registry, token service)."""
+    from registryserver import OPENSSL, REGISTRY, RegistryServer, TokenService
+    if REGISTRY is None or OPENSSL is None:
+        pytest.skip("needs docker-registry and openssl")
+    d = str(tmp_path / "token")
+    os.makedirs(d)
+    tokens = TokenService(d, users={"alice": "s3cret", "bob": "b0b"},
+                          grants={"alice": ("pull", "push"), "bob": ("pull",), "": ("pull",)})
+    srv = RegistryServer(d, auth=tokens.registry_auth()).start()
+    yield srv, tokens
+    srv.stop()
+    tokens.close()
+
+
+@pytest.fixture
+def proxy(registry):
+    """A TCP proxy in front of ``registry`` that drops or stalls connections on cue."""
+    from registryserver import DropProxy
+    p = DropProxy(registry.port)
+    yield p
+    p.close()

@@ -111,7 +111,10 @@ def exposure(mountpoint: str, requested: dict) -> dict[str, bool]:
     opens it to everyone, and then setuid bits and devices stay off unless ``suid`` or
     ``dev`` is asked for too. A user's mount never has them (fusermount forbids it).
     """
-    asked = {k: requested.pop(k) is True for k in EXPOSURE_OPTIONS if k in requested}
+    asked = {k: requested.pop(k) for k in EXPOSURE_OPTIONS if k in requested}
+    for k, v in asked.items():
+        if v is not True:
+            raise MountError(f"option {k} takes no value (got {k}={v})")
     if os.geteuid() != 0:
         if asked.get("suid") or asked.get("dev"):
             raise MountError("only root can mount with setuid bits or device nodes honoured")

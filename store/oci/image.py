@@ -24,9 +24,9 @@ import zstandard
 from .. import images as imagesmod
 from ..errors import BadArchive, LayerNotFound, StoreCorrupt
 from ..export import layer_tar
-from ..records import ImageRecord, LayerRecord
+from ..records import ImageRecord, LayerBlob, LayerRecord
 from ..store import Store
-from ..tarimport import read_tar
+from ..tarimport import Tap, read_tar
 from .descriptor import (COMPRESSIONS, CONFIG_TYPES, INDEX_TYPES, LAYER_TYPES, MANIFEST_TYPES,
                          OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, BadImage, Descriptor, Platform, VerifyingReader,
                          check_digest, host_platform, parse_json, read_verified, sha256_digest)
@@ -58,6 +58,7 @@ class LayerInput:
     descriptor: Descriptor | None = None
     size: int = 0  # bytes to read, for progress (0: unknown)
     name: str = ""  # for messages and the layer's record
+    source: str = ""  # "registry/repository" it was pulled from (a push may mount it from there)
 
 
 # -- in -----------------------------------------------------------------------------
@@ -89,16 +90,28 @@ class ImageInput:
     what: str = "the image"  # for messages: "image 2 of x.tar", "the manifest sha256:..."
 
 
+def _form(desc: Descriptor | None) -> str:
+    """What to remember of a layer blob, so that it leaves (push) with the digest it came
+    with: "bytes" of a compressed one; "name" of an uncompressed one (its digest is its
+    diff_id, and tar-split gives its bytes back); "" (no descriptor, another digest)."""
+    if desc is None or not desc.digest.startswith("sha256:"):
+        return ""
+    compression = LAYER_TYPES.get(desc.media_type)
+    return "bytes" if compression in ("gzip", "zstd") else "name" if compression == "none" else ""
+
+
 def import_images(store: Store, images: Sequence[ImageInput],
                   progress: LoadProgress | None = None) -> list[ImageRecord]:
     """Store images: each config kept byte for byte (the image id is its sha256), each
     layer not yet stored (by diff_id) read once, and the tags; all or nothing.
 
     Every layer read is checked against its descriptor, if it has one, and against the
-    diff_id its config lists; on any error nothing is stored.
+    diff_id its config lists; on any error nothing is stored. A compressed layer's blob
+    is kept as it came (see :class:`~store.records.LayerBlob`).
     """
     progress = progress or LoadProgress()
     planned = [_plan(image) for image in images]
+    forms: list[LayerBlob] = []
     with store.blobs.ingest() as ingest:
         pendings: dict = {}
         for image, (rec, _) in zip(images, planned):
@@ -112,10 +125,17 @@ def import_images(store: Store, images: Sequence[ImageInput],
                                    f"says its diff_id is {diff_id}")
                 stored = diff_id in pendings or store.has_layer(diff_id)
                 size = layer.descriptor.size if layer.descriptor else layer.size
+                sources = (layer.source,) if layer.source else ()
                 with progress.layer(i + 1, len(image.layers), diff_id, size, stored) as advance:
+                    if stored or _form(desc) == "name":  # known by this digest (too)
+                        if desc is not None and _form(desc):
+                            forms.append(LayerBlob(diff_id, desc.digest, desc.media_type, desc.size, "", sources))
                     if stored:
                         continue
                     with layer.open() as src:
+                        kept = ingest.writer() if _form(desc) == "bytes" else None
+                        if kept is not None:
+                            src = Tap(src, kept.write)
                         reader = VerifyingReader(src, layer.descriptor, label) if layer.descriptor else src
                         try:
                             pending = read_tar(ingest, reader, layer.name or diff_id, advance)
@@ -123,10 +143,14 @@ def import_images(store: Store, images: Sequence[ImageInput],
                             raise type(e)(f"{label}: {e}") from None
                         if isinstance(reader, VerifyingReader):
                             reader.finish()
+                        if kept is not None:
+                            assert desc is not None
+                            forms.append(LayerBlob(diff_id, desc.digest, desc.media_type, desc.size,
+                                                   kept.finish(), sources))
                 if pending.diff_id != diff_id:
                     raise BadImage(f"{label} has diff_id {pending.diff_id}, but the config says {diff_id}")
                 pendings[diff_id] = pending
-        return store.record_images(ingest, list(pendings.values()), planned)
+        return store.record_images(ingest, list(pendings.values()), planned, forms)
 
 
 def _plan(image: ImageInput) -> tuple[ImageRecord, list[str]]:
@@ -297,6 +321,21 @@ class _HashingFile:
         self.f.flush()
 
 
+def _kept_blob(store: Store, layer: LayerRecord, scratch: str) -> ExportedBlob | None:
+    """The layer as the blob it was loaded or pulled in: a compressed one whose bytes are
+    kept, else the plain tar if it came as one; None when neither."""
+    forms = store.layer_blobs(layer.diff_id)
+    for form in forms:
+        if form.blob and os.path.exists(store.blobs.path(form.blob)):
+            # The OCI media type of its compression (the bytes, hence the digest, are the same).
+            media_type = COMPRESSIONS[LAYER_TYPES[form.media_type]]
+            return ExportedBlob(Descriptor(media_type, form.digest, form.size),
+                                lambda b=form.blob: store.blobs.open_verified(b), layer.diff_id)
+    if any(form.digest == layer.diff_id for form in forms):
+        return _layer_blob(store, layer, "none", scratch)
+    return None
+
+
 def _layer_blob(store: Store, layer: LayerRecord, compression: str, scratch: str) -> ExportedBlob:
     def uncompressed() -> AbstractContextManager[BinaryIO]:
         return contextlib.closing(_ChunkReader(layer_tar(store.index, store.blobs, layer), layer.diff_id))
@@ -325,11 +364,13 @@ def manifest_bytes(config: Descriptor, layers: Sequence[Descriptor]) -> bytes:
 
 @contextlib.contextmanager
 def export_image(store: Store, ref: str, compression: str = "gzip",
-                 scratch: str | None = None) -> Iterator[ExportedImage]:
+                 scratch: str | None = None, originals: bool = False) -> Iterator[ExportedImage]:
     """A stored image (tag or id) as manifest, config and layer blobs, for the length of
     the ``with``. Layers go out as their stored tars (tar-split: the original bytes, so
     uncompressed digests never change), compressed with ``compression`` (gzip, zstd or
     none). Compressed layers are staged in a temporary directory under ``scratch``.
+    With ``originals``, a layer whose compressed blob was kept when it was loaded or
+    pulled goes out as that blob, with its original digest (what a push wants).
     gc waits while an export is open, so no blob disappears under it.
     """
     if compression not in COMPRESSIONS:
@@ -341,7 +382,8 @@ def export_image(store: Store, ref: str, compression: str = "gzip",
         except LayerNotFound as e:
             raise StoreCorrupt(f"image {rec.image_id} is damaged: {e}; run layerfs fsck") from None
         with tempfile.TemporaryDirectory(prefix=".layerfs-export-", dir=scratch) as tmp:
-            blobs = [_layer_blob(store, layer, compression, tmp) for layer in layers]
+            blobs = [(originals and _kept_blob(store, layer, tmp)) or _layer_blob(store, layer, compression, tmp)
+                     for layer in layers]
             config = _bytes_blob(rec.config, OCI_CONFIG)
             manifest = _bytes_blob(manifest_bytes(config.descriptor, [b.descriptor for b in blobs]),
                                    OCI_MANIFEST)
