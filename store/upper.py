@@ -4,8 +4,12 @@ The union view writes the upper in the OCI whiteout format (``.wh.NAME`` hides a
 name, ``.wh..wh..opq`` hides a whole lower directory) plus two private xattrs where OCI
 has no word: ``user.layerfs.metacopy`` (a file whose metadata changed but whose data is
 still the lower file at the path it names) and ``user.layerfs.redirect`` (a directory
-renamed from the lower directory it names). Overlayfs's own markers (char-device 0/0
-whiteouts, the opaque xattr) are read too.
+renamed from the lower directory it names). Overlayfs's own format, which the kernel
+backend's uppers are in, is read too: char-device 0/0 whiteouts, the opaque xattr,
+``trusted.overlay.redirect`` on a renamed directory (an absolute path from the layer
+root, or a bare name in the parent's lower directory), and ``trusted.overlay.metacopy``
+on a file whose data is still the lower file at its redirect, or else at its own place
+(its ``origin`` is a file handle of that same file).
 
 Turning the upper into a layer walks the upper only, never the whole lower tree: a
 metacopy file reuses the lower blob (its data is neither read for the blob nor copied),
@@ -33,6 +37,8 @@ PRIVATE_PREFIX = "user.layerfs."
 METACOPY = "user.layerfs.metacopy"
 REDIRECT = "user.layerfs.redirect"
 OVERLAY_OPAQUE = ("trusted.overlay.opaque", "user.overlay.opaque")
+KERNEL_REDIRECT = "trusted.overlay.redirect"
+KERNEL_METACOPY = "trusted.overlay.metacopy"
 
 
 def xattr_text(path: str, name: str) -> str | None:
@@ -58,6 +64,22 @@ def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
+def kernel_redirect(full: str, value: str, parent_lower: str | None) -> str | None:
+    """The lower path an overlayfs redirect names: absolute from the layer root, or a
+    name in the parent's lower directory (None where the parent merges nothing)."""
+    if value.startswith("/"):
+        path = value[1:]
+    elif "/" in value:
+        raise_damaged(full, f"its redirect {value!r} is neither absolute nor a name")
+    elif parent_lower is None:
+        return None
+    else:
+        path = _join(parent_lower, value)
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        raise_damaged(full, f"its redirect {value!r} could leave the layers")
+    return path
+
+
 @dataclass(slots=True, frozen=True)
 class Change:
     """One line of ``layerfs diff``: A added, C changed, D deleted."""
@@ -76,6 +98,28 @@ class UpperReader:
 
     def _lower(self, path: str | None) -> Entry | None:
         return self.lower.lookup(path) if path is not None else None
+
+    def _dir_redirect(self, full: str, parent_lower: str | None) -> str | None:
+        """The lower path a renamed directory merges (either format), or None."""
+        value = xattr_text(full, REDIRECT)
+        if value is not None:
+            return value
+        value = xattr_text(full, KERNEL_REDIRECT)
+        return None if value is None else kernel_redirect(full, value, parent_lower)
+
+    def _metacopy_origin(self, full: str, name: str, parent_lower: str | None) -> str | None:
+        """For a file whose data is still below, the lower path of that data; else None."""
+        origin = xattr_text(full, METACOPY)
+        if origin is not None or xattr_text(full, KERNEL_METACOPY) is None:
+            return origin
+        value = xattr_text(full, KERNEL_REDIRECT)
+        if value is not None:
+            origin = kernel_redirect(full, value, parent_lower)
+        elif parent_lower is not None:
+            origin = _join(parent_lower, name)
+        if origin is None:
+            raise_damaged(full, "a metacopy file with no lower file below it")
+        return origin
 
     def _listing(self, real: str) -> tuple[list[str], set[str]]:
         """(names of real entries, names whited out) of an upper directory."""
@@ -142,7 +186,7 @@ class UpperReader:
             e = _public(e)
             child_lower = _join(lower_path, name) if lower_path is not None else None
             if e.kind == Kind.DIR:
-                redirect = xattr_text(full, REDIRECT)
+                redirect = self._dir_redirect(full, lower_path)
                 opaque = is_opaque_dir(full)
                 if redirect is not None:
                     builder.add(path, dataclasses.replace(e, flags=OPAQUE))
@@ -157,7 +201,7 @@ class UpperReader:
                     builder.add(path, e)
                     self._walk(builder, files, first_name, full, path, child_lower, explicit)
             elif e.kind == Kind.REG:
-                origin = xattr_text(full, METACOPY)
+                origin = self._metacopy_origin(full, name, lower_path)
                 if origin is not None:
                     data = self.lower.lookup(origin)
                     if data is None or data.kind != Kind.REG:
@@ -220,7 +264,7 @@ class UpperReader:
             path = _join(rel, name)
             out.append(Change("C" if self._before(path) is not None else "A", "/" + path))
             if stat.S_ISDIR(os.lstat(full).st_mode):
-                redirect = xattr_text(full, REDIRECT)
+                redirect = self._dir_redirect(full, source)
                 if redirect is not None:
                     child_source = redirect
                 elif is_opaque_dir(full):
