@@ -240,14 +240,20 @@ def layers(store: Store, as_json: bool) -> None:
               help="Print only the image's config, byte for byte (its sha256 is the image id).")
 @with_store
 def inspect(store: Store, ref: str, raw_config: bool) -> None:
-    """Show an image (with its OCI config) or a layer as JSON."""
+    """Show an image (with its OCI config), a layer or a container as JSON."""
     try:
         rec = store.resolve_image(ref)
     except StoreError as image_error:
         try:
             layer = store.resolve_layer(ref)
         except StoreError:
-            raise image_error from None
+            c = store.containers.find(ref)
+            if c is None:
+                raise image_error from None
+            if raw_config:
+                raise StoreError(f"{ref} is a container; only images have a config")
+            click.echo(json.dumps({"type": "container", **_container_json(c)}, indent=2))
+            return
         if raw_config:
             raise StoreError(f"{ref} is a layer; only images have a config")
         click.echo(json.dumps({"type": "layer", **_layer_json(layer)}, indent=2))
@@ -393,14 +399,15 @@ def df(store: Store, as_json: bool) -> None:
 def _gc_json(report) -> dict:
     return {"dry_run": report.dry_run, "layers": report.layers, "blobs": report.blobs,
             "bytes": report.bytes, "chains": report.chains, "tmp_removed": report.tmp_removed,
-            "unrecorded_files": report.unrecorded_files, "txn_seconds": round(report.txn_seconds, 4)}
+            "unrecorded_files": report.unrecorded_files, "meta_images": report.meta_images,
+            "txn_seconds": round(report.txn_seconds, 4)}
 
 
 def _print_gc(report) -> None:
     verb = "would free" if report.dry_run else "freed"
     click.echo(f"{verb} {len(report.layers)} layers, {report.blobs} blobs, {human(report.bytes)}"
-               f" ({report.chains} merged views, {report.tmp_removed} leftovers in tmp/, "
-               f"{report.unrecorded_files} unrecorded blob files)")
+               f" ({report.chains} merged views, {report.meta_images} metadata images, "
+               f"{report.tmp_removed} leftovers in tmp/, {report.unrecorded_files} unrecorded blob files)")
 
 
 @cli.command()
@@ -476,9 +483,12 @@ def create(store: Store, image: str, name: str | None) -> None:
 @click.option("--read-only", is_flag=True, help="Mount without a writable layer.")
 @click.option("--foreground", "-f", is_flag=True, help="Serve in this process until unmounted.")
 @click.option("-o", "options", multiple=True, help="FUSE options (allow_other, ...); volatile skips syncs.")
+@click.option("--backend", type=click.Choice(["fuse", "kernel", "auto"]), default="fuse", show_default=True,
+              help="fuse: layerfs serves the mount (any user); kernel: the kernel's overlayfs over "
+                   "a metadata image of the image (root, Linux 6.5+); auto: kernel where it can.")
 @with_store
 def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: bool,
-          options: tuple[str, ...]) -> None:
+          options: tuple[str, ...], backend: str) -> None:
     """Mount an image or container at MOUNTPOINT (returns once the mount serves)."""
     from unionfs import mount as mnt
 
@@ -486,10 +496,10 @@ def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: 
     volatile = bool(opts.pop("volatile", False))
     if foreground:
         mnt.mount_foreground(store, ref, mountpoint, read_only=read_only, options=opts,
-                             volatile=volatile)
+                             volatile=volatile, backend=backend)
     else:
         click.echo(mnt.mount(store, ref, mountpoint, read_only=read_only, options=opts,
-                             volatile=volatile).id)
+                             volatile=volatile, backend=backend).id)
 
 
 @cli.command()
@@ -507,18 +517,26 @@ def umount(store: Store, target: str) -> None:
 @with_store
 def ps(store: Store, as_json: bool) -> None:
     """List containers with their image, mountpoint and state."""
-    from unionfs.mount import state
-
-    rows = [(c, state(c)) for c in store.containers.list()]
+    rows = [_container_json(c) for c in store.containers.list()]
     if as_json:
-        click.echo(json.dumps([{"id": c.id, "name": c.name, "image": c.image_id, "state": st,
-                                "mountpoint": c.mountpoint or None, "pid": c.pid or None,
-                                "created": c.created_ns / 1e9} for c, st in rows], indent=2))
+        click.echo(json.dumps(rows, indent=2))
         return
-    out = [["CONTAINER ID", "NAME", "IMAGE", "STATE", "MOUNTPOINT"]]
-    for c, st in rows:
-        out.append([c.id[:12], c.name, short(c.image_id), st, c.mountpoint or "-"])
+    out = [["CONTAINER ID", "NAME", "IMAGE", "STATE", "BACKEND", "MOUNTPOINT"]]
+    for r in rows:
+        out.append([r["id"][:12], r["name"], short(r["image"]), r["state"], r["backend"] or "-",
+                    r["mountpoint"] or "-"])
     table(out)
+
+
+def _container_json(c) -> dict:
+    """A container as ps --json and inspect show it; backend: what serves its mount now."""
+    from unionfs.mount import backend_of, state
+
+    st = state(c)
+    return {"id": c.id, "name": c.name, "image": c.image_id, "state": st,
+            "backend": backend_of(c) if st == "mounted" else None,
+            "upper_format": "kernel" if c.kernel_format else "oci",
+            "mountpoint": c.mountpoint or None, "pid": c.pid or None, "created": c.created_ns / 1e9}
 
 
 @cli.command()
@@ -556,16 +574,21 @@ def diff(store: Store, container: str, as_json: bool) -> None:
 @click.option("-a", "--author", default="", help="Author.")
 @click.option("-c", "--change", "changes", multiple=True,
               help="Dockerfile instruction: ENV, CMD, ENTRYPOINT, WORKDIR, USER, LABEL, EXPOSE.")
+@click.option("--freeze", metavar="CGROUP",
+              help="Freeze this cgroup's processes while the commit runs (as docker pause); "
+                   "needed to commit a container mounted with the kernel backend.")
 @with_store
 def commit(store: Store, container: str, tag: str | None, message: str, author: str,
-           changes: tuple[str, ...]) -> None:
+           changes: tuple[str, ...], freeze: str | None) -> None:
     """Commit CONTAINER's changes as a new layer and image; print the image id.
 
-    A mounted container's writes are held while the commit runs.
+    A mounted container's writes are held while the commit runs: by the fuse backend
+    itself, or, for a kernel-backend mount, by freezing the cgroup --freeze names.
     """
     from unionfs import mount as mnt
 
-    image = mnt.commit(store, container, tag=tag, message=message, author=author, changes=changes)
+    image = mnt.commit(store, container, freeze=freeze, tag=tag, message=message, author=author,
+                       changes=changes)
     click.echo(image.image_id)
 
 
