@@ -21,7 +21,12 @@ For each depth N of --layers (default 1,8,32,128) the same N layers are served b
                      that mount(2) accepts for options;
 * ``fuse-overlayfs`` /usr/bin/fuse-overlayfs with the same lowerdirs, default options;
 * ``layerfs``        the same directories imported with ``layerfs import-dir``, each
-                     layer on the previous image, mounted with ``layerfs mount``.
+                     layer on the previous image, mounted with ``layerfs mount``;
+* ``layerfs-kernel`` the same images mounted with ``layerfs mount --backend kernel``:
+                     the kernel's overlayfs over the image's metadata image and the
+                     blob store (one metadata layer whatever the depth). The metadata
+                     image of each depth is built before the timed runs, by a first
+                     mount whose time is reported apart (setup).
 
 A configuration that cannot be mounted is reported (with the reason) and shown as n/a.
 
@@ -40,11 +45,12 @@ also dropped (``echo 3 > /proc/sys/vm/drop_caches``) just before it.
 * chmod        chmod 0600 big.bin (a full copy-up without metacopy; lower data warm
                as for copy-up)
 * create       mkdir + create 5,000 empty files in it
-* mount        wall time until the mount serves (layerfs: ``layerfs mount`` returns;
-               fuse-overlayfs: the mount appears in /proc/self/mountinfo)
+* mount        wall time until the mount serves (layerfs, layerfs-kernel: ``layerfs
+               mount`` returns; fuse-overlayfs: the mount appears in /proc/self/mountinfo)
 
 Each group is repeated --repeat times (default 3; the systems take turns within a
-repeat) and the median is reported in seconds, with ratios to fuse-overlayfs. Every run
+repeat) and the median is reported in seconds, with ratios to fuse-overlayfs (and of
+layerfs-kernel to the kernel overlay over the extracted layers). Every run
 checks what it saw: the walk must find exactly the files of the simulated merged tree
 with the right total size, every read the right number of bytes, every write must show.
 
@@ -76,8 +82,9 @@ import time
 
 from _common import layerfs_cmd, loadavg, machine, median, print_table, run, write_json
 
-SYSTEMS = ("plain", "kernel", "fuse-overlayfs", "layerfs")
+SYSTEMS = ("plain", "kernel", "fuse-overlayfs", "layerfs", "layerfs-kernel")
 RATIO_BASE = "fuse-overlayfs"
+LAYERFS = ("layerfs", "layerfs-kernel")
 GROUPS = {  # a group runs on one fresh mount
     "walk": ("cold_walk", "warm_walk"),
     "negative": ("negative",),
@@ -324,13 +331,14 @@ class Bench:
                 time.sleep(0.002)
             m.seconds = time.perf_counter() - t0
             return m
-        if system == "layerfs":
+        if system in LAYERFS:
             t0 = time.perf_counter()
             # the mount is registered before it is known to exist: cleanup finds it by path
             m = Mount(system, self.mnt, 0.0, container=None)
             self.active.append(m)
+            backend = "kernel" if system == "layerfs-kernel" else "fuse"
             try:
-                p = run(self.cli + ["mount", "--root", self.store, f"bench:{n}", self.mnt])
+                p = run(self.cli + ["mount", "--root", self.store, "--backend", backend, f"bench:{n}", self.mnt])
             except RuntimeError as e:
                 self.unmount(m)
                 raise NotAvailable(f"layerfs mount failed: {e}") from None
@@ -362,7 +370,7 @@ class Bench:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-            elif m.system == "layerfs":
+            elif m.system in LAYERFS:
                 if is_mounted(m.path):
                     res = subprocess.run(self.cli + ["umount", "--root", self.store, m.path],
                                          capture_output=True, text=True)
@@ -399,7 +407,7 @@ class Bench:
         """The file that holds big.bin's data for ``system`` (to warm the page cache)."""
         if system == "plain":
             return os.path.join(self.flat, BIG)
-        if system == "layerfs":
+        if system in LAYERFS:
             if self.big_blob is None:
                 for dirpath, _, files in os.walk(os.path.join(self.store, "blobs")):
                     for name in files:
@@ -581,6 +589,9 @@ def print_results(results: dict, systems: list[str], groups: list[str]) -> None:
         header = ["workload"] + systems
         if RATIO_BASE in systems:
             header += [f"{s}/fuse" for s in others]
+        vs_kernel = "kernel" in systems and "layerfs-kernel" in systems
+        if vs_kernel:
+            header.append("layerfs-kernel/kernel")
         rows = [header]
         for w in names:
             med = {s: depth["median_s"].get(s, {}).get(w) for s in systems}
@@ -589,17 +600,23 @@ def print_results(results: dict, systems: list[str], groups: list[str]) -> None:
                 base = med[RATIO_BASE]
                 for s in others:
                     row.append(f"{med[s] / base:.2f}x" if med[s] is not None and base else "n/a")
+            if vs_kernel:
+                lk, k = med["layerfs-kernel"], med["kernel"]
+                row.append(f"{lk / k:.2f}x" if lk is not None and k else "n/a")
             rows.append(row)
         print_table(rows)
         for err in depth["errors"]:
             print(f"  error: {err}")
-    if "layerfs" in systems and RATIO_BASE in systems and len(results["depths"]) > 1:
-        print(f"\nlayerfs / {RATIO_BASE} by depth")
+    for system, base, key in (("layerfs", RATIO_BASE, "ratio_to_fuse"),
+                              ("layerfs-kernel", "kernel", "ratio_to_kernel")):
+        if system not in systems or base not in systems:
+            continue
+        print(f"\n{system} / {base} by depth")
         rows = [["workload"] + [f"{d['layers']} layer{'s' if d['layers'] > 1 else ''}" for d in results["depths"]]]
         for w in names:
             row = [LABELS[w]]
             for d in results["depths"]:
-                r = d["ratio_to_fuse"].get("layerfs", {}).get(w)
+                r = d[key].get(system, {}).get(w)
                 row.append(f"{r:.2f}x" if r is not None else "n/a")
             rows.append(row)
         print_table(rows)
@@ -669,7 +686,7 @@ def main() -> int:
 
         store = os.path.join(tmp, "store")
         bench = Bench(tmp, short, layer_dirs, store, big_bytes)
-        if "layerfs" in systems:
+        if set(LAYERFS) & set(systems):
             print(f"importing {nlayers} layers with layerfs import-dir ...", flush=True)
             t0 = time.perf_counter()
             parent = None
@@ -690,6 +707,14 @@ def main() -> int:
             depth = {"layers": n, "visible_files": len(plan.visible(n)) + 1, "not_available": {},
                      "runs_s": {s: {w: [] for w in workload_names(groups)} for s in systems},
                      "errors": []}
+            if "layerfs-kernel" in systems:  # the first mount builds the metadata image
+                try:
+                    m = bench.mount("layerfs-kernel", n)
+                    results["setup_s"][f"first_kernel_mount_{n}"] = round(m.seconds, 3)
+                    bench.unmount(m)
+                except NotAvailable as e:
+                    depth["not_available"]["layerfs-kernel"] = str(e)
+                    print(f"[{n} layers] layerfs-kernel: n/a: {e}", flush=True)
             if "plain" in systems:
                 t0 = time.perf_counter()
                 bench.flat = os.path.join(tmp, f"flat-{n}")
@@ -729,9 +754,10 @@ def main() -> int:
                                  for s, ws in depth["runs_s"].items()}
             depth["runs_s"] = {s: {w: [round(x, 5) for x in v] for w, v in ws.items()}
                                for s, ws in depth["runs_s"].items()}
-            base = depth["median_s"].get(RATIO_BASE, {})
-            depth["ratio_to_fuse"] = {s: {w: round(v / base[w], 3) for w, v in ws.items() if base.get(w)}
-                                      for s, ws in depth["median_s"].items()}
+            for key, name in (("ratio_to_fuse", RATIO_BASE), ("ratio_to_kernel", "kernel")):
+                base = depth["median_s"].get(name, {})
+                depth[key] = {s: {w: round(v / base[w], 3) for w, v in ws.items() if base.get(w)}
+                              for s, ws in depth["median_s"].items()}
             results["depths"].append(depth)
 
         results["total_wall_s"] = round(time.perf_counter() - t_start, 1)
