@@ -501,3 +501,19 @@ def test_a_container_cannot_point_a_file_at_another_blob(image, layerfs, mounts,
         e = s.tree(new).lookup("etc/group")
         assert s.blobs.open(e.blob).read() == b"root:x:0:\n"
         assert not [n for n, _ in e.xattrs if n.startswith("trusted.overlay.")]
+
+
+def test_volatile_mounts_again_after_a_clean_umount_and_not_after_a_crash(image, layerfs, mounts, store_root):
+    """-o volatile is overlayfs's volatile: no syncs, and a marker that refuses the upper
+    from then on. After a clean unmount layerfs syncs and removes it; where it is left
+    (as after a crash: made here by a second volatile mount whose unmount never came),
+    the mount says why it refuses."""
+    cid, mnt = mounts("app:1", "v", "--backend", "kernel", "-o", "volatile")
+    with open(os.path.join(mnt, "kept"), "w") as f:
+        f.write("written without syncs")
+    layerfs("umount", mnt, check=True)
+    _, mnt = mounts(cid, "v2", "--backend", "kernel", "-o", "volatile")
+    assert _read(os.path.join(mnt, "kept")) == b"written without syncs"
+    subprocess.run(["umount", mnt], check=True)  # not through layerfs: the marker stays
+    assert_one_line_error(mounts(cid, "v3", "--backend", "kernel", expect_ok=False),
+                          mentions=("volatile", "layerfs rm"))

@@ -37,6 +37,7 @@ import ctypes
 import errno
 import os
 import re
+import shutil
 
 from store import Store, StoreError
 from store import metaimage
@@ -175,10 +176,20 @@ def _meta_image(store: Store, c: Container) -> metaimage.MetaImage:
     return metaimage.ensure(store, image, as_erofs=False)
 
 
+def _volatile_marker(store: Store, c: Container) -> str:
+    # overlayfs's own: made by a volatile mount, and then every later mount is refused
+    return os.path.join(store.containers.work(c), "work", "incompat", "volatile")
+
+
 def mount_container(store: Store, c: Container, mountpoint: str, *, read_only: bool,
                     options: dict, volatile: bool) -> None:
     """Mount the container at ``mountpoint`` with the kernel's overlayfs."""
     flags = mount_flags(options, read_only)
+    if os.path.exists(_volatile_marker(store, c)):
+        raise KernelMountError(
+            f"container {c.name} was mounted with -o volatile and not unmounted cleanly, so its "
+            f"upper may have lost writes; remove it (layerfs rm), or delete "
+            f"{os.path.dirname(_volatile_marker(store, c))} to take it as it is")
     meta = _meta_image(store, c)
     stage = os.path.join(store.containers.dir, c.id, "meta")
     staged = False
@@ -205,14 +216,24 @@ def mount_container(store: Store, c: Container, mountpoint: str, *, read_only: b
             _umount(stage, _MNT_DETACH)
 
 
-def umount(mountpoint: str) -> None:
-    """Unmount a kernel-backend mount; lazily if it is busy, as fusermount -u falls back."""
+def umount(store: Store, c: Container) -> None:
+    """Unmount a kernel-backend mount; lazily if it is busy, as fusermount -u falls back.
+
+    A volatile mount wrote without syncing and left overlayfs's marker that refuses the
+    upper from then on; once the unmount is known to be complete, the upper is synced and
+    the marker removed, so only a crash (or a lazy unmount) leaves it.
+    """
     try:
-        _umount(mountpoint)
+        _umount(c.mountpoint)
     except OSError as e:
         if e.errno != errno.EBUSY:
-            raise KernelMountError(f"cannot unmount {mountpoint}: {e.strerror}") from None
-        _umount(mountpoint, _MNT_DETACH)
+            raise KernelMountError(f"cannot unmount {c.mountpoint}: {e.strerror}") from None
+        _umount(c.mountpoint, _MNT_DETACH)
+        return
+    marker = _volatile_marker(store, c)
+    if os.path.exists(marker):
+        syncfs(store.containers.upper(c))
+        shutil.rmtree(os.path.dirname(marker))
 
 
 def sync(mountpoint: str) -> None:

@@ -252,7 +252,7 @@ def umount(store: Store, target: str) -> Container | None:
         c = store.containers.by_mountpoint(target)
     mountpoint = c.mountpoint if c is not None and c.mountpoint else os.path.abspath(target)
     if c is not None and kernel.mounted(c):
-        kernel.umount(mountpoint)
+        kernel.umount(store, c)
     elif not mounted_fuse(mountpoint):
         if c is None or not c.mountpoint:
             raise MountError(f"{target} is not mounted")
