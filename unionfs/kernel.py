@@ -135,10 +135,11 @@ def mount_flags(options: dict, read_only: bool) -> int:
     nosuid/nodev, as on the fuse backend's mounts as root."""
     flags = _MS_RDONLY if read_only else 0
     for key, value in options.items():
-        if key not in _FLAG_OPTIONS or value is not True:
+        if key not in _FLAG_OPTIONS or not isinstance(value, bool):
             raise KernelMountError(f"the kernel backend does not take -o {key if value is True else f'{key}={value}'}")
-        add, clear = _FLAG_OPTIONS[key]
-        flags = (flags | add) & ~clear
+        if value:
+            add, clear = _FLAG_OPTIONS[key]
+            flags = (flags | add) & ~clear
     return flags
 
 
