@@ -91,19 +91,33 @@ class Node:
     dirents: list = field(default_factory=list)
 
 
+_NAMES: dict[str, tuple[int, bytes]] = {}  # xattr name -> (EROFS index, name without prefix)
+
+
+def _xattr_name(name: str) -> tuple[int, bytes]:
+    found = _NAMES.get(name)
+    if found is None:
+        for prefix, index in _XATTR_INDEX:
+            if name == prefix or (prefix.endswith(".") and name.startswith(prefix)):
+                found = (index, name[len(prefix):].encode("utf-8", "surrogateescape"))
+                break
+        else:
+            raise ErofsError(f"an EROFS image cannot hold the xattr {name!r}")
+        if len(found[1]) > 255:
+            raise ErofsError(f"the xattr name {name!r} is too long for an EROFS image")
+        if len(_NAMES) < 4096:  # a few names repeat over every file
+            _NAMES[name] = found
+    return found
+
+
 def _xattr_body(xattrs: tuple[tuple[str, bytes], ...]) -> bytes:
     if not xattrs:
         return b""  # an xattr area with a header and no entries is refused by older kernels
     parts = [_XATTR_HEAD.pack(0, 0)]
     for name, value in xattrs:
-        for prefix, index in _XATTR_INDEX:
-            if name == prefix or (prefix.endswith(".") and name.startswith(prefix)):
-                suffix = name[len(prefix):].encode("utf-8", "surrogateescape")
-                break
-        else:
-            raise ErofsError(f"an EROFS image cannot hold the xattr {name!r}")
-        if len(suffix) > 255 or len(value) > 0xFFFF:
-            raise ErofsError(f"the xattr {name!r} is too long for an EROFS image")
+        index, suffix = _xattr_name(name)
+        if len(value) > 0xFFFF:
+            raise ErofsError(f"the value of the xattr {name!r} is too long for an EROFS image")
         entry = _XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
         parts.append(entry + b"\0" * (-len(entry) % 4))
     return b"".join(parts)

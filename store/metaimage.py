@@ -228,8 +228,7 @@ def _set_meta(node: erofs.Node, fd: int, name: str | None = None) -> None:
 
 
 def _blob_path(store):
-    base = store.blobs.dir
-    return lambda blob_id: store.blobs.path(blob_id)[len(base):]
+    return lambda blob_id: "/" + store.blobs.name(blob_id)
 
 
 def _uuid(key: str) -> bytes:
