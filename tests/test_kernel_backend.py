@@ -475,8 +475,8 @@ def _per_mount_flags(path: str) -> set[str]:
 def test_setuid_and_devices_follow_the_fuse_backends_options(image, layerfs, mounts):
     _, default = mounts("app:1", "default", "--backend", "kernel")
     assert not {"nosuid", "nodev"} & _per_mount_flags(default)  # as root's FUSE mounts: suid, dev
-    _, off = mounts("app:1", "off", "--backend", "kernel", "-o", "nosuid,nodev,noexec")
-    assert {"nosuid", "nodev", "noexec"} <= _per_mount_flags(off)
+    _, off = mounts("app:1", "off", "--backend", "kernel", "-o", "nosuid,nodev,noexec,ro")
+    assert {"nosuid", "nodev", "noexec", "ro"} <= _per_mount_flags(off)
     with pytest.raises(PermissionError):
         open(os.path.join(off, "dev/null"), "wb")
 

@@ -33,6 +33,7 @@ commit read (store/upper.py) and the fuse backend reads and writes too.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -55,7 +56,7 @@ OVERLAY_OPTIONS = "redirect_dir=on,metacopy=on,index=off,xino=on"
 
 # -o options and the mount flags they set or clear; allow_other and default_permissions
 # are what a kernel mount always is (every user reaches it, the kernel checks permissions).
-_FLAG_OPTIONS = {"suid": (0, _MS_NOSUID), "nosuid": (_MS_NOSUID, 0), "dev": (0, _MS_NODEV),
+_FLAG_OPTIONS = {"ro": (_MS_RDONLY, 0), "rw": (0, 0), "suid": (0, _MS_NOSUID), "nosuid": (_MS_NOSUID, 0), "dev": (0, _MS_NODEV),
                  "nodev": (_MS_NODEV, 0), "exec": (0, _MS_NOEXEC), "noexec": (_MS_NOEXEC, 0),
                  "atime": (0, _MS_NOATIME), "noatime": (_MS_NOATIME, 0),
                  "diratime": (0, _MS_NODIRATIME), "nodiratime": (_MS_NODIRATIME, 0),
@@ -214,7 +215,9 @@ def mount_container(store: Store, c: Container, mountpoint: str, *, read_only: b
                                f"(see dmesg)") from None
     finally:
         if staged:
-            _umount(stage, _MNT_DETACH)
+            # The overlay holds its own clone; a stage left attached is only untidy.
+            with contextlib.suppress(OSError):
+                _umount(stage, _MNT_DETACH)
 
 
 def umount(store: Store, c: Container) -> None:
