@@ -518,3 +518,19 @@ def test_volatile_mounts_again_after_a_clean_umount_and_not_after_a_crash(image,
     subprocess.run(["umount", mnt], check=True)  # not through layerfs: the marker stays
     assert_one_line_error(mounts(cid, "v3", "--backend", "kernel", expect_ok=False),
                           mentions=("volatile", "layerfs rm"))
+
+
+def test_a_store_path_with_commas_and_colons(layerfs, tmp_path):
+    """overlayfs splits its options on "," and lowerdir on ":": they are escaped."""
+    root = str(tmp_path / "a,b:c" / "store")
+    src = build_layer(str(tmp_path / "src"), {"f": F("odd path")})
+    layerfs("import-dir", src, "-t", "odd", root=root, check=True)
+    mnt = str(tmp_path / "m")
+    os.makedirs(mnt)
+    layerfs("mount", "--backend", "kernel", "odd", mnt, root=root, check=True)
+    try:
+        assert _read(os.path.join(mnt, "f")) == b"odd path"
+    finally:
+        layerfs("umount", mnt, root=root)
+        if _mounted_at(mnt):
+            subprocess.run(["umount", "-l", mnt])

@@ -56,7 +56,8 @@ OVERLAY_OPTIONS = "redirect_dir=on,metacopy=on,index=off,xino=on"
 
 # -o options and the mount flags they set or clear; allow_other and default_permissions
 # are what a kernel mount always is (every user reaches it, the kernel checks permissions).
-_FLAG_OPTIONS = {"ro": (_MS_RDONLY, 0), "rw": (0, 0), "suid": (0, _MS_NOSUID), "nosuid": (_MS_NOSUID, 0), "dev": (0, _MS_NODEV),
+_FLAG_OPTIONS = {"ro": (_MS_RDONLY, 0), "rw": (0, 0),
+                 "suid": (0, _MS_NOSUID), "nosuid": (_MS_NOSUID, 0), "dev": (0, _MS_NODEV),
                  "nodev": (_MS_NODEV, 0), "exec": (0, _MS_NOEXEC), "noexec": (_MS_NOEXEC, 0),
                  "atime": (0, _MS_NOATIME), "noatime": (_MS_NOATIME, 0),
                  "diratime": (0, _MS_NODIRATIME), "nodiratime": (_MS_NODIRATIME, 0),
@@ -172,10 +173,8 @@ def _escape(path: str) -> str:
 
 
 def _meta_image(store: Store, c: Container) -> metaimage.MetaImage:
-    image = store.resolve_image(c.image_id)
-    if kernel_version() >= FILE_EROFS_KERNEL:
-        return metaimage.ensure(store, image, as_erofs=True)
-    return metaimage.ensure(store, image, as_erofs=False)
+    return metaimage.ensure(store, store.resolve_image(c.image_id),
+                            as_erofs=kernel_version() >= FILE_EROFS_KERNEL)
 
 
 def _volatile_marker(store: Store, c: Container) -> str:
