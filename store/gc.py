@@ -129,7 +129,8 @@ def collect(store, dry_run: bool = False, grace_seconds: float = 0.0,
             _remove(store.blobs.path(blob_id))
             crashpoints.point("gc-deleting")
         with store.index.read() as txn:
-            live = {metaimage.key_of(unpack_image("", raw)) for key, raw in txn.cursor(db=store.index.db("images"))
+            live = {metaimage.key_of(unpack_image("", raw))
+                    for key, raw in txn.cursor(db=store.index.db("images"))
                     if bytes_digest(key) not in ignore_images}
         report.meta_images = metaimage.collect(store.root, live, dry_run)
         # Staging of imports that died or whose lease expired. tmp/ is listed before the
