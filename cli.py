@@ -423,8 +423,7 @@ def inspect(store: Store, ref: str, raw_config: bool) -> None:
                 raise image_error from None
             if raw_config:
                 raise StoreError(f"{ref} is a container; only images have a config")
-            from unionfs.mount import state
-            click.echo(json.dumps({"type": "container", **_container_json(c, state(c))}, indent=2))
+            click.echo(json.dumps({"type": "container", **_container_json(c)}, indent=2))
             return
         if raw_config:
             raise StoreError(f"{ref} is a layer; only images have a config")
@@ -594,14 +593,15 @@ def df(store: Store, as_json: bool) -> None:
 def _gc_json(report) -> dict:
     return {"dry_run": report.dry_run, "layers": report.layers, "blobs": report.blobs,
             "bytes": report.bytes, "chains": report.chains, "tmp_removed": report.tmp_removed,
-            "unrecorded_files": report.unrecorded_files, "txn_seconds": round(report.txn_seconds, 4)}
+            "unrecorded_files": report.unrecorded_files, "meta_images": report.meta_images,
+            "txn_seconds": round(report.txn_seconds, 4)}
 
 
 def _print_gc(report) -> None:
     verb = "would free" if report.dry_run else "freed"
     click.echo(f"{verb} {len(report.layers)} layers, {report.blobs} blobs, {human(report.bytes)}"
-               f" ({report.chains} merged views, {report.tmp_removed} leftovers in tmp/, "
-               f"{report.unrecorded_files} unrecorded blob files)")
+               f" ({report.chains} merged views, {report.meta_images} metadata images, "
+               f"{report.tmp_removed} leftovers in tmp/, {report.unrecorded_files} unrecorded blob files)")
 
 
 @cli.command()
@@ -699,14 +699,18 @@ def create(store: Store, image: str, name: str | None) -> None:
 @click.option("-o", "options", multiple=True,
               help="FUSE options: allow_other, suid, dev, nosuid, nodev (see SECURITY.md), ...; "
                    "volatile skips syncs.")
+@click.option("--backend", type=click.Choice(["fuse", "kernel", "auto"]), default="fuse", show_default=True,
+              help="fuse: layerfs serves the mount (any user); kernel: the kernel's overlayfs over "
+                   "a metadata image of the image (root, Linux 6.5+); auto: kernel where it can.")
 @with_store
 def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: bool, suid: bool,
-          options: tuple[str, ...]) -> None:
+          options: tuple[str, ...], backend: str) -> None:
     """Mount an image or container at MOUNTPOINT (returns once the mount serves).
 
     As root, a mount below a directory only root can search (like /var/lib/layerfs) lets
     every uid in and honours setuid bits and device nodes; elsewhere it is root's alone
-    unless -o allow_other, and then setuid bits and devices stay off unless --suid.
+    unless -o allow_other, and then setuid bits and devices stay off unless --suid. A
+    kernel-backend mount is open to every user: setuid bits and devices as with allow_other.
     """
     from unionfs import mount as mnt
 
@@ -714,10 +718,10 @@ def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: 
     volatile = bool(opts.pop("volatile", False))
     if foreground:
         mnt.mount_foreground(store, ref, mountpoint, read_only=read_only, options=opts,
-                             volatile=volatile)
+                             volatile=volatile, backend=backend)
     else:
         click.echo(mnt.mount(store, ref, mountpoint, read_only=read_only, options=opts,
-                             volatile=volatile).id)
+                             volatile=volatile, backend=backend).id)
 
 
 @cli.command()
@@ -735,37 +739,35 @@ def umount(store: Store, target: str) -> None:
 @with_store
 def ps(store: Store, as_json: bool) -> None:
     """List containers with their image, mountpoint and state."""
-    from unionfs.mount import state
-
-    rows = [(c, state(c)) for c in store.containers.list()]
+    rows = [_container_json(c) for c in store.containers.list()]
     if as_json:
-        click.echo(json.dumps([_container_json(c, st) for c, st in rows], indent=2))
+        click.echo(json.dumps(rows, indent=2))
         return
-    out = [["CONTAINER ID", "NAME", "IMAGE", "STATE", "ACCESS", "MOUNTPOINT"]]
-    for c, st in rows:
-        out.append([c.id[:12], c.name, short(c.image_id), st, _access_text(c, st), c.mountpoint or "-"])
+    out = [["CONTAINER ID", "NAME", "IMAGE", "STATE", "BACKEND", "ACCESS", "MOUNTPOINT"]]
+    for r in rows:
+        out.append([r["id"][:12], r["name"], short(r["image"]), r["state"], r["backend"] or "-",
+                    _access_text(r["access"]), r["mountpoint"] or "-"])
     table(out)
 
 
-def _access(c, st: str) -> dict | None:
-    """Who may use the container's live mount: allow_other, suid, dev (from the kernel)."""
-    from unionfs.mount import mount_access
-
-    return mount_access(c.mountpoint) if st == "mounted" else None
-
-
-def _access_text(c, st: str) -> str:
-    a = _access(c, st)
+def _access_text(a: dict | None) -> str:
     if a is None:
         return "-"
     return ",".join(["all users" if a["allow_other"] else "owner"]
                     + [k for k in ("suid", "dev") if a[k]])
 
 
-def _container_json(c, st: str) -> dict:
+def _container_json(c) -> dict:
+    """A container as ps --json and inspect show it: backend is what serves its mount now,
+    access who may use that mount (allow_other, suid, dev, as the kernel has them)."""
+    from unionfs.mount import backend_of, mount_access, state
+
+    st = state(c)
     return {"id": c.id, "name": c.name, "image": c.image_id, "state": st,
+            "backend": backend_of(c) if st == "mounted" else None,
+            "upper_format": "kernel" if c.kernel_format else "oci",
             "mountpoint": c.mountpoint or None, "pid": c.pid or None, "created": c.created_ns / 1e9,
-            "access": _access(c, st)}
+            "access": mount_access(c.mountpoint) if st == "mounted" else None}
 
 
 @cli.command()
@@ -803,16 +805,21 @@ def diff(store: Store, container: str, as_json: bool) -> None:
 @click.option("-a", "--author", default="", help="Author.")
 @click.option("-c", "--change", "changes", multiple=True,
               help="Dockerfile instruction: ENV, CMD, ENTRYPOINT, WORKDIR, USER, LABEL, EXPOSE.")
+@click.option("--freeze", metavar="CGROUP",
+              help="Freeze this cgroup's processes while the commit runs (as docker pause); "
+                   "needed to commit a container mounted with the kernel backend.")
 @with_store
 def commit(store: Store, container: str, tag: str | None, message: str, author: str,
-           changes: tuple[str, ...]) -> None:
+           changes: tuple[str, ...], freeze: str | None) -> None:
     """Commit CONTAINER's changes as a new layer and image; print the image id.
 
-    A mounted container's writes are held while the commit runs.
+    A mounted container's writes are held while the commit runs: by the fuse backend
+    itself, or, for a kernel-backend mount, by freezing the cgroup --freeze names.
     """
     from unionfs import mount as mnt
 
-    image = mnt.commit(store, container, tag=tag, message=message, author=author, changes=changes)
+    image = mnt.commit(store, container, freeze=freeze, tag=tag, message=message, author=author,
+                       changes=changes)
     click.echo(image.image_id)
 
 

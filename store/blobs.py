@@ -93,7 +93,12 @@ class BlobStore:
         self._verified: set[tuple] = set()
 
     def path(self, blob_id: str) -> str:
-        return os.path.join(self.dir, blob_id[:2], blob_id[2:])
+        return os.path.join(self.dir, self.name(blob_id))
+
+    @staticmethod
+    def name(blob_id: str) -> str:
+        """Where the blob lies below the blob directory: ``ab/cdef...``."""
+        return f"{blob_id[:2]}/{blob_id[2:]}"
 
     def open(self, blob_id: str) -> BinaryIO:
         """Open a blob for reading ("" is the empty file)."""

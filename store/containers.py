@@ -1,7 +1,8 @@
 """Containers: an image plus a writable upper layer, and where it is mounted.
 
-A container owns ``containers/<id>/upper`` (its changes, OCI whiteout format) and
-``containers/<id>/work`` (scratch for atomic copy-up on the same filesystem). The record
+A container owns ``containers/<id>/upper`` (its changes: OCI whiteout format, or the
+kernel overlayfs's own once the kernel backend has mounted it) and ``containers/<id>/work``
+(scratch for atomic copy-up on the same filesystem). The record
 also says where it is mounted and by which serving process, so a mount whose process
 died can be told apart from a live one.
 """
@@ -27,6 +28,7 @@ from .records import Entry, bytes_digest, digest_bytes
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 _REC = struct.Struct("<32sqiQBHH")  # image id, created ns, pid, its start time, flags, name, mountpoint
 READ_ONLY = 1
+KERNEL_FORMAT = 2  # the upper is in the kernel overlayfs's format (it was mounted by the kernel)
 
 
 class ContainerNotFound(NotFound):
@@ -49,6 +51,10 @@ class Container:
     @property
     def read_only(self) -> bool:
         return bool(self.flags & READ_ONLY)
+
+    @property
+    def kernel_format(self) -> bool:
+        return bool(self.flags & KERNEL_FORMAT)
 
 
 def _pack(c: Container) -> bytes:
@@ -158,9 +164,10 @@ class Containers:
         self.index.write(lambda txn: txn.put(c.id.encode(), _pack(new), db=self.index.db("containers")))
         return new
 
-    def claim(self, c: Container, mountpoint: str, alive) -> Container:
+    def claim(self, c: Container, mountpoint: str, alive, flags: int = 0) -> Container:
         """Mark the container as being mounted by this process, in one transaction; refuse
-        if a live process (``alive(record)``) already serves it."""
+        if a live mount (``alive(record)``) already serves it. ``flags`` are added to its
+        record (KERNEL_FORMAT once the kernel writes its upper)."""
         def txn_fn(txn: lmdb.Transaction) -> Container:
             raw = txn.get(c.id.encode(), db=self.index.db("containers"))
             if raw is None:
@@ -169,7 +176,8 @@ class Containers:
             if current.mountpoint and alive(current):
                 raise StoreError(f"container {c.name} is already mounted at {current.mountpoint}")
             pid = os.getpid()
-            new = replace(current, mountpoint=mountpoint, pid=pid, pid_start=process_start(pid))
+            new = replace(current, mountpoint=mountpoint, pid=pid, pid_start=process_start(pid),
+                          flags=current.flags | flags)
             txn.put(c.id.encode(), _pack(new), db=self.index.db("containers"))
             return new
 

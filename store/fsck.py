@@ -2,7 +2,8 @@
 
 Checks every blob (present, the recorded size, and, unless ``fast``, the xxh3 its id
 names), every layer's entries and tar-split record against the blobs, every image
-against its config and layers, every tag, container and merged-view chain. With
+against its config and layers, every tag, container and merged-view chain, and the
+kernel backend's metadata image of each image (against the merged tree it must show). With
 ``repair``, damaged blobs are moved to ``corrupt/`` and their records dropped (a later
 import of the same content stores a good copy again), and the report names the layers
 and images that lost data.
@@ -17,6 +18,7 @@ import struct
 from dataclasses import dataclass, field
 
 from . import blobs as blobsmod
+from . import metaimage
 from .blobs import CHUNK
 from . import marker as markermod
 from .errors import IndexDamaged, StoreCorrupt
@@ -155,10 +157,28 @@ def check(store, fast: bool = False, repair: bool = False) -> FsckReport:
             report.problems.append(Problem("missing-image", c.name, f"its image {c.image_id} is missing"))
         if not os.path.isdir(store.containers.upper(c)):
             report.problems.append(Problem("missing-upper", c.name, "its upper directory is missing"))
+    report.problems.extend(_check_meta_images(store, images, fast, repair))
 
     if repair and bad_blobs:
         _move_aside(store, list(bad_blobs), report, [f for f in forms if f.blob in bad_blobs])
     return report
+
+
+def _check_meta_images(store, images, fast: bool, repair: bool) -> list[Problem]:
+    """Each metadata image against its image's merged tree; with ``repair`` a damaged one
+    is removed (the next kernel mount builds it again; mounts using it keep theirs)."""
+    by_key = {metaimage.key_of(i): i for i in images}
+    problems = []
+    for meta in metaimage.stored(store.root):
+        image = by_key.get(meta.key)
+        if image is None:
+            continue  # of a chain no image has: gc removes it
+        why = metaimage.verify(store, meta, image, fast=fast)
+        if why is not None:
+            problems.append(Problem("damaged-meta-image", meta.path, why))
+            if repair:
+                metaimage.remove(meta)
+    return problems
 
 
 def _move_aside(store, blob_ids: list[str], report: FsckReport, forms: list[LayerBlob]) -> None:

@@ -6,8 +6,9 @@ its publish-and-record step by the store lock, which gc takes exclusively. Under
 no layer is being recorded meanwhile), one write transaction marks what the images
 reach (their layers, the blobs of those layers' entries, tar-split records and kept
 compressed forms, the merged-view chains of their layer prefixes) and deletes the records of everything else;
-the files go afterwards, outside the transaction. A crash at any point leaves only
-unrecorded files, which the next gc removes.
+the files go afterwards, outside the transaction, with the metadata images of chains no
+image has any more. A crash at any point leaves only unrecorded files, which the next gc
+removes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from . import crashpoints, leases
+from . import crashpoints, leases, metaimage
 from .fstree import remove_tree
 from .index import delete_prefix, prefix_scan
 from .merged import chain_ids
@@ -35,6 +36,7 @@ class GcReport:
     blobs: int = 0
     bytes: int = 0
     chains: int = 0
+    meta_images: int = 0  # metadata images of the kernel backend
     tmp_removed: int = 0
     unrecorded_files: int = 0
     txn_seconds: float = 0.0  # how long the index write transaction was held
@@ -130,6 +132,11 @@ def collect(store, dry_run: bool = False, grace_seconds: float = 0.0,
         for blob_id in doomed:
             remove_tree(store.blobs.path(blob_id))
             crashpoints.point("gc-deleting")
+        with store.index.read() as txn:
+            live = {metaimage.key_of(unpack_image("", raw))
+                    for key, raw in txn.cursor(db=store.index.db("images"))
+                    if bytes_digest(key) not in ignore_images}
+        report.meta_images = metaimage.collect(store.root, live, dry_run)
         # Staging of imports that died or whose lease expired. tmp/ is listed before the
         # leases are read: an ingest takes its lease before it makes its directory, so a
         # directory listed here without a live lease is not an import that just started.

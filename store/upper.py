@@ -4,8 +4,12 @@ The union view writes the upper in the OCI whiteout format (``.wh.NAME`` hides a
 name, ``.wh..wh..opq`` hides a whole lower directory) plus two private xattrs where OCI
 has no word: ``user.layerfs.metacopy`` (a file whose metadata changed but whose data is
 still the lower file at the path it names) and ``user.layerfs.redirect`` (a directory
-renamed from the lower directory it names). Overlayfs's own markers (char-device 0/0
-whiteouts, the opaque xattr) are read too.
+renamed from the lower directory it names). Overlayfs's own format, which the kernel
+backend's uppers are in, is read too: char-device 0/0 whiteouts, the opaque xattr,
+``trusted.overlay.redirect`` on a renamed directory (an absolute path from the layer
+root, or a bare name in the parent's lower directory), and ``trusted.overlay.metacopy``
+on a file whose data is still the lower file at its redirect, or else at its own place
+(its ``origin`` is a file handle of that same file).
 
 Turning the upper into a layer walks the upper only, never the whole lower tree: a
 metacopy file reuses the lower blob (its data is neither read for the blob nor copied),
@@ -34,6 +38,8 @@ PRIVATE_PREFIX = "user.layerfs."
 METACOPY = "user.layerfs.metacopy"
 REDIRECT = "user.layerfs.redirect"
 OVERLAY_OPAQUE = ("trusted.overlay.opaque", "user.overlay.opaque")
+KERNEL_REDIRECT = "trusted.overlay.redirect"
+KERNEL_METACOPY = "trusted.overlay.metacopy"
 
 
 def xattr_text(path: str, name: str) -> str | None:
@@ -51,6 +57,22 @@ def is_whiteout_st(st: os.stat_result) -> bool:
 
 def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
+
+
+def kernel_redirect(full: str, value: str, parent_lower: str | None) -> str | None:
+    """The lower path an overlayfs redirect names: absolute from the layer root, or a
+    name in the parent's lower directory (None where the parent merges nothing)."""
+    if value.startswith("/"):
+        path = value[1:]
+    elif "/" in value:
+        raise_damaged(full, f"its redirect {value!r} is neither absolute nor a name")
+    elif parent_lower is None:
+        return None
+    else:
+        path = _join(parent_lower, value)
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        raise_damaged(full, f"its redirect {value!r} could leave the layers")
+    return path
 
 
 @dataclass(slots=True, frozen=True)
@@ -98,6 +120,28 @@ class UpperReader:
         if self.tree.lexists(_join(rel, OPQ)):
             return True
         return any(self.tree.xattr(rel, n) == b"y" for n in OVERLAY_OPAQUE)
+
+    def _dir_redirect(self, rel: str, parent_lower: str | None) -> str | None:
+        """The lower path a renamed directory merges (either format), or None."""
+        value = self._xattr_text(rel, REDIRECT)
+        if value is not None:
+            return value
+        value = self._xattr_text(rel, KERNEL_REDIRECT)
+        return None if value is None else kernel_redirect(self.tree.where(rel), value, parent_lower)
+
+    def _metacopy_origin(self, rel: str, parent_lower: str | None) -> str | None:
+        """For a file whose data is still below, the lower path of that data; else None."""
+        origin = self._xattr_text(rel, METACOPY)
+        if origin is not None or self._xattr_text(rel, KERNEL_METACOPY) is None:
+            return origin
+        value = self._xattr_text(rel, KERNEL_REDIRECT)
+        if value is not None:
+            origin = kernel_redirect(self.tree.where(rel), value, parent_lower)
+        elif parent_lower is not None:
+            origin = _join(parent_lower, rel.rpartition("/")[2])
+        if origin is None:
+            raise_damaged(self.tree.where(rel), "a metacopy file with no lower file below it")
+        return origin
 
     def _listing(self, rel: str) -> tuple[list[str], set[str]]:
         """(names of real entries, names whited out) of an upper directory."""
@@ -162,7 +206,7 @@ class UpperReader:
             e = _public(e)
             child_lower = _join(lower_path, name) if lower_path is not None else None
             if e.kind == Kind.DIR:
-                redirect = self._xattr_text(path, REDIRECT)
+                redirect = self._dir_redirect(path, lower_path)
                 if redirect is not None:
                     builder.add(path, dataclasses.replace(e, flags=OPAQUE))
                     todo.append((path, redirect, True))
@@ -176,7 +220,7 @@ class UpperReader:
                     builder.add(path, e)
                     todo.append((path, child_lower, explicit))
             elif e.kind == Kind.REG:
-                origin = self._xattr_text(path, METACOPY)
+                origin = self._metacopy_origin(path, lower_path)
                 if origin is not None:
                     data = self.lower.lookup(origin)
                     if data is None or data.kind != Kind.REG:
@@ -243,7 +287,7 @@ class UpperReader:
             path = _join(rel, name)
             out.append(Change("C" if self._before(path) is not None else "A", "/" + path))
             if stat.S_ISDIR(self.tree.lstat(path).st_mode):
-                redirect = self._xattr_text(path, REDIRECT)
+                redirect = self._dir_redirect(path, source)
                 if redirect is not None:
                     child_source = redirect
                 elif self._is_opaque(path):

@@ -1,7 +1,7 @@
 """Real programs as clients: git, tar, cp -a, rsync, find, dd, and Python's scandir, on
-the store-backed mount (``layerfs mount``), on ``fuse-layerfs`` over plain directories,
-and on the kernel's overlayfs over the same directories (the oracle: every test must
-pass there, which shows the test itself is right).
+the store-backed mount (``layerfs mount``, on the fuse backend and on the kernel backend),
+on ``fuse-layerfs`` over plain directories, and on the kernel's overlayfs over the same
+directories (the oracle: every test must pass there, which shows the test itself is right).
 
 The three are mounted once for the module over one base layer (``BASE``); each test
 works in its own directory below the mount, or reads the base layer. What is checked is
@@ -25,11 +25,12 @@ import subprocess
 import pytest
 
 from helpers import tree_and_links, tree_differences
-from unionrunner import (C, D, F, FuseLayerfs, H, KernelOverlay, L, LayerfsMount, OverlayUnavailable, P,
-                         build_layer, force_umount)
+from unionfs import kernel as kernel_backend
+from unionrunner import (KERNEL_BACKEND_OPTIONS, KERNEL_OPTIONS, C, D, F, FuseLayerfs, H, KernelOverlay, L,
+                         LayerfsMount, OverlayUnavailable, P, build_layer, force_umount)
 
-BACKENDS = ("store", "fuse-layerfs", "kernel")
-UNION = ("store", "fuse-layerfs")  # the ones under test; "kernel" is the oracle
+BACKENDS = ("store", "store-kernel", "fuse-layerfs", "kernel")
+UNION = ("store", "store-kernel", "fuse-layerfs")  # the ones under test; "kernel" is the oracle
 
 BASE = {
     "etc/hostname": F("box\n"),
@@ -91,11 +92,15 @@ def mounts(base_layer):
     with Store(os.path.join(root, "store")) as store:
         image = store.import_dir(layer)
     # "kernel" is a backend of its own; "kernel/X" is the oracle that tests comparing
-    # with the kernel change alongside backend X.
-    kernels = {name: KernelOverlay([layer], os.path.join(root, name.replace("/", "-")))
-               for name in ("kernel", "kernel/store", "kernel/fuse-layerfs")}
+    # with the kernel change alongside backend X (for the kernel backend: with its options).
+    kernels = {name: KernelOverlay([layer], os.path.join(root, name.replace("/", "-")),
+                                   KERNEL_BACKEND_OPTIONS if name == "kernel/store-kernel" else KERNEL_OPTIONS)
+               for name in ("kernel", "kernel/store", "kernel/store-kernel", "kernel/fuse-layerfs")}
     fuse = FuseLayerfs([layer], os.path.join(root, "fuse-layerfs"))
-    lf = LayerfsMount(os.path.join(root, "store"), image.image_id, os.path.join(root, "store-mnt"))
+    lfs = {"store": LayerfsMount(os.path.join(root, "store"), image.image_id, os.path.join(root, "store-mnt"))}
+    if kernel_backend.unsupported() is None:
+        lfs["store-kernel"] = LayerfsMount(os.path.join(root, "store"), image.image_id,
+                                           os.path.join(root, "store-kernel-mnt"), "kernel")
     try:
         try:
             for k in kernels.values():
@@ -103,29 +108,38 @@ def mounts(base_layer):
         except OverlayUnavailable as e:
             pytest.skip(str(e))
         fuse.mount()
-        lf.mount()
-        yield {"store": lf.mnt, "fuse-layerfs": fuse.mnt, **{n: k.mnt for n, k in kernels.items()}}
+        for lf in lfs.values():
+            lf.mount()
+        yield {"fuse-layerfs": fuse.mnt, **{n: lf.mnt for n, lf in lfs.items()},
+               **{n: k.mnt for n, k in kernels.items()}}
     finally:
-        with contextlib.suppress(Exception):
-            lf.umount()
-        with contextlib.suppress(Exception):
-            lf.remove()
+        for lf in lfs.values():
+            with contextlib.suppress(Exception):
+                lf.umount()
+            with contextlib.suppress(Exception):
+                lf.remove()
         fuse.umount()
         for k in kernels.values():
             k.umount()
-        for mnt in [lf.mnt, fuse.mnt] + [k.mnt for k in kernels.values()]:
+        for mnt in [lf.mnt for lf in lfs.values()] + [fuse.mnt] + [k.mnt for k in kernels.values()]:
             force_umount(mnt)
+
+
+def _backend(mounts, name: str) -> str:
+    if name not in mounts:
+        pytest.skip(f"the kernel backend cannot run here: {kernel_backend.unsupported()}")
+    return mounts[name]
 
 
 @pytest.fixture(params=BACKENDS)
 def mnt(request, mounts):
-    return mounts[request.param]
+    return _backend(mounts, request.param)
 
 
 @pytest.fixture(params=UNION)
 def union(request, mounts):
     """(layerfs mountpoint, kernel mountpoint): one under test and its own oracle."""
-    return mounts[request.param], mounts["kernel/" + request.param]
+    return _backend(mounts, request.param), mounts["kernel/" + request.param]
 
 
 def _workdir(mnt: str, request) -> str:

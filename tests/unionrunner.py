@@ -30,12 +30,15 @@ import time
 from dataclasses import dataclass, field
 
 from store import Store
+from unionfs.kernel import OVERLAY_OPTIONS
 
 # Every lower entry gets this mtime; times a test sets are below RECENT as well, so a
 # time >= RECENT was set by the filesystem ("now") and compares as "new".
 T0 = 1_600_000_000
 RECENT = 1_650_000_000 * 10**9
 KERNEL_OPTIONS = "redirect_dir=on,index=on,metacopy=on"
+# The oracle of the kernel backend: the kernel overlay with the options it mounts with.
+KERNEL_BACKEND_OPTIONS = OVERLAY_OPTIONS
 
 LAYERFS = os.path.join(os.path.dirname(sys.executable), "layerfs")
 
@@ -232,18 +235,20 @@ def layerfs_cli(store_root: str, *args: str, check: bool = True) -> subprocess.C
 
 
 class LayerfsMount:
-    """``layerfs mount REF DIR`` and everything needed to undo it."""
+    """``layerfs mount [--backend BACKEND] REF DIR`` and everything needed to undo it."""
 
-    def __init__(self, store_root: str, ref: str, mnt: str) -> None:
+    def __init__(self, store_root: str, ref: str, mnt: str, backend: str = "fuse") -> None:
         self.store_root = store_root
         self.ref = ref
         self.mnt = mnt
+        self.backend = backend
         self.container = ""
         self.pid = 0
         os.makedirs(mnt, exist_ok=True)
 
     def mount(self, ref: str | None = None, *options: str) -> str:
-        out = layerfs_cli(self.store_root, "mount", *options, ref or self.container or self.ref, self.mnt)
+        out = layerfs_cli(self.store_root, "mount", "--backend", self.backend, *options,
+                          ref or self.container or self.ref, self.mnt)
         self.container = out.stdout.strip().splitlines()[-1]
         for c in json.loads(layerfs_cli(self.store_root, "ps", "--json").stdout):
             if c["id"] == self.container:
@@ -340,18 +345,25 @@ class Pair:
     k: KernelOverlay
     lf: LayerfsMount
 
+    @property
+    def backend(self) -> str:
+        return self.lf.backend
+
     def roots(self):
         return (("kernel", self.kernel), ("layerfs", self.layerfs))
 
 
 @contextlib.contextmanager
-def union_pair(layers: LayerSet, base: str, kernel_options: str = KERNEL_OPTIONS, *,
-               keep_container: bool = False, read_only: bool = False):
-    """Mount the kernel overlay and layerfs over the same layers; always unmount both.
-    ``read_only``: the kernel without an upper, layerfs with --read-only."""
+def union_pair(layers: LayerSet, base: str, kernel_options: str | None = None, *,
+               keep_container: bool = False, read_only: bool = False, backend: str = "fuse"):
+    """Mount the kernel overlay and layerfs (``backend``) over the same layers; always
+    unmount both. ``read_only``: the kernel without an upper, layerfs with --read-only.
+    The kernel's options default to the ones the backend follows."""
     os.makedirs(base, exist_ok=True)
+    if kernel_options is None:
+        kernel_options = KERNEL_BACKEND_OPTIONS if backend == "kernel" else KERNEL_OPTIONS
     k = KernelOverlay(layers.lowers, os.path.join(base, "kernel"), kernel_options, read_only=read_only)
-    lf = LayerfsMount(layers.store_root, layers.image_id, os.path.join(base, "layerfs"))
+    lf = LayerfsMount(layers.store_root, layers.image_id, os.path.join(base, "layerfs"), backend)
     try:
         k.mount()
         lf.mount(None, *(["--read-only"] if read_only else []))

@@ -3,6 +3,8 @@
 ``mount`` starts ``python -m unionfs.mount`` in its own session and returns only once
 the kernel has sent FUSE INIT (the child reports through a pipe). ``umount`` works also when the serving process was killed: the kernel
 keeps a dead FUSE mount ("Transport endpoint is not connected") until it is unmounted.
+With ``backend="kernel"`` there is no serving process: the kernel's overlayfs serves the
+container (unionfs/kernel.py), and the same calls mount, list, unmount and commit it.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ import threading
 import time
 
 from store import Store, StoreError
-from store.containers import READ_ONLY, Container
+from store.containers import KERNEL_FORMAT, READ_ONLY, Container
 from store.fstree import raise_open_file_limit
 from store.records import ImageRecord
 from store.leases import process_start
+
+from . import kernel
+from .freeze import frozen
 
 READY_TIMEOUT = 30.0
 
@@ -73,11 +78,16 @@ def server_alive(c: Container) -> bool:
     return pid_alive(c.pid) and process_start(c.pid) == c.pid_start
 
 
+def mount_alive(c: Container) -> bool:
+    """Its serving process still runs, or the kernel backend's overlay is still there."""
+    return server_alive(c) or kernel.mounted(c)
+
+
 def state(c: Container) -> str:
     """created, mounted, or dead (mounted, but the serving process is gone)."""
     if not c.mountpoint:
         return "created"
-    if server_alive(c):
+    if mount_alive(c):
         return "mounted"
     return "dead" if mounted_fuse(c.mountpoint) else "created"
 
@@ -138,10 +148,23 @@ def mount_access(mountpoint: str) -> dict[str, bool] | None:
             if fields[4].encode().decode("unicode_escape") != target:
                 continue
             per_mount = fields[5].split(",")
-            super_opts = fields[fields.index("-") + 3].split(",")
-            return {"allow_other": "allow_other" in super_opts, "suid": "nosuid" not in per_mount,
+            sep = fields.index("-")
+            super_opts = fields[sep + 3].split(",")
+            # Only FUSE keeps other users out of a mount (allow_other); the kernel's
+            # overlay lets every user in, as far as file permissions allow.
+            everyone = "allow_other" in super_opts or not fields[sep + 1].startswith("fuse")
+            return {"allow_other": everyone, "suid": "nosuid" not in per_mount,
                     "dev": "nodev" not in per_mount}
     return None
+
+
+def backend_of(c: Container) -> str | None:
+    """Which backend serves the container's mount now: "fuse", "kernel", or None."""
+    if not c.mountpoint:
+        return None
+    if kernel.mounted(c):
+        return "kernel"
+    return "fuse" if server_alive(c) or mounted_fuse(c.mountpoint) else None
 
 
 def parse_options(items: list[str] | tuple[str, ...]) -> dict[str, str | bool]:
@@ -183,11 +206,15 @@ def _check_mountpoint(mountpoint: str) -> str:
 
 
 def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
-          options: dict | None = None, volatile: bool = False) -> Container:
-    """Mount a container (or a new one of an image) at ``mountpoint`` in the background."""
+          options: dict | None = None, volatile: bool = False, backend: str = "fuse") -> Container:
+    """Mount a container (or a new one of an image) at ``mountpoint`` in the background,
+    served by ``backend``: fuse, kernel, or auto (kernel where it can)."""
     path = _check_mountpoint(mountpoint)
-    c, made = container_for(store, ref, read_only)
-    c = store.containers.claim(c, path, server_alive)
+    c, made, backend = _container_and_backend(store, ref, read_only, backend, options, False)
+    if backend == "kernel":
+        return _mount_kernel(store, c, made, path, read_only=read_only, options=options or {},
+                             volatile=volatile)
+    c = store.containers.claim(c, path, mount_alive)
     cmd = [sys.executable, "-m", "unionfs.mount", "--root", store.root, "--container", c.id,
            "--mountpoint", path]
     if read_only or c.read_only:
@@ -213,12 +240,45 @@ def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
     return store.containers.set_mount(c, path, proc.pid)
 
 
+def _container_and_backend(store: Store, ref: str, read_only: bool, backend: str, options: dict | None,
+                           foreground: bool) -> tuple[Container, bool, str]:
+    """The container to mount (made here or not) and the backend that will serve it; a
+    container made here is removed again if no backend can."""
+    c, made = container_for(store, ref, read_only)
+    try:
+        return c, made, kernel.choose_backend(store, c, backend, options or {}, foreground)
+    except StoreError:
+        if made:
+            store.containers.remove(c)
+        raise
+
+
+def _mount_kernel(store: Store, c: Container, made: bool, path: str, *, read_only: bool,
+                  options: dict, volatile: bool) -> Container:
+    # A kernel mount is open to every user (there is no allow_other to withhold): setuid
+    # bits and devices follow the policy of an allow_other FUSE mount (see exposure).
+    requested = {**options, "allow_other": True}
+    flags = exposure(path, requested)
+    flags.pop("allow_other")
+    c = store.containers.claim(c, path, mount_alive, flags=KERNEL_FORMAT)
+    try:
+        kernel.mount_container(store, c, path, read_only=read_only or c.read_only,
+                               options={**requested, **flags}, volatile=volatile)
+    except BaseException:
+        if made:
+            store.containers.remove(c)
+        else:
+            store.containers.set_mount(c, "", 0)
+        raise
+    return store.containers.set_mount(c, path, 0)
+
+
 def mount_foreground(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
-                     options: dict | None = None, volatile: bool = False) -> None:
-    """Mount and serve in this process until unmounted."""
+                     options: dict | None = None, volatile: bool = False, backend: str = "fuse") -> None:
+    """Mount and serve in this process until unmounted (the fuse backend only)."""
     path = _check_mountpoint(mountpoint)
-    c, _ = container_for(store, ref, read_only)
-    c = store.containers.claim(c, path, server_alive)
+    c, _, _ = _container_and_backend(store, ref, read_only, backend, options, True)
+    c = store.containers.claim(c, path, mount_alive)
     try:
         serve_container(store, c, path, read_only=read_only or c.read_only, volatile=volatile,
                         options=options or {})
@@ -263,7 +323,9 @@ def umount(store: Store, target: str) -> Container | None:
     if c is None:
         c = store.containers.by_mountpoint(target)
     mountpoint = c.mountpoint if c is not None and c.mountpoint else os.path.abspath(target)
-    if not mounted_fuse(mountpoint):
+    if c is not None and kernel.mounted(c):
+        kernel.umount(store, c)
+    elif not mounted_fuse(mountpoint):
         if c is None or not c.mountpoint:
             raise MountError(f"{target} is not mounted")
     else:
@@ -293,14 +355,25 @@ def remove(store: Store, ref: str, force: bool = False) -> Container:
     return c
 
 
-def commit(store: Store, ref: str, **kwargs) -> ImageRecord:
+def commit(store: Store, ref: str, freeze: str | None = None, **kwargs) -> ImageRecord:
     """Commit a container (see store.commit), holding its writes while it runs if it is
-    mounted, as docker commit pauses the container."""
+    mounted, as docker commit pauses the container: the fuse backend holds every change
+    itself; a kernel-backend mount has no such gate, so the processes of the cgroup
+    ``freeze`` are frozen instead (and the upper synced), and without one it is refused."""
     from store.commit import commit as commit_container
 
     c = store.containers.get(ref)
-    with paused(c):
-        return commit_container(store, c, **kwargs)
+    with frozen(freeze) if freeze else contextlib.nullcontext():
+        if kernel.mounted(c):
+            if not freeze:
+                raise MountError(
+                    f"container {c.name} is mounted with the kernel backend, whose writes layerfs "
+                    f"cannot hold: give --freeze CGROUP (the cgroup of the processes that write to "
+                    f"it, as docker pause freezes a container's), or unmount it first")
+            kernel.sync(c.mountpoint)
+            return commit_container(store, c, **kwargs)
+        with paused(c):
+            return commit_container(store, c, **kwargs)
 
 
 def _reap(pid: int, timeout: float = 10.0) -> None:
@@ -317,6 +390,7 @@ def serve_container(store: Store, c: Container, mountpoint: str, *, read_only: b
     """Serve a container's union view at ``mountpoint`` until unmounted (blocks)."""
     from .fuse_ops import serve
     from .lower import StoreLower
+    from .markers import OverlayMarkers
     from .view import UnionView
 
     # A container may hold as many files open as the host allows (fuse-overlayfs does
@@ -331,8 +405,11 @@ def serve_container(store: Store, c: Container, mountpoint: str, *, read_only: b
             os.unlink(path)
     image = store.resolve_image(c.image_id)
     lower = StoreLower(store.tree(image), store.blobs)
+    # An upper the kernel backend wrote stays in the kernel's format (with metacopy, as
+    # the kernel mounts it), so either backend can mount the container next.
+    markers = OverlayMarkers(metacopy=True) if c.kernel_format else None
     view = UnionView(lower, store.containers.upper(c), store.containers.work(c),
-                     volatile=volatile, read_only=read_only)
+                     volatile=volatile, read_only=read_only, markers=markers)
     threading.Thread(target=_control_server, args=(c.id, view), daemon=True).start()
     serve(view, mountpoint, foreground=True, options=options, on_ready=on_ready)
 
