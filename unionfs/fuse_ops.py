@@ -100,6 +100,7 @@ class UnionOperations(mfusepy.Operations):
         self.timeout = timeout
         self._dir_lock = threading.Lock()
         self._dir_handles = itertools.count(1)
+        self._written: set[int] = set()  # fds written since their last flush
         self._listings: dict[int, list | None] = {}  # open directory handle -> its listing
         self._wire: dict[str, tuple[list, list]] = {}  # path -> (view listing, encoded)
 
@@ -237,6 +238,8 @@ class UnionOperations(mfusepy.Operations):
         # mount, which drops what the kernel cached under a hard link's other names
         # (_invalidate): the kernel may keep the pages it cached across opens.
         fi.keep_cache = 1
+        if fi.flags & os.O_ACCMODE == os.O_RDONLY:
+            fi.noflush = 1  # nothing to do at its close: spare the round trip (kernel 5.15+)
         return 0
 
     @_translate
@@ -254,14 +257,18 @@ class UnionOperations(mfusepy.Operations):
     @_translate
     @_held
     def write(self, path, data, offset, fi):
+        # The other names of a hard-linked file are refreshed at flush, not here: the
+        # kernel holds the written pages locked until this returns, and invalidating
+        # another name's pages now can wait on a writer through that name, which waits
+        # on us (two writers through two names deadlocked that way).
+        self._written.add(fi.fh)
         n = os.pwrite(fi.fh, data, offset)
         self.view.version += 1  # sizes in cached listings are outdated
-        self._refresh_if_linked(fi.fh, path)
         return n
 
     def _refresh_if_linked(self, fd: int, path: str | None) -> None:
-        """After a change through ``fd``: the other names of a hard-linked file must not
-        keep showing the old size and times (there is no flush to do it at: see release)."""
+        """The other names of a hard-linked file changed through ``fd`` must not keep
+        showing the old size and times."""
         st = os.fstat(fd)
         if st.st_nlink > 1:
             self._refresh_links(st, path)
@@ -285,14 +292,23 @@ class UnionOperations(mfusepy.Operations):
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code), path)
         self.view.version += 1
-        self._refresh_if_linked(fi.fh, path)
+        if mode:
+            self._written.add(fi.fh)  # the size or data changed: refreshed at flush
         return 0
 
-    # No flush: the kernel then sends none (it stops after the first ENOSYS), which
-    # spares a round trip per close; what a flush would do is done by write itself.
+    @_translate
+    def flush(self, path, fi):
+        # close() waits for flush (release comes later, asynchronously): the other names
+        # of a written hard-linked file are refreshed before close returns. Read-only
+        # opens ask for no flush at all (noflush, see open).
+        if fi.fh in self._written:
+            self._written.discard(fi.fh)
+            self._refresh_if_linked(fi.fh, path)
+        return 0
 
     @_translate
     def release(self, path, fi):
+        self._written.discard(fi.fh)
         os.close(fi.fh)
         return 0
 

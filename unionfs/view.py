@@ -748,7 +748,7 @@ class UnionView:
             raise _err(errno.ENOTDIR, path)
         if self._child(parent, name) is not None:
             raise _err(errno.EEXIST, path)
-        return self._upper_dir(parent_path), name
+        return (parent if parent.upper is not None else self._upper_dir(parent_path)), name
 
     def _whiteout(self, parent: Node, name: str) -> None:
         """Hide the lower ``name`` of ``parent`` (only if the lower has it)."""
@@ -774,6 +774,9 @@ class UnionView:
         """Move ``src`` of ``tree`` (work/, or the upper for a rename) to ``name`` in the
         upper directory ``parent``, replacing a whiteout there."""
         dst = _join(parent.upper, name)
+        if self._lower_below(parent, name) is None:
+            tree.rename(src, self.up, dst)  # no lower name: no whiteout to replace
+            return
         if stat.S_ISDIR(tree.lstat(src).st_mode):
             with contextlib.suppress(FileNotFoundError):
                 if is_whiteout_st(self.up.lstat(dst)):
