@@ -256,10 +256,13 @@ class Bench:
     plain: a flat copy of the merged tree (``self.flat``); kernel: the overlay through
     mount(2) (or the new mount API beyond one page of options); fuse-overlayfs: its own
     process, started with -f; layerfs: ``layerfs mount`` of the imported image;
-    fuse-layerfs: the ``fuse-layerfs`` mount program over the same layer directories.
+    fuse-layerfs: the ``fuse-layerfs`` mount program over the same layer directories;
+    layerfs-kernel: ``layerfs mount --backend kernel`` of the imported image (the kernel's
+    overlay over the image's metadata image and the blob store; no serving process).
     """
 
-    SYSTEMS = ("plain", "kernel", "fuse-overlayfs", "layerfs", "fuse-layerfs")
+    SYSTEMS = ("plain", "kernel", "fuse-overlayfs", "layerfs", "fuse-layerfs", "layerfs-kernel")
+    NO_DAEMON = ("plain", "kernel", "layerfs-kernel")  # nothing in user space serves these
 
     def __init__(self, tmp: str, short: str, layer_dirs: list[str], store: str, big_bytes: int) -> None:
         self.tmp, self.short, self.layer_dirs, self.store = tmp, short, layer_dirs, store
@@ -354,10 +357,11 @@ class Bench:
                 why = p.stderr.decode(errors="replace").strip() or "its server is not running"
                 raise NotAvailable(f"fuse-layerfs did not mount (exit {p.returncode}): {why}")
             return m
-        if system == "layerfs":
+        if system in ("layerfs", "layerfs-kernel"):
             m = Mount(system, self.mnt, 0.0, container=None)
             self.active.append(m)
             cmd = self.cli + ["mount", "--root", self.store, image or f"bench:{n}", self.mnt]
+            cmd += ["--backend", "kernel"] if system == "layerfs-kernel" else []
             cmd += ["-o", extra[0]] if extra else []
             t0 = time.perf_counter()
             try:
@@ -367,6 +371,8 @@ class Bench:
                 raise NotAvailable(f"layerfs mount failed: {e}") from None
             m.seconds = time.perf_counter() - t0
             m.info["container"] = p.stdout.decode().strip()
+            if system == "layerfs-kernel":
+                return m
             try:
                 m.pid = server_pid(self.mnt, "unionfs.mount")
             except RuntimeError as e:
@@ -407,7 +413,7 @@ class Bench:
                         time.sleep(0.01)
                     if _pid_alive(m.pid):
                         os.kill(m.pid, signal.SIGKILL)
-            elif m.system == "layerfs":
+            elif m.system in ("layerfs", "layerfs-kernel"):
                 if m.info.get("container"):
                     # What ``layerfs rm -f`` does (unmount, wait for the server, remove the
                     # container and its upper), without a CLI start-up per mount: untimed.
@@ -448,7 +454,7 @@ class Bench:
         """The file that holds big.bin's data for ``system`` (to warm the page cache)."""
         if system == "plain":
             return os.path.join(self.flat, BIG)
-        if system == "layerfs":
+        if system in ("layerfs", "layerfs-kernel"):
             if self.big_blob is None:
                 for dirpath, _, files in os.walk(os.path.join(self.store, "blobs")):
                     for name in files:

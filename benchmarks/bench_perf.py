@@ -347,7 +347,7 @@ def print_depth(depth: dict, systems: list[str], names: list[str], repeat: int, 
     others = [s for s in FRONT_ENDS if s in systems]
     header = ["workload"]
     for s in systems:
-        header += [s] + (["cpu"] if s not in ("plain", "kernel") else [])
+        header += [s] + (["cpu"] if s not in Bench.NO_DAEMON else [])
     if RATIO_BASE in systems:
         for s in others + (["kernel"] if "kernel" in systems else []):
             header += [f"{s}/fo"] + (["cpu"] if s != "kernel" else [])
@@ -360,7 +360,7 @@ def print_depth(depth: dict, systems: list[str], names: list[str], repeat: int, 
         row = [label + ("" if unit == "s" else f", {unit}")]
         for s in systems:
             row.append(fmt(med[s]["value"], unit) if med[s] else ("n/a" if s in depth["not_available"] else "-"))
-            if s not in ("plain", "kernel"):
+            if s not in Bench.NO_DAEMON:
                 row.append(fmt(med[s]["cpu"]) if med[s] else "-")
         if RATIO_BASE in systems:
             for s in others + (["kernel"] if "kernel" in systems else []):
@@ -404,6 +404,25 @@ def print_summary(results: dict, systems: list[str], names: list[str]) -> None:
         if "dd" in names and "kernel" in systems:
             rows.append(["small writes / kernel", TARGETS["dd"]]
                         + [ratio(d.get("vs_kernel", {}).get("dd", {}).get(s)) for d in depths])
+        print_table(rows)
+    if "layerfs-kernel" in systems and "kernel" in systems:
+        # Issue 14's targets: within 1.2x of the kernel overlay over extracted layers at
+        # 1 layer, ahead of it from 32 layers on.
+        print("\nlayerfs-kernel / kernel overlay over the extracted layers: wall, medians")
+        rows = [["workload", "target"] + [f"{d['layers']} layer{'s' if d['layers'] > 1 else ''}" for d in depths]]
+        for w in depth_rows(names):
+            if w == "first_mount":
+                continue
+            row = [ROWS[w][0], "<=1.2x at 1 layer; <1.0x from 32"]
+            for d in depths:
+                lk, k = d["median"].get("layerfs-kernel", {}).get(w), d["median"].get("kernel", {}).get(w)
+                if not lk or not k or not k["wall"]:
+                    row.append("n/a")
+                elif ROWS[w][1] == "s":
+                    row.append(ratio(lk["wall"] / k["wall"]))
+                else:  # MB/s, IOPS: the throughput ratio
+                    row.append(ratio(lk["value"] / k["value"]) if k["value"] else "n/a")
+            rows.append(row)
         print_table(rows)
 
 

@@ -64,8 +64,11 @@ def mapped_size(path: str) -> tuple[int, int] | None:
     its pages take), or None if there is no data file or it has no valid meta page."""
     try:
         with open(data_file(path), "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            # The meta pages first, the size after: a writer grows the file before it
+            # writes the meta page that names the new pages, so read in this order a
+            # growing index never looks truncated.
             head = f.read(2 * 65536)
+            size = os.fstat(f.fileno()).st_size
     except FileNotFoundError:
         return None
     metas = []
