@@ -816,6 +816,93 @@ def commit(store: Store, container: str, tag: str | None, message: str, author: 
     click.echo(image.image_id)
 
 
+class _BuildLines:
+    """build's progress, as docker and buildah show it: ``STEP n/m: INSTRUCTION``, a RUN
+    step's output, ``--> Using cache ID`` or ``--> ID``. Quiet: nothing but a failing
+    step's output (on stderr)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.held = bytearray()
+
+    def step(self, label: str, text: str) -> None:
+        self.held.clear()
+        if not self.quiet:
+            click.echo(f"{label}: {shown(text)}")
+
+    def output(self, data: bytes) -> None:
+        if self.quiet:
+            self.held += data
+        else:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+
+    def done(self, image_id: str, cached: bool) -> None:
+        if not self.quiet:
+            click.echo(f"--> Using cache {image_id.removeprefix('sha256:')}" if cached else f"--> {short(image_id)}")
+
+    def warn(self, text: str) -> None:
+        click.echo(f"layerfs: warning: {text}", err=True)
+
+
+def _build_args(items: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not key:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--build-arg")
+        if not sep:  # as docker: KEY alone takes the value from the environment
+            if key not in os.environ:
+                continue
+            value = os.environ[key]
+        out[key] = value
+    return out
+
+
+@cli.command()
+@click.argument("context", type=click.Path(file_okay=False))
+@click.option("-f", "--file", "dockerfile", metavar="PATH",
+              help="The Dockerfile [default: CONTEXT/Dockerfile]; - reads it from stdin.")
+@click.option("-t", "--tag", "tags", multiple=True, help="Tag the image NAME[:TAG] (repeatable).")
+@click.option("--build-arg", "build_args", multiple=True, metavar="KEY[=VALUE]",
+              help="Set a build argument (KEY alone: from the environment).")
+@click.option("--no-cache", is_flag=True, help="Run every step again, ignoring the build cache.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image id (a failing step's output still shows).")
+@registry_options
+@with_store
+def build(store: Store, context: str, dockerfile: str | None, tags: tuple[str, ...],
+          build_args: tuple[str, ...], no_cache: bool, quiet: bool, registry_opts: dict) -> None:
+    """Build an image from a Dockerfile and CONTEXT; print its id last.
+
+    Each RUN runs in a container mounted through layerfs (own mount, pid, uts and ipc
+    namespaces, chroot, the host's network; needs root); each step's result is cached.
+    """
+    import signal
+
+    from unionfs.build.builder import build as build_image, read_dockerfile
+
+    def terminate(signum, frame):  # a killed build still removes its step's container
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    lines = _BuildLines(quiet)
+    try:
+        result = build_image(store, context, read_dockerfile(context, dockerfile), lines, tags=tags,
+                             build_args=_build_args(build_args), no_cache=no_cache,
+                             registry_opts=registry_opts)
+    except StoreError:
+        if lines.held:
+            sys.stderr.buffer.write(bytes(lines.held))
+            sys.stderr.buffer.flush()
+        raise
+    if not quiet:
+        click.echo(f"COMMIT {', '.join(result.tags) or short(result.image.image_id)}: {result.steps} steps, "
+                   f"{result.cached} from the cache")
+        for t in result.tags:
+            click.echo(f"Successfully tagged {t}")
+    click.echo(result.image.image_id)
+
+
 @cli.command()
 @with_store
 def demo(store: Store) -> None:
