@@ -364,10 +364,17 @@ def pull(store: Store, ref: str, tag: str | None, platform: str | None, registry
 @cli.command()
 @json_option
 @click.option("-q", "--quiet", is_flag=True, help="Only image ids.")
+@click.option("-a", "--all", "show_all", is_flag=True,
+              help="Also the untagged images of build steps (the build cache).")
 @with_store
-def images(store: Store, as_json: bool, quiet: bool) -> None:
-    """List images."""
+def images(store: Store, as_json: bool, quiet: bool, show_all: bool) -> None:
+    """List images (build steps' untagged images only with --all, as docker)."""
+    from store.buildcache import cached_images
+
     rows = store.images()
+    if not show_all:
+        hidden = cached_images(store.index)
+        rows = [(r, tags) for r, tags in rows if tags or r.image_id not in hidden]
     if as_json:
         click.echo(json.dumps([{"id": r.image_id, "tags": tags, "layers": list(r.layers),
                                 "created": r.created_ns / 1e9} for r, tags in rows], indent=2))
@@ -679,13 +686,26 @@ def fsck(root: str | None, fast: bool, repair: bool, as_json: bool) -> None:
         click.get_current_context().exit(1)
 
 
+def _volumes(specs: tuple[str, ...]):
+    from store.containers import Volume
+
+    return tuple(Volume.parse(spec) for spec in specs)
+
+
+volume_option = click.option(
+    "-v", "--volume", "volumes", multiple=True, metavar="HOST:CTR[:ro]",
+    help="Bind the host directory HOST over CTR in the mount, outside the writable layer "
+         "(diff and commit never see it); repeatable.")
+
+
 @cli.command()
 @click.argument("image")
 @click.option("--name", help="Name the container (default layerfs-<id>).")
+@volume_option
 @with_store
-def create(store: Store, image: str, name: str | None) -> None:
+def create(store: Store, image: str, name: str | None, volumes: tuple[str, ...]) -> None:
     """Create a container (a writable layer on IMAGE); print its id."""
-    click.echo(store.create_container(image, name).id)
+    click.echo(store.create_container(image, name, volumes=_volumes(volumes)).id)
 
 
 @cli.command()
@@ -699,9 +719,10 @@ def create(store: Store, image: str, name: str | None) -> None:
 @click.option("-o", "options", multiple=True,
               help="FUSE options: allow_other, suid, dev, nosuid, nodev (see SECURITY.md), ...; "
                    "volatile skips syncs.")
+@volume_option
 @with_store
 def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: bool, suid: bool,
-          options: tuple[str, ...]) -> None:
+          options: tuple[str, ...], volumes: tuple[str, ...]) -> None:
     """Mount an image or container at MOUNTPOINT (returns once the mount serves).
 
     As root, a mount below a directory only root can search (like /var/lib/layerfs) lets
@@ -712,12 +733,15 @@ def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: 
 
     opts = mnt.parse_options(options + (("suid,dev",) if suid else ()))
     volatile = bool(opts.pop("volatile", False))
+    vols = _volumes(volumes)
     if foreground:
+        if vols or any(c.volumes for c in [store.containers.find(ref)] if c):
+            raise StoreError("volumes are bound over a background mount: mount without -f")
         mnt.mount_foreground(store, ref, mountpoint, read_only=read_only, options=opts,
                              volatile=volatile)
     else:
         click.echo(mnt.mount(store, ref, mountpoint, read_only=read_only, options=opts,
-                             volatile=volatile).id)
+                             volatile=volatile, volumes=vols).id)
 
 
 @cli.command()
@@ -765,7 +789,7 @@ def _access_text(c, st: str) -> str:
 def _container_json(c, st: str) -> dict:
     return {"id": c.id, "name": c.name, "image": c.image_id, "state": st,
             "mountpoint": c.mountpoint or None, "pid": c.pid or None, "created": c.created_ns / 1e9,
-            "access": _access(c, st)}
+            "access": _access(c, st), "volumes": [str(v) for v in c.volumes]}
 
 
 @cli.command()

@@ -16,7 +16,8 @@ import os
 import stat
 import struct
 
-_libc = ctypes.CDLL(None, use_errno=True)
+from .syscalls import libc
+
 _SYS_OPENAT2 = 437  # the same number on every architecture (a syscall added after the unification)
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_IN_ROOT = 0x10
@@ -27,7 +28,7 @@ def openat2_in_root(root_fd: int, path: str, flags: int, mode: int = 0) -> int:
     """``openat(root_fd, path, flags)`` resolved with ``root_fd`` as the root."""
     how = struct.pack("QQQ", flags | os.O_CLOEXEC, mode, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
     raw = os.fsencode(path.lstrip("/") or ".")
-    fd = _libc.syscall(_SYS_OPENAT2, root_fd, raw, how, len(how))
+    fd = libc.syscall(_SYS_OPENAT2, root_fd, raw, how, len(how))
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)

@@ -21,10 +21,12 @@ import threading
 import time
 
 from store import Store, StoreError
-from store.containers import READ_ONLY, Container
+from store.containers import READ_ONLY, Container, Volume
 from store.fstree import raise_open_file_limit
 from store.records import ImageRecord
 from store.leases import process_start
+
+from .volumes import attach as attach_volumes, detach as detach_volumes
 
 READY_TIMEOUT = 30.0
 
@@ -183,8 +185,9 @@ def _check_mountpoint(mountpoint: str) -> str:
 
 
 def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
-          options: dict | None = None, volatile: bool = False) -> Container:
-    """Mount a container (or a new one of an image) at ``mountpoint`` in the background."""
+          options: dict | None = None, volatile: bool = False, volumes: tuple[Volume, ...] = ()) -> Container:
+    """Mount a container (or a new one of an image) at ``mountpoint`` in the background,
+    with the container's volumes and ``volumes`` bound over it (unionfs.volumes)."""
     path = _check_mountpoint(mountpoint)
     c, made = container_for(store, ref, read_only)
     c = store.containers.claim(c, path, server_alive)
@@ -210,7 +213,16 @@ def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
         else:
             store.containers.set_mount(c, "", 0)
         raise MountError(message or f"the serving process exited ({proc.returncode}); see {log_path}")
-    return store.containers.set_mount(c, path, proc.pid)
+    c = store.containers.set_mount(c, path, proc.pid)
+    if c.volumes or volumes:
+        try:
+            attach_volumes(path, c.volumes + tuple(volumes))
+        except OSError as e:
+            umount(store, c.id)
+            if made:
+                store.containers.remove(store.containers.get(c.id))
+            raise MountError(f"cannot bind the volumes: {e.strerror or e}") from None
+    return c
 
 
 def mount_foreground(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
@@ -267,6 +279,7 @@ def umount(store: Store, target: str) -> Container | None:
         if c is None or not c.mountpoint:
             raise MountError(f"{target} is not mounted")
     else:
+        detach_volumes(mountpoint)  # fusermount refuses a mount with mounts on it
         res = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
         if res.returncode != 0:
             lazy = subprocess.run(["umount", "-l", mountpoint], capture_output=True, text=True)
