@@ -865,6 +865,10 @@ class _BuildLines:
         if not self.quiet:
             click.echo(f"--> Using cache {image_id.removeprefix('sha256:')}" if cached else f"--> {short(image_id)}")
 
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            click.echo(text)
+
     def warn(self, text: str) -> None:
         click.echo(f"layerfs: warning: {text}", err=True)
 
