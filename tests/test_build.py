@@ -394,3 +394,23 @@ def test_from_a_registry_pulls(lf, registry, tmp_path):
                          env=dict(os.environ, LAYERFS_ROOT=fresh)).stdout
     assert got == b"pulled\n"
     no_leftovers(fresh)
+
+
+def test_onbuild_triggers_and_healthcheck(lf, base_root, tmp_path):
+    """ONBUILD is recorded, then run once by the build FROM that image (and not kept in
+    its config); HEALTHCHECK goes into the config as docker writes it."""
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "Dockerfile").write_text(
+        "FROM layerfs-demo\nONBUILD RUN echo triggered > /trigger\n"
+        "HEALTHCHECK --interval=30s --retries=2 CMD [\"/bin/true\"]\n")
+    lf("build", "-q", "-t", "onbuild:parent", str(parent))
+    cfg = inspect(lf, "onbuild:parent")["config"]["config"]
+    assert cfg["OnBuild"] == ["RUN echo triggered > /trigger"]
+    assert cfg["Healthcheck"] == {"Test": ["CMD", "/bin/true"], "Interval": 30_000_000_000, "Retries": 2}
+    child = context(tmp_path, "FROM onbuild:parent\nCMD [\"/bin/cat\", \"/trigger\"]\n")
+    out = lf("build", "-t", "onbuild:child", child).stdout.decode()
+    assert "STEP 2/3: RUN echo triggered > /trigger" in out
+    assert lf("cat", "onbuild:child", "/trigger").stdout == b"triggered\n"
+    assert "OnBuild" not in inspect(lf, "onbuild:child")["config"]["config"]
+    no_leftovers(base_root)
