@@ -308,10 +308,10 @@ def registry_options(fn):
             raise click.UsageError("--password-stdin needs --username")
         if username and not password_stdin:
             raise click.UsageError("--username needs --password-stdin (the password on stdin)")
-        from store.registry import Credentials
-
         creds = None
-        if username:
+        if username:  # the registry client is imported only when used (build rarely pulls)
+            from store.registry import Credentials
+
             password = sys.stdin.readline().rstrip("\r\n")
             creds = Credentials(username, password, "--username")
         return fn(registry_opts={"credentials": creds, "insecure": insecure}, **kwargs)
