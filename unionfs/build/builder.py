@@ -349,7 +349,8 @@ class _Builder:
         try:
             root = os.path.join(store.containers.dir, c.id, "rootfs")
             os.mkdir(root, 0o700)
-            mountmod.mount(store, c.id, root)
+            # nodev: a device node in an image must not open the host's device for a step.
+            mountmod.mount(store, c.id, root, options={"nodev": True})
             try:
                 placeholders = work(root, c) or []
             finally:

@@ -4,10 +4,12 @@ a container's mount, on the host's network.
 ``run`` starts ``python -m unionfs.build.sandbox SPEC``. That process unshares the
 namespaces, makes every mount private (nothing it mounts reaches the host), and forks
 the step's first process, pid 1 of the new pid namespace: it mounts a fresh /proc, a
-minimal /dev (a tmpfs with the usual nodes, devpts and shm), /sys read-only, and binds
+minimal /dev (a nodev tmpfs with the host's null, zero, full, random, urandom and tty
+bound in, devpts and shm), /sys read-only, and binds
 the build's resolv.conf and hosts over the image's, each at its path as resolved
-inside the root (unionfs.inroot), then chroots, takes the step's user and execs the
-command. Those mounts live in the namespace only: they never reach the container's
+inside the root (unionfs.inroot), then chroots, keeps only docker's default
+capabilities (no CAP_SYS_ADMIN: no mount, no way back out of the chroot), takes the
+step's user and execs the command. Those mounts live in the namespace only: they never reach the container's
 upper layer, and they vanish with the namespace when the step ends. When pid 1 exits,
 the kernel ends every process the step left behind.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import stat
 import subprocess
@@ -25,7 +28,8 @@ from dataclasses import asdict, dataclass
 
 from ..inroot import openat2_in_root
 from ..syscalls import (CLONE_NEWIPC, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUTS, MS_BIND, MS_NODEV, MS_NOEXEC,
-                        MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, check, libc, mount, unshare)
+                        MNT_DETACH, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, check, libc, mount, umount,
+                        unshare)
 
 _PR_SET_PDEATHSIG = 1
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -83,8 +87,11 @@ def _target(root_fd: int, path: str, want_dir: bool) -> str | None:
     return f"/proc/self/fd/{fd}"
 
 
-_DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9),
-            ("tty", 5, 0))
+_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+# The capabilities a step keeps (docker's default set): no CAP_SYS_ADMIN (mount, and so
+# no way out of the chroot), no module loading, no raw I/O, no ptrace of the host.
+_KEEP_CAPS = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31})
+_PR_CAPBSET_DROP = 24
 
 
 def _setup(spec: RunSpec) -> None:
@@ -96,12 +103,14 @@ def _setup(spec: RunSpec) -> None:
         mount("proc", target, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     target = _target(root_fd, "dev", True)
     if target:
-        mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=65536k")
+        # nodev: a node the step makes here opens nothing; the usual ones are the host's,
+        # bound one by one (a bind keeps its source's mount flags).
+        mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=755,size=65536k")
         # Resolved again: the old fd names the directory under the new tmpfs.
         dev = openat2_in_root(root_fd, "dev", os.O_RDONLY | os.O_DIRECTORY)
-        for name, major, minor in _DEVICES:
-            os.mknod(name, 0o666 | 0o020000, os.makedev(major, minor), dir_fd=dev)
-            os.chmod(name, 0o666, dir_fd=dev)
+        for name in _DEVICES:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o666, dir_fd=dev))
+            mount(f"/dev/{name}", f"/proc/self/fd/{dev}/{name}", None, MS_BIND)
         for name, to in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx")):
             os.symlink(to, name, dir_fd=dev)
@@ -158,6 +167,29 @@ def user_ids(user: str) -> tuple[int, int, list[int], str]:
     return uid, gid, sorted({gid, *extra}), home
 
 
+# pivot_root(2) has no libc wrapper everywhere; its number per architecture.
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+
+
+def _pivot(root: str) -> None:
+    """Make ``root`` the namespace's root and drop the host's tree from it (as runc
+    does), then chroot there: a chroot alone can be left by a root process, a namespace
+    whose only tree is the container's cannot."""
+    number = _SYS_PIVOT_ROOT.get(platform.machine())
+    old = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.chdir(root)
+        if number is not None:
+            check(libc.syscall(number, b".", b"."), "pivot_root")
+            os.fchdir(old)  # the old root is stacked on the new one: detach it
+            mount("none", ".", None, MS_REC | MS_PRIVATE)
+            umount(".", MNT_DETACH)
+            os.chdir("/")
+        os.chroot(".")
+    finally:
+        os.close(old)
+
+
 def _child(spec: RunSpec) -> None:
     """pid 1 of the step: set up, chroot, drop to the user, exec (never returns)."""
     try:
@@ -165,8 +197,12 @@ def _child(spec: RunSpec) -> None:
         _setup(spec)
         hostname = spec.hostname.encode()
         check(libc.sethostname(hostname, len(hostname)), "sethostname")
-        os.chdir(spec.root)
-        os.chroot(".")
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last_cap = int(f.read())
+        _pivot(spec.root)
+        for cap in range(last_cap + 1):
+            if cap not in _KEEP_CAPS:
+                check(libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), f"dropping capability {cap}")
         uid, gid, groups, home = user_ids(spec.user)
         os.makedirs(spec.workdir or "/", exist_ok=True)
         os.chdir(spec.workdir or "/")
