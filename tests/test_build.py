@@ -199,7 +199,7 @@ def test_run_sandbox(lf, base_root, tmp_path):
     ctx = context(tmp_path, """\
 FROM layerfs-demo
 RUN echo "pid=$$ host=$(cat /proc/sys/kernel/hostname)" && ls /proc/1/ >/dev/null && echo ok > /dev/null \
-    && head -c 4 /dev/zero | wc -c && cat /etc/resolv.conf > /resolv.seen && (sleep 300 &) && echo started
+    && head -c 4 /dev/zero | wc -c && cat /etc/resolv.conf > /resolv.seen && (sleep 3017 &) && echo started
 SHELL ["/bin/echo", "shell says:"]
 RUN hello
 """)
@@ -209,7 +209,7 @@ RUN hello
     assert "pid=1 host=" in out and f"host={hostname}\n" not in out
     assert "\n4\n" in out and "started" in out
     assert "shell says: hello" in out
-    procs = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True).stdout
+    procs = subprocess.run(["pgrep", "-f", "sleep 3017"], capture_output=True).stdout
     assert procs == b"", "a process the step left behind still runs"
     image = inspect(lf, "sandbox:v1")
     run1 = image["layers"][3]
