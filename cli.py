@@ -308,10 +308,10 @@ def registry_options(fn):
             raise click.UsageError("--password-stdin needs --username")
         if username and not password_stdin:
             raise click.UsageError("--username needs --password-stdin (the password on stdin)")
-        from store.registry import Credentials
-
         creds = None
-        if username:
+        if username:  # the registry client is imported only when used (build rarely pulls)
+            from store.registry import Credentials
+
             password = sys.stdin.readline().rstrip("\r\n")
             creds = Credentials(username, password, "--username")
         return fn(registry_opts={"credentials": creds, "insecure": insecure}, **kwargs)
@@ -364,10 +364,17 @@ def pull(store: Store, ref: str, tag: str | None, platform: str | None, registry
 @cli.command()
 @json_option
 @click.option("-q", "--quiet", is_flag=True, help="Only image ids.")
+@click.option("-a", "--all", "show_all", is_flag=True,
+              help="Also the untagged images of build steps (the build cache).")
 @with_store
-def images(store: Store, as_json: bool, quiet: bool) -> None:
-    """List images."""
+def images(store: Store, as_json: bool, quiet: bool, show_all: bool) -> None:
+    """List images (build steps' untagged images only with --all, as docker)."""
+    from store.buildcache import cached_images
+
     rows = store.images()
+    if not show_all:
+        hidden = cached_images(store.index)
+        rows = [(r, tags) for r, tags in rows if tags or r.image_id not in hidden]
     if as_json:
         click.echo(json.dumps([{"id": r.image_id, "tags": tags, "layers": list(r.layers),
                                 "created": r.created_ns / 1e9} for r, tags in rows], indent=2))
@@ -679,13 +686,26 @@ def fsck(root: str | None, fast: bool, repair: bool, as_json: bool) -> None:
         click.get_current_context().exit(1)
 
 
+def _volumes(specs: tuple[str, ...]):
+    from store.containers import Volume
+
+    return tuple(Volume.parse(spec) for spec in specs)
+
+
+volume_option = click.option(
+    "-v", "--volume", "volumes", multiple=True, metavar="HOST:CTR[:ro]",
+    help="Bind the host directory HOST over CTR in the mount, outside the writable layer "
+         "(diff and commit never see it); repeatable.")
+
+
 @cli.command()
 @click.argument("image")
 @click.option("--name", help="Name the container (default layerfs-<id>).")
+@volume_option
 @with_store
-def create(store: Store, image: str, name: str | None) -> None:
+def create(store: Store, image: str, name: str | None, volumes: tuple[str, ...]) -> None:
     """Create a container (a writable layer on IMAGE); print its id."""
-    click.echo(store.create_container(image, name).id)
+    click.echo(store.create_container(image, name, volumes=_volumes(volumes)).id)
 
 
 @cli.command()
@@ -702,9 +722,10 @@ def create(store: Store, image: str, name: str | None) -> None:
 @click.option("--backend", type=click.Choice(["fuse", "kernel", "auto"]), default="fuse", show_default=True,
               help="fuse: layerfs serves the mount (any user); kernel: the kernel's overlayfs over "
                    "a metadata image of the image (root, Linux 6.5+); auto: kernel where it can.")
+@volume_option
 @with_store
 def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: bool, suid: bool,
-          options: tuple[str, ...], backend: str) -> None:
+          options: tuple[str, ...], backend: str, volumes: tuple[str, ...]) -> None:
     """Mount an image or container at MOUNTPOINT (returns once the mount serves).
 
     As root, a mount below a directory only root can search (like /var/lib/layerfs) lets
@@ -716,12 +737,15 @@ def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: 
 
     opts = mnt.parse_options(options + (("suid,dev",) if suid else ()))
     volatile = bool(opts.pop("volatile", False))
+    vols = _volumes(volumes)
     if foreground:
+        if vols or any(c.volumes for c in [store.containers.find(ref)] if c):
+            raise StoreError("volumes are bound over a background mount: mount without -f")
         mnt.mount_foreground(store, ref, mountpoint, read_only=read_only, options=opts,
                              volatile=volatile, backend=backend)
     else:
         click.echo(mnt.mount(store, ref, mountpoint, read_only=read_only, options=opts,
-                             volatile=volatile, backend=backend).id)
+                             volatile=volatile, backend=backend, volumes=vols).id)
 
 
 @cli.command()
@@ -767,7 +791,8 @@ def _container_json(c) -> dict:
             "backend": backend_of(c) if st == "mounted" else None,
             "upper_format": "kernel" if c.kernel_format else "oci",
             "mountpoint": c.mountpoint or None, "pid": c.pid or None, "created": c.created_ns / 1e9,
-            "access": mount_access(c.mountpoint) if st == "mounted" else None}
+            "access": mount_access(c.mountpoint) if st == "mounted" else None,
+            "volumes": [str(v) for v in c.volumes]}
 
 
 @cli.command()
@@ -821,6 +846,97 @@ def commit(store: Store, container: str, tag: str | None, message: str, author: 
     image = mnt.commit(store, container, freeze=freeze, tag=tag, message=message, author=author,
                        changes=changes)
     click.echo(image.image_id)
+
+
+class _BuildLines:
+    """build's progress, as docker and buildah show it: ``STEP n/m: INSTRUCTION``, a RUN
+    step's output, ``--> Using cache ID`` or ``--> ID``. Quiet: nothing but a failing
+    step's output (on stderr)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.held = bytearray()
+
+    def step(self, label: str, text: str) -> None:
+        self.held.clear()
+        if not self.quiet:
+            click.echo(f"{label}: {shown(text)}")
+
+    def output(self, data: bytes) -> None:
+        if self.quiet:
+            self.held += data
+        else:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+
+    def done(self, image_id: str, cached: bool) -> None:
+        if not self.quiet:
+            click.echo(f"--> Using cache {image_id.removeprefix('sha256:')}" if cached else f"--> {short(image_id)}")
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            click.echo(text)
+
+    def warn(self, text: str) -> None:
+        click.echo(f"layerfs: warning: {text}", err=True)
+
+
+def _build_args(items: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not key:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--build-arg")
+        if not sep:  # as docker: KEY alone takes the value from the environment
+            if key not in os.environ:
+                continue
+            value = os.environ[key]
+        out[key] = value
+    return out
+
+
+@cli.command()
+@click.argument("context", type=click.Path(file_okay=False))
+@click.option("-f", "--file", "dockerfile", metavar="PATH",
+              help="The Dockerfile [default: CONTEXT/Dockerfile]; - reads it from stdin.")
+@click.option("-t", "--tag", "tags", multiple=True, help="Tag the image NAME[:TAG] (repeatable).")
+@click.option("--build-arg", "build_args", multiple=True, metavar="KEY[=VALUE]",
+              help="Set a build argument (KEY alone: from the environment).")
+@click.option("--no-cache", is_flag=True, help="Run every step again, ignoring the build cache.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image id (a failing step's output still shows).")
+@registry_options
+@with_store
+def build(store: Store, context: str, dockerfile: str | None, tags: tuple[str, ...],
+          build_args: tuple[str, ...], no_cache: bool, quiet: bool, registry_opts: dict) -> None:
+    """Build an image from a Dockerfile and CONTEXT; print its id last.
+
+    Each RUN runs in a container mounted through layerfs (own mount, pid, uts and ipc
+    namespaces, chroot, the host's network; needs root); each step's result is cached.
+    """
+    import signal
+
+    from unionfs.build.builder import build as build_image, read_dockerfile
+
+    def terminate(signum, frame):  # a killed build still removes its step's container
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    lines = _BuildLines(quiet)
+    try:
+        result = build_image(store, context, read_dockerfile(context, dockerfile), lines, tags=tags,
+                             build_args=_build_args(build_args), no_cache=no_cache,
+                             registry_opts=registry_opts)
+    except StoreError:
+        if lines.held:
+            sys.stderr.buffer.write(bytes(lines.held))
+            sys.stderr.buffer.flush()
+        raise
+    if not quiet:
+        click.echo(f"COMMIT {', '.join(result.tags) or short(result.image.image_id)}: {result.steps} steps, "
+                   f"{result.cached} from the cache")
+        for t in result.tags:
+            click.echo(f"Successfully tagged {t}")
+    click.echo(result.image.image_id)
 
 
 @cli.command()

@@ -82,17 +82,20 @@ def apply_change(config: dict, change: str) -> None:
 
 
 def commit(store: Store, c: Container, tag: str | None = None, message: str = "",
-           author: str = "", changes: tuple[str, ...] = ()) -> ImageRecord:
+           author: str = "", changes: tuple[str, ...] = (), *, config: dict | None = None,
+           created_by: str = "layerfs commit") -> ImageRecord:
     """Record the container's changes as a new layer on its image; return the new image.
 
-    If the container is mounted, the caller holds its writes while this runs.
+    ``config`` replaces the image's config as the starting point (a builder's, edited
+    by earlier steps); ``created_by`` is the history entry's. If the container is
+    mounted, the caller holds its writes while this runs.
     """
     tag = imagesmod.parse_reference(tag) if tag else None
     base = store.resolve_image(c.image_id)
-    config = json.loads(base.config)
+    config = json.loads(base.config) if config is None else config
     for change in changes:
         apply_change(config, change)
-    history = {"created_by": "layerfs commit"}
+    history = {"created_by": created_by}
     if message:
         history["comment"] = message
     if author:

@@ -9,6 +9,7 @@ died can be told apart from a live one.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -36,6 +37,33 @@ class ContainerNotFound(NotFound):
 
 
 @dataclass(slots=True, frozen=True)
+class Volume:
+    """A host directory bound over a path of the container's mount (outside its upper
+    layer: diff and commit never see what is in it)."""
+
+    host: str
+    target: str
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> "Volume":
+        """``HOST:CTR[:ro|rw]``, both absolute; HOST must exist."""
+        parts = spec.split(":")
+        mode = parts.pop() if len(parts) == 3 else "rw"
+        if len(parts) != 2 or mode not in ("ro", "rw") or not all(p.startswith("/") for p in parts):
+            raise StoreError(f"invalid volume {spec!r}: expected HOST:CONTAINER[:ro], both absolute paths")
+        host, target = os.path.abspath(parts[0]), os.path.normpath(parts[1])
+        if target == "/":
+            raise StoreError(f"invalid volume {spec!r}: a volume cannot cover the container's root")
+        if not os.path.exists(host):
+            raise StoreError(f"invalid volume {spec!r}: {host} does not exist")
+        return cls(host, target, mode == "ro")
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.target}" + (":ro" if self.read_only else "")
+
+
+@dataclass(slots=True, frozen=True)
 class Container:
     """A container record."""
 
@@ -47,6 +75,7 @@ class Container:
     pid: int = 0  # the serving process
     pid_start: int = 0  # its start time (a reused pid is another process)
     flags: int = 0
+    volumes: tuple[Volume, ...] = ()
 
     @property
     def read_only(self) -> bool:
@@ -59,8 +88,10 @@ class Container:
 
 def _pack(c: Container) -> bytes:
     name, mnt = c.name.encode(), os.fsencode(c.mountpoint)
+    # Volumes follow as JSON (a record without them ends after the mountpoint).
+    vols = json.dumps([[v.host, v.target, v.read_only] for v in c.volumes]).encode() if c.volumes else b""
     return (_REC.pack(digest_bytes(c.image_id), c.created_ns, c.pid, c.pid_start, c.flags, len(name),
-                      len(mnt)) + name + mnt)
+                      len(mnt)) + name + mnt + vols)
 
 
 def _unpack(cid: bytes, buf: bytes) -> Container:
@@ -68,7 +99,9 @@ def _unpack(cid: bytes, buf: bytes) -> Container:
     pos = _REC.size
     name = bytes(buf[pos:pos + ln]).decode()
     mnt = os.fsdecode(bytes(buf[pos + ln:pos + ln + lm]))
-    return Container(bytes(cid).decode(), name, bytes_digest(image), created, mnt, pid, start, flags)
+    rest = bytes(buf[pos + ln + lm:])
+    vols = tuple(Volume(h, t, bool(ro)) for h, t, ro in json.loads(rest)) if rest else ()
+    return Container(bytes(cid).decode(), name, bytes_digest(image), created, mnt, pid, start, flags, vols)
 
 
 class Containers:
@@ -85,14 +118,14 @@ class Containers:
         return os.path.join(self.dir, c.id, "work")
 
     def create(self, image_id: str, name: str | None = None, flags: int = 0,
-               root: Entry | None = None) -> Container:
+               root: Entry | None = None, volumes: tuple[Volume, ...] = ()) -> Container:
         """A new container of an image, with an empty upper layer whose root directory
-        has the image root's owner, mode and times (``root``)."""
+        has the image root's owner, mode and times (``root``), and its volumes."""
         cid = secrets.token_hex(32)
         name = name or f"layerfs-{cid[:12]}"
         if not _NAME_RE.match(name):
             raise StoreError(f"invalid container name {name!r}: use letters, digits, _ . -")
-        c = Container(cid, name, image_id, time.time_ns(), flags=flags)
+        c = Container(cid, name, image_id, time.time_ns(), flags=flags, volumes=tuple(volumes))
         base = os.path.join(self.dir, cid)
         try:
             os.makedirs(os.path.join(base, "upper"))

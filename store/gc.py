@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from . import crashpoints, leases, metaimage
+from . import buildcache, crashpoints, leases, metaimage
 from .fstree import remove_tree
 from .index import delete_prefix, prefix_scan
 from .merged import chain_ids
@@ -110,6 +110,7 @@ def _sweep_records(store, dry_run: bool, report: GcReport, ignore: frozenset[str
             txn.delete(key, db=index.db("layerblobs"))
         for key in dead_blobs:
             txn.delete(key, db=index.db("blobs"))
+        buildcache.drop_dead(txn, index)
         return [k.decode() for k in dead_blobs]
 
     start = time.monotonic()

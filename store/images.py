@@ -108,8 +108,9 @@ def rfc3339(ns: int) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def new_config(parent: bytes | dict | None, diff_id: str, created_ns: int, history: dict) -> bytes:
-    """The OCI config of ``parent`` (or a fresh one) with one more layer and history entry."""
+def new_config(parent: bytes | dict | None, diff_id: str | None, created_ns: int, history: dict) -> bytes:
+    """The OCI config of ``parent`` (or a fresh one) with one more layer (none if
+    ``diff_id`` is None: a change of the config only) and history entry."""
     if isinstance(parent, dict):
         config = json.loads(json.dumps(parent))
     elif parent:
@@ -120,7 +121,9 @@ def new_config(parent: bytes | dict | None, diff_id: str, created_ns: int, histo
                   "history": []}
     created = rfc3339(created_ns)
     config["created"] = created
-    config.setdefault("rootfs", {"type": "layers", "diff_ids": []})["diff_ids"].append(diff_id)
+    diff_ids = config.setdefault("rootfs", {"type": "layers", "diff_ids": []})["diff_ids"]
+    if diff_id is not None:
+        diff_ids.append(diff_id)
     config.setdefault("history", []).append({"created": created, **history})
     return canonical_json(config)
 

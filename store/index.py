@@ -38,6 +38,9 @@ DATABASES = (
     "containers",
     "leases",
     "layerblobs",  # 32-byte diff_id | 32-byte compressed digest -> LayerBlob
+    # 32-byte step key -> 32-byte image id (store/buildcache.py). A cache: an older
+    # layerfs may ignore it, its values are images and so gc roots anyway.
+    "buildcache",
 )
 
 # Sparse and only address space: large enough that a mount's reader threads never see

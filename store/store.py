@@ -356,10 +356,12 @@ class Store:
 
     # -- reading -------------------------------------------------------------------
 
-    def create_container(self, image: str, name: str | None = None, flags: int = 0):
-        """A new container of an image (its upper root takes the image root's metadata)."""
+    def create_container(self, image: str, name: str | None = None, flags: int = 0, volumes=()):
+        """A new container of an image (its upper root takes the image root's metadata),
+        with ``volumes`` (containers.Volume) bound over its mount whenever it is mounted."""
         rec = self.resolve_image(image)
-        return self.containers.create(rec.image_id, name, flags, root=self.tree(rec).lookup(""))
+        return self.containers.create(rec.image_id, name, flags, root=self.tree(rec).lookup(""),
+                                      volumes=tuple(volumes))
 
     def image_layers(self, image: ImageRecord) -> list[LayerRecord]:
         return [self.resolve_layer(d) for d in image.layers]

@@ -23,13 +23,14 @@ import threading
 import time
 
 from store import Store, StoreError
-from store.containers import KERNEL_FORMAT, READ_ONLY, Container
+from store.containers import KERNEL_FORMAT, READ_ONLY, Container, Volume
 from store.fstree import raise_open_file_limit
 from store.records import ImageRecord
 from store.leases import process_start
 
 from . import kernel
 from .freeze import frozen
+from .volumes import attach as attach_volumes, detach as detach_volumes
 
 READY_TIMEOUT = 30.0
 
@@ -206,14 +207,17 @@ def _check_mountpoint(mountpoint: str) -> str:
 
 
 def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
-          options: dict | None = None, volatile: bool = False, backend: str = "fuse") -> Container:
+          options: dict | None = None, volatile: bool = False, backend: str = "fuse",
+          volumes: tuple[Volume, ...] = ()) -> Container:
     """Mount a container (or a new one of an image) at ``mountpoint`` in the background,
-    served by ``backend``: fuse, kernel, or auto (kernel where it can)."""
+    served by ``backend`` (fuse, kernel, or auto: kernel where it can), with the
+    container's volumes and ``volumes`` bound over it (unionfs.volumes)."""
     path = _check_mountpoint(mountpoint)
     c, made, backend = _container_and_backend(store, ref, read_only, backend, options, False)
     if backend == "kernel":
-        return _mount_kernel(store, c, made, path, read_only=read_only, options=options or {},
-                             volatile=volatile)
+        c = _mount_kernel(store, c, made, path, read_only=read_only, options=options or {},
+                          volatile=volatile)
+        return _with_volumes(store, c, made, path, volumes)
     c = store.containers.claim(c, path, mount_alive)
     cmd = [sys.executable, "-m", "unionfs.mount", "--root", store.root, "--container", c.id,
            "--mountpoint", path]
@@ -237,7 +241,21 @@ def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
         else:
             store.containers.set_mount(c, "", 0)
         raise MountError(message or f"the serving process exited ({proc.returncode}); see {log_path}")
-    return store.containers.set_mount(c, path, proc.pid)
+    c = store.containers.set_mount(c, path, proc.pid)
+    return _with_volumes(store, c, made, path, volumes)
+
+
+def _with_volumes(store: Store, c: Container, made: bool, path: str, volumes: tuple[Volume, ...]) -> Container:
+    """Bind the container's volumes and ``volumes`` over its new mount at ``path``."""
+    if c.volumes or volumes:
+        try:
+            attach_volumes(path, c.volumes + tuple(volumes))
+        except OSError as e:
+            umount(store, c.id)
+            if made:
+                store.containers.remove(store.containers.get(c.id))
+            raise MountError(f"cannot bind the volumes: {e.strerror or e}") from None
+    return c
 
 
 def _container_and_backend(store: Store, ref: str, read_only: bool, backend: str, options: dict | None,
@@ -324,11 +342,13 @@ def umount(store: Store, target: str) -> Container | None:
         c = store.containers.by_mountpoint(target)
     mountpoint = c.mountpoint if c is not None and c.mountpoint else os.path.abspath(target)
     if c is not None and kernel.mounted(c):
+        detach_volumes(mountpoint)  # an overlay with mounts on it is busy
         kernel.umount(store, c)
     elif not mounted_fuse(mountpoint):
         if c is None or not c.mountpoint:
             raise MountError(f"{target} is not mounted")
     else:
+        detach_volumes(mountpoint)  # fusermount refuses a mount with mounts on it
         res = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
         if res.returncode != 0:
             lazy = subprocess.run(["umount", "-l", mountpoint], capture_output=True, text=True)
