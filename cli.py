@@ -47,27 +47,70 @@ class _Cli(click.Group):
             ctx.exit(130)
 
 
-root_option = click.option(
-    "--root", envvar="LAYERFS_ROOT", metavar="DIR",
-    help="Store directory [env LAYERFS_ROOT; default /var/lib/layerfs as root, else ~/.local/share/layerfs].")
+ROOT_HELP = ("Store directory [env LAYERFS_ROOT; default /var/lib/layerfs as root, else "
+             "~/.local/share/layerfs]; before or after the command.")
 
 
-def open_store(root: str | None) -> Store:
-    """Open the store, printing its notes (a store found readable by others) on stderr."""
-    store = Store(root)
+def _root_after_command(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--root`` given after the command, merged with one given before it (or by
+    $LAYERFS_ROOT): podman and skopeo take store-wide options before the command, most
+    people type them after; both work, and two different roots are refused."""
+    before = ctx.find_root().params.get("root")
+    if value is None:
+        return before
+    source = ctx.find_root().get_parameter_source("root")
+    if before is not None and source == click.core.ParameterSource.COMMANDLINE and \
+            Store.root_of(before) != Store.root_of(value):
+        raise click.UsageError(f"--root given twice: {before} before the command, {value} after it")
+    return value
+
+
+root_option = click.option("--root", metavar="DIR", callback=_root_after_command, help=ROOT_HELP)
+
+
+def open_store(root: str | None, create: bool = False) -> Store:
+    """Open the store (made only if ``create``), printing its notes (a store found
+    readable by others) on stderr."""
+    store = Store(root, create=create)
     for note in store.notes:
         click.echo(f"layerfs: note: {note}", err=True)
     return store
 
 
-def with_store(fn):
-    """Add ``--root`` and pass an open Store as the first argument."""
-    @root_option
-    @functools.wraps(fn)
-    def wrapper(root, **kwargs):
-        with open_store(root) as store:
-            return fn(store, **kwargs)
-    return wrapper
+def with_store(fn=None, *, create: bool = False):
+    """Add ``--root`` and pass an open Store as the first argument. Only commands that
+    add to the store (``create``) make one; the others fail with "no store at DIR"."""
+    def decorate(fn):
+        @root_option
+        @functools.wraps(fn)
+        def wrapper(root, **kwargs):
+            with open_store(root, create) as store:
+                return fn(store, **kwargs)
+        return wrapper
+    return decorate(fn) if fn is not None else decorate
+
+
+def _complete(kinds: str, dirs: bool = False):
+    """Shell completion of names in the store (``kinds``: "i" image tags, "c" container
+    names, "l" layer ids), and of directories too if ``dirs``: read from an existing store
+    only, never one made for it."""
+    def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+        # (bash drops the names before a "dir" item, so it goes first)
+        found: list = [click.shell_completion.CompletionItem(incomplete, type="dir")] if dirs else []
+        root = ctx.params.get("root") or ctx.find_root().params.get("root")
+        try:
+            with Store(root, create=False) as store:
+                names = []
+                if "i" in kinds:
+                    names += [t for _, tags in store.images() for t in tags]
+                if "c" in kinds:
+                    names += [c.name for c in store.containers.list()]
+                if "l" in kinds:
+                    names += [layer.diff_id for layer in store.layers()]
+        except (StoreError, OSError, lmdb.Error):
+            return found
+        return found + [n for n in names if n.startswith(incomplete)]
+    return complete
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -96,8 +139,15 @@ def table(rows: list[list[str]]) -> None:
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
-    """layerfs: a union filesystem and layer store for container images."""
+@click.option("--root", envvar="LAYERFS_ROOT", metavar="DIR", help=ROOT_HELP)
+@click.version_option(package_name="layerfs", prog_name="layerfs", message="%(prog)s %(version)s")
+def cli(root: str | None) -> None:
+    """layerfs: a union filesystem and layer store for container images.
+
+    Shell completion (commands, options, image and container names):
+    eval "$(_LAYERFS_COMPLETE=bash_source layerfs)" in ~/.bashrc; zsh_source, fish_source
+    for zsh and fish.
+    """
 
 
 def _progress_import(store: Store, tarball: str, parent, tag, created_ns):
@@ -126,7 +176,7 @@ created_option = click.option(
 @click.option("--parent", help="Image to put the layer on.")
 @click.option("-t", "--tag", help="Tag the new image NAME[:TAG].")
 @created_option
-@with_store
+@with_store(create=True)
 def import_layer(store: Store, tarball: str, parent: str | None, tag: str | None,
                  created: str | None) -> None:
     """Import a layer tarball (plain, gzip, zstd, bzip2, xz; - for stdin); print the image id."""
@@ -138,7 +188,7 @@ def import_layer(store: Store, tarball: str, parent: str | None, tag: str | None
 @click.option("--parent", help="Image to put the layer on.")
 @click.option("-t", "--tag", help="Tag the new image NAME[:TAG].")
 @created_option
-@with_store
+@with_store(create=True)
 def import_dir(store: Store, directory: str, parent: str | None, tag: str | None,
                created: str | None) -> None:
     """Import a directory tree as a layer; print the image id."""
@@ -178,7 +228,7 @@ def _load(store: Store, path: str, tags: tuple[str, ...], platform: str | None) 
 @click.option("-t", "--tag", "tags", multiple=True, help="Also tag the image NAME[:TAG].")
 @click.option("--platform", metavar="OS/ARCH[/VARIANT]",
               help="The platform to take from a multi-platform index [default: this machine's].")
-@with_store
+@with_store(create=True)
 def load(store: Store, path: str, tags: tuple[str, ...], platform: str | None) -> None:
     """Load images from an OCI layout (a directory or a tar of one) or a docker archive
     (- or nothing: stdin); every digest is checked, and nothing is stored on an error."""
@@ -186,7 +236,7 @@ def load(store: Store, path: str, tags: tuple[str, ...], platform: str | None) -
 
 
 @cli.command()
-@click.argument("images", nargs=-1, required=True)
+@click.argument("images", nargs=-1, required=True, shell_complete=_complete("i"))
 @click.option("-o", "--output", required=True, help="File or directory to write (- for stdout).")
 @click.option("--format", "fmt", type=click.Choice(["oci", "oci-dir", "docker"]), default="oci",
               show_default=True, help="A tar of an OCI layout, an OCI layout directory, or a "
@@ -319,7 +369,7 @@ def registry_options(fn):
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", shell_complete=_complete("i"))
 @click.argument("ref")
 @registry_options
 @with_store
@@ -341,7 +391,7 @@ def push(store: Store, image: str, ref: str, registry_opts: dict) -> None:
 @click.option("--platform", metavar="OS/ARCH[/VARIANT]",
               help="The platform to take from a multi-platform index [default: this machine's].")
 @registry_options
-@with_store
+@with_store(create=True)
 def pull(store: Store, ref: str, tag: str | None, platform: str | None, registry_opts: dict) -> None:
     """Pull REF ([HOST[:PORT]/]NAME[:TAG][@DIGEST]) from a registry; layers the store has
     are not fetched, and nothing shows as an image until all of it is here."""
@@ -406,7 +456,7 @@ def layers(store: Store, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("ref")
+@click.argument("ref", metavar="IMAGE|LAYER|CONTAINER", shell_complete=_complete("icl"))
 @click.option("--config", "raw_config", is_flag=True,
               help="Print only the image's config, byte for byte (its sha256 is the image id).")
 @with_store
@@ -440,7 +490,7 @@ def inspect(store: Store, ref: str, raw_config: bool) -> None:
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", shell_complete=_complete("i"))
 @click.argument("ref")
 @with_store
 def tag(store: Store, image: str, ref: str) -> None:
@@ -449,7 +499,7 @@ def tag(store: Store, image: str, ref: str) -> None:
 
 
 @cli.command()
-@click.argument("images", nargs=-1, required=True)
+@click.argument("images", nargs=-1, required=True, shell_complete=_complete("i"))
 @with_store
 def rmi(store: Store, images: tuple[str, ...]) -> None:
     """Remove images (their blobs are freed later, by gc)."""
@@ -462,7 +512,7 @@ def rmi(store: Store, images: tuple[str, ...]) -> None:
 
 
 @cli.command("export-layer")
-@click.argument("layer")
+@click.argument("layer", shell_complete=_complete("l"))
 @click.option("-o", "--output", required=True, help="File to write (- for stdout).")
 @with_store
 def export_layer(store: Store, layer: str, output: str) -> None:
@@ -510,7 +560,7 @@ def _entry_json(path: str, e: Entry) -> dict:
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", shell_complete=_complete("i"))
 @click.argument("path", default="/")
 @click.option("-R", "--recursive", is_flag=True, help="List subdirectories too.")
 @json_option
@@ -546,7 +596,7 @@ def _ls(store: Store, image: str, path: str, recursive: bool, as_json: bool) -> 
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", shell_complete=_complete("i"))
 @click.argument("path")
 @with_store
 def cat(store: Store, image: str, path: str) -> None:
@@ -680,7 +730,7 @@ def fsck(root: str | None, fast: bool, repair: bool, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", shell_complete=_complete("i"))
 @click.option("--name", help="Name the container (default layerfs-<id>).")
 @with_store
 def create(store: Store, image: str, name: str | None) -> None:
@@ -689,7 +739,7 @@ def create(store: Store, image: str, name: str | None) -> None:
 
 
 @cli.command()
-@click.argument("ref", metavar="IMAGE|CONTAINER")
+@click.argument("ref", metavar="IMAGE|CONTAINER", shell_complete=_complete("ic"))
 @click.argument("mountpoint", type=click.Path())
 @click.option("--read-only", is_flag=True, help="Mount without a writable layer.")
 @click.option("--foreground", "-f", is_flag=True, help="Serve in this process until unmounted.")
@@ -721,7 +771,7 @@ def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: 
 
 
 @cli.command()
-@click.argument("target", metavar="DIR|CONTAINER")
+@click.argument("target", metavar="DIR|CONTAINER", shell_complete=_complete("c", dirs=True))
 @with_store
 def umount(store: Store, target: str) -> None:
     """Unmount a mountpoint or a container (also after its serving process died)."""
@@ -769,7 +819,7 @@ def _container_json(c, st: str) -> dict:
 
 
 @cli.command()
-@click.argument("containers", nargs=-1, required=True)
+@click.argument("containers", nargs=-1, required=True, shell_complete=_complete("c"))
 @click.option("-f", "--force", is_flag=True, help="Unmount first if mounted.")
 @with_store
 def rm(store: Store, containers: tuple[str, ...], force: bool) -> None:
@@ -781,7 +831,7 @@ def rm(store: Store, containers: tuple[str, ...], force: bool) -> None:
 
 
 @cli.command()
-@click.argument("container")
+@click.argument("container", shell_complete=_complete("c"))
 @json_option
 @with_store
 def diff(store: Store, container: str, as_json: bool) -> None:
@@ -797,7 +847,7 @@ def diff(store: Store, container: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("container")
+@click.argument("container", shell_complete=_complete("c"))
 @click.option("-t", "--tag", help="Tag the new image NAME[:TAG].")
 @click.option("-m", "--message", default="", help="Commit message.")
 @click.option("-a", "--author", default="", help="Author.")
@@ -817,7 +867,7 @@ def commit(store: Store, container: str, tag: str | None, message: str, author: 
 
 
 @cli.command()
-@with_store
+@with_store(create=True)
 def demo(store: Store) -> None:
     """Walk through the main jobs on a real image built from this machine's Debian
     packages: load, inspect, mount, run, diff, commit, save, gc."""

@@ -207,7 +207,7 @@ def fsck(root: str, fast: bool = False, repair: bool = False) -> FsckReport:
     from .store import Store
 
     try:
-        with Store(root) as store:
+        with Store(root, create=False) as store:
             report = store.fsck(fast=fast, repair=repair)
             report.notes = store.notes
     except IndexDamaged as e:

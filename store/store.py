@@ -21,7 +21,7 @@ from .builder import PendingLayer, record_layers
 from .containers import Containers
 from .dirimport import read_dir
 from . import marker as markermod
-from .errors import (AmbiguousName, ImageNotFound, IndexDamaged, LayerNotFound, NotAStore,
+from .errors import (AmbiguousName, ImageNotFound, IndexDamaged, LayerNotFound, NoStore, NotAStore,
                      StoreError)
 from .export import export_to_path, layer_entries, write_layer
 from .index import Index, prefix_scan
@@ -91,14 +91,15 @@ class Usage:
 
 
 class Store:
-    """A layerfs store at ``root``, created on first use."""
+    """A layerfs store at ``root``, created on first use unless ``create`` is False (then
+    a missing store is NoStore: a mistyped root is not made into a new, empty store)."""
 
     @staticmethod
     def root_of(root: str | None) -> str:
         """The store directory ``Store(root)`` opens."""
         return os.path.abspath(root or default_root())
 
-    def __init__(self, root: str | None = None, map_size: int | None = None) -> None:
+    def __init__(self, root: str | None = None, map_size: int | None = None, create: bool = True) -> None:
         self.root = self.root_of(root)
         index_path = os.path.join(self.root, "index.lmdb")
         marker = markermod.read(self.root)
@@ -108,6 +109,8 @@ class Store:
                 raise NotAStore(f"{self.root} is not a layerfs store (it has no index.lmdb)")
             if os.path.exists(self.root) and not os.path.isdir(self.root):
                 raise NotAStore(f"{self.root} is not a directory")
+            if not create:
+                raise NoStore(f"no store at {self.root}")
         # Notes for the user (the CLI prints them): a store found readable by others.
         self.notes: list[str] = []
         try:

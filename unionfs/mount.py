@@ -416,7 +416,7 @@ def _main() -> None:
 
     options = parse_options(args.o)
     try:
-        with Store(args.root) as store:
+        with Store(args.root, create=False) as store:
             c = store.containers.get(args.container)
             serve_container(store, c, args.mountpoint, read_only=args.read_only,
                             volatile=args.volatile, options=options, on_ready=lambda: report("ready"))
