@@ -546,17 +546,23 @@ def shown(text: str) -> str:
     return "".join(out)
 
 
+def _size(e: Entry) -> int:
+    """The size ls -l (and the mount) shows: a symlink's is its target's length."""
+    return len(os.fsencode(e.target)) if e.kind == Kind.SYMLINK else e.size
+
+
 def _ls_line(name: str, e: Entry) -> str:
-    size = f"{e.rdev_major}, {e.rdev_minor}" if e.kind in (Kind.CHR, Kind.BLK) else str(e.size)
+    size = f"{e.rdev_major}, {e.rdev_minor}" if e.kind in (Kind.CHR, Kind.BLK) else str(_size(e))
     line = (f"{stat.filemode(e.st_mode)} {e.nlink:>3} {e.uid:>5} {e.gid:>5} {size:>10} "
             f"{when(e.mtime_ns)[:16]} {shown(name)}")
     return line + (f" -> {shown(e.target)}" if e.kind == Kind.SYMLINK else "")
 
 
 def _entry_json(path: str, e: Entry) -> dict:
+    device = {"major": e.rdev_major, "minor": e.rdev_minor} if e.kind in (Kind.CHR, Kind.BLK) else None
     return {"path": "/" + path, "type": e.kind.name.lower(), "mode": f"{e.mode:04o}",
-            "uid": e.uid, "gid": e.gid, "size": e.size, "mtime_ns": e.mtime_ns, "nlink": e.nlink,
-            "target": e.target or None, "xattrs": [n for n, _ in e.xattrs]}
+            "uid": e.uid, "gid": e.gid, "size": _size(e), "mtime_ns": e.mtime_ns, "nlink": e.nlink,
+            "target": e.target or None, "device": device, "xattrs": [n for n, _ in e.xattrs]}
 
 
 @cli.command()
@@ -566,31 +572,43 @@ def _entry_json(path: str, e: Entry) -> dict:
 @json_option
 @with_store
 def ls(store: Store, image: str, path: str, recursive: bool, as_json: bool) -> None:
-    """List PATH in the IMAGE's merged tree (read from the index, nothing mounted)."""
+    """List PATH in the IMAGE's merged tree (read from the index, nothing mounted), as
+    ls -l shows it: a directory's entries, or PATH itself, named as given."""
     _ls(store, image, path, recursive, as_json)
 
 
 def _ls(store: Store, image: str, path: str, recursive: bool, as_json: bool) -> None:
     tree = store.tree(image)
-    rel, entry = tree.resolve(path)
-    rows: list[dict] = []
-    todo = [rel] if entry.kind == Kind.DIR else []
+    rel, entry = tree.resolve(path, follow_last=False)
+    if entry.kind == Kind.SYMLINK:
+        # A link to a directory is listed through (as ls lists /bin -> usr/bin in a
+        # chroot); any other link is shown itself, as ls -l shows it.
+        try:
+            rel_dir, target = tree.resolve(path)
+        except StoreError:
+            target = None  # dangling, or a loop: the link itself
+        if target is not None and target.kind == Kind.DIR:
+            rel, entry = rel_dir, target
     if entry.kind != Kind.DIR:
-        rows.append(_entry_json(rel, entry)) if as_json else click.echo(_ls_line(rel or "/", entry))
+        click.echo(json.dumps([_entry_json(rel, entry)], indent=2) if as_json else _ls_line(path, entry))
+        return
+    rows: list[dict] = []
+    todo = [(rel, path)]  # (path in the image, the name it is shown by)
     first = True
     while todo:
-        d = todo.pop(0)
+        d, name = todo.pop(0)
         children = list(tree.listdir(d))
         if as_json:
             rows += [_entry_json(f"{d}/{n}" if d else n, e) for n, e in children]
         else:
             if recursive:
-                click.echo(("" if first else "\n") + f"/{shown(d)}:")
+                click.echo(("" if first else "\n") + f"{shown(name)}:")
             for n, e in children:
                 click.echo(_ls_line(n, e))
         first = False
         if recursive:
-            todo[:0] = [f"{d}/{n}" if d else n for n, e in children if e.kind == Kind.DIR]
+            todo[:0] = [(f"{d}/{n}" if d else n, f"{name.rstrip('/')}/{n}")
+                        for n, e in children if e.kind == Kind.DIR]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
 

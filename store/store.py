@@ -376,8 +376,19 @@ class Store:
         return layer_entries(self.index, layer.num)
 
     def export_layer(self, ref: str, out: str | BinaryIO) -> int:
-        """Write a layer's tar (sha256 == its id) to a path or a binary stream."""
-        layer = self.resolve_layer(ref)
+        """Write a layer's tar (sha256 == its id) to a path or a binary stream. An image
+        given instead is refused with the layers it has."""
+        try:
+            layer = self.resolve_layer(ref)
+        except LayerNotFound as e:
+            try:
+                image = self.resolve_image(ref)
+            except StoreError:
+                raise e from None
+            ids = ", ".join(d.removeprefix("sha256:")[:12] for d in image.layers)
+            raise LayerNotFound(f"{ref} is an image, not a layer; its {len(image.layers)} "
+                                f"layer{'s' if len(image.layers) != 1 else ''}, bottom first: {ids} "
+                                "(layerfs export-layer LAYER, or layerfs save for the image)") from None
         if isinstance(out, str):
             return export_to_path(self.index, self.blobs, layer, out)
         return write_layer(self.index, self.blobs, layer, out)
