@@ -853,15 +853,17 @@ def rm(store: Store, containers: tuple[str, ...], force: bool) -> None:
 @json_option
 @with_store
 def diff(store: Store, container: str, as_json: bool) -> None:
-    """Show what CONTAINER changed: A added, C changed, D deleted."""
+    """Show what CONTAINER changed: A added, C changed, D deleted; what a commit cannot
+    carry (a socket) is marked."""
     from store.commit import diff as container_diff
 
     rows = container_diff(store, store.containers.get(container))
     if as_json:
-        click.echo(json.dumps([{"kind": r.kind, "path": r.path} for r in rows], indent=2))
+        click.echo(json.dumps([{"kind": r.kind, "path": r.path, "left_out": r.left_out or None}
+                               for r in rows], indent=2))
         return
     for r in rows:
-        click.echo(f"{r.kind} {shown(r.path)}")
+        click.echo(f"{r.kind} {shown(r.path)}" + (f"  ({r.left_out}: commit leaves it out)" if r.left_out else ""))
 
 
 @cli.command()
@@ -876,11 +878,17 @@ def commit(store: Store, container: str, tag: str | None, message: str, author: 
            changes: tuple[str, ...]) -> None:
     """Commit CONTAINER's changes as a new layer and image; print the image id.
 
-    A mounted container's writes are held while the commit runs.
+    A mounted container's writes are held while the commit runs. What a layer cannot
+    hold (sockets) is left out, with a warning each.
     """
     from unionfs import mount as mnt
 
-    image = mnt.commit(store, container, tag=tag, message=message, author=author, changes=changes)
+    def left_out(path: str, why: str) -> None:
+        click.echo(f"layerfs: warning: {shown(path)} is {why}, which a layer cannot hold: "
+                   "left out of the commit", err=True)
+
+    image = mnt.commit(store, container, tag=tag, message=message, author=author, changes=changes,
+                       on_left_out=left_out)
     click.echo(image.image_id)
 
 

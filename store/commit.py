@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
 
 from . import images as imagesmod
 from .containers import Container
@@ -82,10 +83,12 @@ def apply_change(config: dict, change: str) -> None:
 
 
 def commit(store: Store, c: Container, tag: str | None = None, message: str = "",
-           author: str = "", changes: tuple[str, ...] = ()) -> ImageRecord:
+           author: str = "", changes: tuple[str, ...] = (),
+           on_left_out: Callable[[str, str], None] | None = None) -> ImageRecord:
     """Record the container's changes as a new layer on its image; return the new image.
 
-    If the container is mounted, the caller holds its writes while this runs.
+    If the container is mounted, the caller holds its writes while this runs. What a
+    layer cannot hold (sockets) is left out, and ``on_left_out(path, why)`` hears of it.
     """
     tag = imagesmod.parse_reference(tag) if tag else None
     base = store.resolve_image(c.image_id)
@@ -102,6 +105,9 @@ def commit(store: Store, c: Container, tag: str | None = None, message: str = ""
         try:
             with UpperReader(store.containers.upper(c), store.tree(base)) as reader:
                 entries, files = reader.layer()
+                for path, why in sorted(reader.left_out):
+                    if on_left_out is not None:
+                        on_left_out(path, why)
                 pending = canonical_layer(ingest, store.blobs, entries, files, reader.tree,
                                           Source.COMMIT, f"commit of {c.name}")
         except OSError as e:

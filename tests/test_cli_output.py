@@ -120,3 +120,49 @@ def test_export_layer_of_an_image_names_its_layers(layerfs, image, tmp_path):
 def test_export_layer_of_nothing_says_no_such_layer(layerfs, image, tmp_path):
     assert_one_line_error(layerfs("export-layer", "nosuch:1", "-o", str(tmp_path / "o.tar")),
                           mentions=("no such layer: nosuch:1",))
+
+
+# -- what a commit cannot carry ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+def test_sockets_are_marked_by_diff_and_named_by_commit(tmp_path, layerfs, mounts):
+    import socket
+    import tarfile
+
+    base = make_tar(str(tmp_path / "base.tar"), [("etc", "d"), ("etc/app.sock", "f", "a file below\n"),
+                                                  ("run", "d"), ("run/keep", "f", "k\n")])
+    layerfs("import-layer", base, "-t", "app:1", check=True)
+    mnt = str(tmp_path / "mnt")
+    cid = mounts("app:1", mnt)
+    os.unlink(os.path.join(mnt, "etc/app.sock"))
+    socks = []
+    for path in ("run/app.sock", "etc/app.sock"):  # a new one, and one over a lower file
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(os.path.join(mnt, path))
+        socks.append(s)
+    with open(os.path.join(mnt, "run/new"), "w") as f:
+        f.write("new\n")
+
+    diff = layerfs("diff", cid, check=True).stdout.decode().splitlines()
+    assert diff == ["C /etc", "C /etc/app.sock  (a socket: commit leaves it out)", "C /run",
+                    "A /run/app.sock  (a socket: commit leaves it out)", "A /run/new"]
+    rows = json.loads(layerfs("diff", "--json", cid, check=True).stdout)
+    assert {r["path"]: r["left_out"] for r in rows} == {
+        "/etc": None, "/etc/app.sock": "a socket", "/run": None, "/run/app.sock": "a socket", "/run/new": None}
+
+    proc = layerfs("commit", cid, "-t", "app:2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.decode().splitlines() == [
+        "layerfs: warning: /etc/app.sock is a socket, which a layer cannot hold: left out of the commit",
+        "layerfs: warning: /run/app.sock is a socket, which a layer cannot hold: left out of the commit"]
+    for s in socks:
+        s.close()
+    # The new image shows what the container showed, less the sockets: not the lower file.
+    listing = layerfs("ls", "-R", "--json", "app:2", check=True).stdout
+    assert sorted(r["path"] for r in json.loads(listing)) == ["/etc", "/run", "/run/keep", "/run/new"]
+    top = json.loads(layerfs("inspect", "app:2", check=True).stdout)["layers"][-1]
+    out = str(tmp_path / "top.tar")
+    layerfs("export-layer", top, "-o", out, check=True)
+    with tarfile.open(out) as tf:
+        assert sorted(m.name for m in tf.getmembers()) == ["etc", "etc/.wh.app.sock", "run", "run/new"]
