@@ -690,13 +690,21 @@ def gc(store: Store, dry_run: bool, as_json: bool) -> None:
 @json_option
 @with_store
 def prune(store: Store, dry_run: bool, as_json: bool) -> None:
-    """Remove untagged images that no container uses, then collect garbage."""
-    removed, report = store.prune(dry_run=dry_run)
+    """Remove the containers that mount IMAGE made once unmounted, then untagged images
+    that no container uses, then collect garbage."""
+    from unionfs.mount import prune_containers
+
+    containers = prune_containers(store, dry_run=dry_run)
+    removed, report = store.prune(dry_run=dry_run, ignore_containers=frozenset(c.id for c in containers))
     if as_json:
-        click.echo(json.dumps({"images": removed, **_gc_json(report)}, indent=2))
+        click.echo(json.dumps({"containers": [c.id for c in containers], "images": removed,
+                               **_gc_json(report)}, indent=2))
         return
+    verb = "Would delete" if dry_run else "Deleted"
+    for c in containers:
+        click.echo(f"{verb} container: {c.name}")
     for image_id in removed:
-        click.echo(f"{'Would delete' if dry_run else 'Deleted'}: {image_id}")
+        click.echo(f"{verb}: {image_id}")
     _print_gc(report)
 
 
@@ -767,10 +775,16 @@ def create(store: Store, image: str, name: str | None) -> None:
 @click.option("-o", "options", multiple=True,
               help="FUSE options: allow_other, suid, dev, nosuid, nodev (see SECURITY.md), ...; "
                    "volatile skips syncs.")
+@click.option("--rm", "remove", is_flag=True,
+              help="Remove the container made for IMAGE, with its changes, when the mount ends.")
 @with_store
 def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: bool, suid: bool,
-          options: tuple[str, ...]) -> None:
+          options: tuple[str, ...], remove: bool) -> None:
     """Mount an image or container at MOUNTPOINT (returns once the mount serves).
+
+    An image gets a new container, named on stderr: it keeps its changes after umount
+    (layerfs commit, rm, or prune, which removes such containers once unmounted) unless
+    --rm or --read-only.
 
     As root, a mount below a directory only root can search (like /var/lib/layerfs) lets
     every uid in and honours setuid bits and device nodes; elsewhere it is root's alone
@@ -778,14 +792,20 @@ def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: 
     """
     from unionfs import mount as mnt
 
+    def serving(c, made: bool) -> None:
+        if made:
+            fate = ("removed when the mount ends" if c.remove_at_umount else
+                    "it keeps its changes after umount (layerfs rm or layerfs prune removes it)")
+            click.echo(f"layerfs: made container {c.name} for {ref}; {fate}", err=True)
+
     opts = mnt.parse_options(options + (("suid,dev",) if suid else ()))
     volatile = bool(opts.pop("volatile", False))
     if foreground:
         mnt.mount_foreground(store, ref, mountpoint, read_only=read_only, options=opts,
-                             volatile=volatile)
+                             volatile=volatile, remove_at_umount=remove, on_serving=serving)
     else:
         click.echo(mnt.mount(store, ref, mountpoint, read_only=read_only, options=opts,
-                             volatile=volatile).id)
+                             volatile=volatile, remove_at_umount=remove, on_serving=serving).id)
 
 
 @cli.command()
@@ -795,7 +815,10 @@ def umount(store: Store, target: str) -> None:
     """Unmount a mountpoint or a container (also after its serving process died)."""
     from unionfs import mount as mnt
 
-    mnt.umount(store, target)
+    c = mnt.umount(store, target)
+    if c is not None and c.anonymous and store.containers.find(c.id) is not None:
+        click.echo(f"layerfs: container {c.name} keeps its changes (layerfs commit, layerfs rm, "
+                   "or layerfs prune)", err=True)
 
 
 @cli.command()
@@ -833,7 +856,7 @@ def _access_text(c, st: str) -> str:
 def _container_json(c, st: str) -> dict:
     return {"id": c.id, "name": c.name, "image": c.image_id, "state": st,
             "mountpoint": c.mountpoint or None, "pid": c.pid or None, "created": c.created_ns / 1e9,
-            "access": _access(c, st)}
+            "access": _access(c, st), "anonymous": c.anonymous, "remove_at_umount": c.remove_at_umount}
 
 
 @cli.command()

@@ -422,14 +422,17 @@ class Store:
             self.update_marker()
         return report
 
-    def prune(self, dry_run: bool = False):
-        """Remove untagged images that no container uses, then collect; returns (ids, report)."""
+    def prune(self, dry_run: bool = False, ignore_containers: frozenset[str] = frozenset()):
+        """Remove untagged images that no container uses, then collect; returns (ids, report).
+
+        ``ignore_containers`` (ids) count as gone: what a dry run removes before this."""
 
         def txn_fn(txn: lmdb.Transaction) -> list[str]:
             # Decided inside the transaction, so an image tagged or given a container
             # meanwhile is kept.
             tagged = {bytes(v) for _, v in txn.cursor(db=self.index.db("tags"))}
-            used = {digest_bytes(c.image_id) for c in self.containers.list_in(txn)}
+            used = {digest_bytes(c.image_id) for c in self.containers.list_in(txn)
+                    if c.id not in ignore_containers}
             doomed = [bytes(k) for k, _ in txn.cursor(db=self.index.db("images"))
                       if bytes(k) not in tagged and bytes(k) not in used]
             if not dry_run:

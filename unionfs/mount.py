@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import select
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import replace
 
 from store import Store, StoreError
-from store.containers import READ_ONLY, Container
+from store.containers import ANONYMOUS, READ_ONLY, REMOVE_AT_UMOUNT, Container
 from store.fstree import raise_open_file_limit
 from store.records import ImageRecord
 from store.leases import process_start
+
+from . import fusecheck
 
 READY_TIMEOUT = 30.0
 
@@ -171,23 +177,41 @@ def spawn_until_ready(cmd: list[str], log) -> tuple[subprocess.Popen, str]:
         os.close(r)
 
 
-def _check_mountpoint(mountpoint: str) -> str:
+def _check_mountpoint(mountpoint: str, options: dict | None) -> str:
+    """The mountpoint's absolute path, if a FUSE mount there can be tried at all."""
     path = os.path.abspath(mountpoint)
-    if not os.path.exists(path):
-        raise MountError(f"mountpoint {mountpoint} does not exist")
-    if not os.path.isdir(path):
+    dead = MountError(f"mountpoint {mountpoint} is busy: a mount whose server died is still there "
+                      f"(layerfs umount {mountpoint})")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {mountpoint} does not exist") from None
+    except OSError as e:
+        raise (dead if e.errno == errno.ENOTCONN else MountError(f"mountpoint {mountpoint}: {e.strerror}")) from None
+    if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if is_mount_point(path):
-        raise MountError(f"{mountpoint} is already a mount point")
+        try:
+            os.statvfs(path)  # a dead FUSE mount may still stat from the kernel's cache; not this
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                raise dead from None
+        raise MountError(f"mountpoint {mountpoint} is busy: something is mounted there already")
+    why = fusecheck.problem(options or {})
+    if why:
+        raise MountError(why)
     return path
 
 
 def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
-          options: dict | None = None, volatile: bool = False) -> Container:
-    """Mount a container (or a new one of an image) at ``mountpoint`` in the background."""
-    path = _check_mountpoint(mountpoint)
-    c, made = container_for(store, ref, read_only)
-    c = store.containers.claim(c, path, server_alive)
+          options: dict | None = None, volatile: bool = False, remove_at_umount: bool = False,
+          on_serving: Callable[[Container, bool], None] | None = None) -> Container:
+    """Mount a container (or a new one of an image, removed at umount if
+    ``remove_at_umount``) at ``mountpoint`` in the background; ``on_serving(container,
+    made here)`` hears of it once the mount serves. A failed mount leaves nothing."""
+    path = _check_mountpoint(mountpoint, options)
+    c, made = container_for(store, ref, read_only, remove_at_umount)
+    c = _claim(store, c, made, path)
     cmd = [sys.executable, "-m", "unionfs.mount", "--root", store.root, "--container", c.id,
            "--mountpoint", path]
     if read_only or c.read_only:
@@ -197,32 +221,80 @@ def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
     for k, v in (options or {}).items():
         cmd += ["-o", k if v is True else f"{k}={v}"]
     log_path = os.path.join(store.containers.dir, c.id, "mount.log")
-    with open(log_path, "ab") as log:
-        proc, message = spawn_until_ready(cmd, log)
-    if message != "ready":
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # it may still be starting: it must not mount later
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        if made:
-            store.containers.remove(c)
-        else:
-            store.containers.set_mount(c, "", 0)
-        raise MountError(message or f"the serving process exited ({proc.returncode}); see {log_path}")
-    return store.containers.set_mount(c, path, proc.pid)
+    try:
+        with open(log_path, "ab") as log:
+            proc, message = spawn_until_ready(cmd, log)
+        if message != "ready":
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # it may still be starting: it must not mount later
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            raise MountError(message or f"the serving process exited ({proc.returncode}): "
+                                        f"{_last_line(log_path)}")
+    except OSError as e:
+        _mount_ended(store, c, remove=made)
+        raise MountError(f"cannot start the serving process {cmd[0]}: {e.strerror}") from None
+    except BaseException:
+        _mount_ended(store, c, remove=made)
+        raise
+    c = store.containers.set_mount(c, path, proc.pid)
+    if on_serving is not None:
+        on_serving(c, made)
+    return c
+
+
+def _last_line(path: str) -> str:
+    """The last line of a serving process's log (it goes with its container)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "it said nothing"
 
 
 def mount_foreground(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
-                     options: dict | None = None, volatile: bool = False) -> None:
-    """Mount and serve in this process until unmounted."""
-    path = _check_mountpoint(mountpoint)
-    c, _ = container_for(store, ref, read_only)
-    c = store.containers.claim(c, path, server_alive)
+                     options: dict | None = None, volatile: bool = False,
+                     remove_at_umount: bool = False,
+                     on_serving: Callable[[Container, bool], None] | None = None) -> None:
+    """Mount and serve in this process until unmounted (the rest as :func:`mount`)."""
+    path = _check_mountpoint(mountpoint, options)
+    c, made = container_for(store, ref, read_only, remove_at_umount)
+    c = _claim(store, c, made, path)
+    served = threading.Event()
+
+    def ready() -> None:
+        served.set()
+        if on_serving is not None:
+            on_serving(c, made)
+
     try:
         serve_container(store, c, path, read_only=read_only or c.read_only, volatile=volatile,
-                        options=options or {})
+                        options=options or {}, on_ready=ready)
     finally:
+        # A container made here for a mount that never served holds nothing: it goes.
+        _mount_ended(store, c, made and not served.is_set())
+
+
+def _claim(store: Store, c: Container, made: bool, path: str) -> Container:
+    """Claim ``c`` for a mount at ``path``; a container made for it goes if it cannot be."""
+    try:
+        return store.containers.claim(c, path, server_alive)
+    except BaseException:
+        if made:
+            store.containers.remove(c)
+        raise
+
+
+def _mount_ended(store: Store, c: Container, remove: bool = False) -> None:
+    """Record that the container's mount ended; remove the container if ``remove``, or if
+    it was mounted with --rm or is an image's read-only view (nothing to keep; those are
+    made only by mount --read-only IMAGE, and older ones lack the flag)."""
+    if remove or c.remove_at_umount or c.read_only:
+        store.containers.remove(c)
+    else:
         store.containers.set_mount(c, "", 0)
 
 
@@ -248,13 +320,29 @@ def _wait_ready(fd: int, proc: subprocess.Popen) -> str:
     return buf.decode(errors="replace").strip()
 
 
-def container_for(store: Store, ref: str, read_only: bool) -> tuple[Container, bool]:
-    """The container ``ref`` names, or a new anonymous one of the image ``ref`` names;
-    and whether it was made here."""
+def container_for(store: Store, ref: str, read_only: bool,
+                  remove_at_umount: bool = False) -> tuple[Container, bool]:
+    """The container ``ref`` names, or a new anonymous one of the image ``ref`` names
+    (removed when its mount ends if ``remove_at_umount`` or ``read_only``); and whether
+    it was made here."""
     c = store.containers.find(ref)
     if c is not None:
+        if remove_at_umount:
+            raise MountError(f"--rm removes a container that mount makes from an image; {ref} is "
+                             f"the container {c.name} (layerfs rm it after umount)")
         return c, False
-    return store.create_container(ref, flags=READ_ONLY if read_only else 0), True
+    flags = ANONYMOUS | (READ_ONLY if read_only else 0) | (REMOVE_AT_UMOUNT if remove_at_umount or read_only else 0)
+    return store.create_container(ref, flags=flags), True
+
+
+def prune_containers(store: Store, dry_run: bool = False) -> list[Container]:
+    """Remove the anonymous containers (made by mount IMAGE) whose mount has ended; one
+    that a mount claims meanwhile is kept. Returns those removed (or, dry, to remove)."""
+    out = []
+    for c in store.containers.list():
+        if c.anonymous and state(c) == "created" and (dry_run or store.containers.remove(c, if_unchanged=True)):
+            out.append(c)
+    return out
 
 
 def umount(store: Store, target: str) -> Container | None:
@@ -274,10 +362,9 @@ def umount(store: Store, target: str) -> Container | None:
                 raise MountError(f"cannot unmount {mountpoint}: {res.stderr.strip() or lazy.stderr.strip()}")
     if c is not None:
         if server_alive(c):
-            _reap(c.pid)
-        c = store.containers.set_mount(c, "", 0)
-        if c.read_only and c.name.startswith("layerfs-"):
-            store.containers.remove(c)  # an anonymous read-only view leaves nothing behind
+            _reap(c.pid)  # it removes a --rm container itself as its mount ends
+        _mount_ended(store, c)
+        c = replace(c, mountpoint="", pid=0, pid_start=0)
     return c
 
 
@@ -334,7 +421,19 @@ def serve_container(store: Store, c: Container, mountpoint: str, *, read_only: b
     view = UnionView(lower, store.containers.upper(c), store.containers.work(c),
                      volatile=volatile, read_only=read_only)
     threading.Thread(target=_control_server, args=(c.id, view), daemon=True).start()
-    serve(view, mountpoint, foreground=True, options=options, on_ready=on_ready)
+    with fusecheck.libfuse_messages() as messages:
+        def ready() -> None:
+            messages.release()
+            if on_ready is not None:
+                on_ready()
+
+        try:
+            serve(view, mountpoint, foreground=True, options=options, on_ready=ready)
+        except RuntimeError as e:  # fuse_main's number; what it printed says why
+            if messages.released:
+                raise
+            raise MountError(fusecheck.explain(messages.text(), e.args[0] if e.args else None,
+                                               mountpoint)) from None
 
 
 def _control_address(container_id: str) -> str:
@@ -418,8 +517,16 @@ def _main() -> None:
     try:
         with Store(args.root, create=False) as store:
             c = store.containers.get(args.container)
+            served = threading.Event()
+
+            def ready() -> None:
+                served.set()
+                report("ready")
+
             serve_container(store, c, args.mountpoint, read_only=args.read_only,
-                            volatile=args.volatile, options=options, on_ready=lambda: report("ready"))
+                            volatile=args.volatile, options=options, on_ready=ready)
+            if served.is_set() and c.remove_at_umount:  # unmounted, by layerfs or not
+                _mount_ended(store, c)
     except StoreError as e:
         report(f"{e}")
         sys.exit(1)
