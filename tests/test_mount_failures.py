@@ -223,3 +223,32 @@ def test_mountpoint_of_a_dead_mount(layerfs, mounts, image, tmp_path, fg):
     layerfs("umount", mnt, check=True)
     cid2 = mounts(image, mnt)  # and once unmounted, it mounts again
     assert open(os.path.join(mnt, "etc/hostname")).read() == "app\n" and cid2 != cid
+
+
+def _in_namespace_with(device: str, *argv: str, env: dict) -> subprocess.CompletedProcess:
+    script = 'mount --bind "$DEV" /dev/fuse; exec "$@"'
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-euc", script, "sh", *argv],
+                          capture_output=True, env=dict(env, DEV=device), timeout=120)
+
+
+@pytest.mark.parametrize("fg", [[], ["-f"]], ids=["background", "foreground"])
+def test_libfuse_own_message_as_root(layerfs, image, tmp_path, store_root, fg):
+    """/dev/fuse that is not the FUSE device (here /dev/null, bound over it in a private
+    namespace): the kernel refuses the mount, and libfuse's message is the one line."""
+    mnt = str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    proc = _in_namespace_with("/dev/null", EXE, "mount", *fg, image, mnt,
+                              env=dict(os.environ, LAYERFS_ROOT=store_root))
+    assert assert_one_line_error(proc) == "layerfs: the mount failed: fuse: mount failed: Invalid argument"
+    assert _ps(layerfs) == [] and os.listdir(os.path.join(store_root, "containers")) == []
+
+
+def test_fuse_layerfs_says_why_too(tmp_path):
+    for d in ("lower", "upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    opts = f"lowerdir={tmp_path / 'lower'},upperdir={tmp_path / 'upper'},workdir={tmp_path / 'work'}"
+    proc = _in_namespace_with("/dev/null", os.path.join(os.path.dirname(EXE), "fuse-layerfs"), "-o", opts,
+                              str(tmp_path / "mnt"), env=dict(os.environ))
+    assert proc.returncode != 0
+    assert proc.stderr.decode() == (f"fuse-layerfs: cannot mount {tmp_path / 'mnt'}: the mount failed: fuse: "
+                                    f"mount failed: Invalid argument (log: {tmp_path / 'work/layerfs/server.log'})\n")

@@ -3,8 +3,8 @@
 Where the cause is certain before anything starts (no /dev/fuse, no access to it,
 allow_other refused by /etc/fuse.conf) :func:`problem` names it, so a failed mount
 makes nothing. Otherwise libfuse and fusermount3 print their reason on stderr and libfuse
-returns only a number: :func:`libfuse_messages` keeps what they print while a mount
-starts, and :func:`explain` turns it into the line a user reads.
+returns only a number: :func:`serve_or_explain` keeps what they print while a mount
+starts, and a failure becomes a MountError with the line a user reads (:func:`explain`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import stat
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+from store import StoreError
 
 FUSE_DEVICE = "/dev/fuse"
 FUSE_CONF = "/etc/fuse.conf"
@@ -36,6 +38,10 @@ _NOISE = ("Ignoring invalid max threads value",)
 _MAIN_ERRORS = {1: "invalid options", 2: "no mountpoint", 3: "the FUSE session could not be set up",
                 4: "the kernel refused the mount", 5: "it could not go to the background",
                 6: "signal handlers could not be set", 7: "its event loop failed"}
+
+
+class MountError(StoreError):
+    """A mount that cannot be made (or unmade), and why."""
 
 
 def _no_access(uid: int) -> str:
@@ -79,8 +85,27 @@ def problem(options: dict) -> str | None:
     return None
 
 
-class Messages:
-    """What libfuse and fusermount3 printed while a mount started (see libfuse_messages)."""
+def serve_or_explain(serve: Callable[[Callable[[], None]], None], mountpoint: str,
+                     on_ready: Callable[[], None] | None = None) -> None:
+    """Run ``serve(ready)``, which mounts, calls ``ready`` once the mount serves, and
+    serves until unmounted; a mount that fails before it serves raises MountError with
+    the reason libfuse printed, and nothing of that goes to stderr."""
+    with _libfuse_messages() as messages:
+        def ready() -> None:
+            messages.release()
+            if on_ready is not None:
+                on_ready()
+
+        try:
+            serve(ready)
+        except RuntimeError as e:  # fuse_main's number; what libfuse printed says why
+            if messages.released:
+                raise
+            raise MountError(explain(messages.text(), e.args[0] if e.args else None, mountpoint)) from None
+
+
+class _Messages:
+    """What libfuse and fusermount3 printed while a mount started (see _libfuse_messages)."""
 
     def __init__(self, saved_fd: int, capture) -> None:
         self._saved = saved_fd
@@ -107,7 +132,7 @@ class Messages:
 
 
 @contextlib.contextmanager
-def libfuse_messages() -> Iterator[Messages]:
+def _libfuse_messages() -> Iterator[_Messages]:
     """Keep what is written to stderr (fd 2: libfuse's and fusermount3's messages) until
     ``release()``; after a failure, it is the explanation's source instead of a second,
     raw line on the user's terminal."""
@@ -115,7 +140,7 @@ def libfuse_messages() -> Iterator[Messages]:
     saved = os.dup(2)
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
-        messages = Messages(saved, capture)
+        messages = _Messages(saved, capture)
         try:
             yield messages
         finally:

@@ -31,12 +31,11 @@ from store.records import ImageRecord
 from store.leases import process_start
 
 from . import fusecheck
+from .fusecheck import MountError
 
 READY_TIMEOUT = 30.0
 
 
-class MountError(StoreError):
-    pass
 
 
 def mounted_fuse(mountpoint: str) -> bool:
@@ -421,19 +420,9 @@ def serve_container(store: Store, c: Container, mountpoint: str, *, read_only: b
     view = UnionView(lower, store.containers.upper(c), store.containers.work(c),
                      volatile=volatile, read_only=read_only)
     threading.Thread(target=_control_server, args=(c.id, view), daemon=True).start()
-    with fusecheck.libfuse_messages() as messages:
-        def ready() -> None:
-            messages.release()
-            if on_ready is not None:
-                on_ready()
-
-        try:
-            serve(view, mountpoint, foreground=True, options=options, on_ready=ready)
-        except RuntimeError as e:  # fuse_main's number; what it printed says why
-            if messages.released:
-                raise
-            raise MountError(fusecheck.explain(messages.text(), e.args[0] if e.args else None,
-                                               mountpoint)) from None
+    fusecheck.serve_or_explain(
+        lambda ready: serve(view, mountpoint, foreground=True, options=options, on_ready=ready),
+        mountpoint, on_ready)
 
 
 def _control_address(container_id: str) -> str:
