@@ -22,6 +22,7 @@ import click
 import lmdb
 
 from store import Store, StoreError
+from store.progress import SILENT, Progress
 from store.records import Entry, Kind, LayerRecord
 
 
@@ -138,6 +139,67 @@ def table(rows: list[list[str]]) -> None:
         click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+def _on_terminal(quiet: bool) -> bool:
+    """Whether to draw progress: on a terminal (stderr), unless --quiet."""
+    return not quiet and sys.stderr.isatty()
+
+
+class _Status(Progress):
+    """A long command's progress as one line on stderr ("gc: deleting blobs 120/3000"),
+    redrawn in place at most ten times a second and erased at the end, so that what
+    remains is the command's result."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.what, self.total, self.unit, self.done = "", 0, "", 0
+        self.last = 0.0
+        self.drawn = False
+
+    def stage(self, what: str, total: int = 0, unit: str = "") -> None:
+        self.what, self.total, self.unit, self.done = what, total, unit, 0
+        self._draw(force=True)
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        self._draw(force=False)
+
+    def _draw(self, force: bool) -> None:
+        if not force and time.monotonic() - self.last < 0.1:
+            return
+        self.last = time.monotonic()
+        count = human if self.unit == "B" else str
+        amount = ""
+        if self.total:
+            amount = f" {count(self.done)}/{count(self.total)} {min(100, self.done * 100 // self.total)}%"
+        elif self.done:
+            amount = f" {count(self.done)}"
+        sys.stderr.write(f"\r{self.label}: {self.what}{amount}\x1b[K")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def progress_line(label: str, quiet: bool):
+    """A Progress for a long command: a status line on a terminal, else silent."""
+    if not _on_terminal(quiet):
+        yield SILENT
+        return
+    status = _Status(label)
+    try:
+        yield status
+    finally:
+        status.close()
+
+
+quiet_option = click.option("-q", "--quiet", is_flag=True,
+                            help="No progress (it is shown only on a terminal anyway).")
+
+
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--root", envvar="LAYERFS_ROOT", metavar="DIR", help=ROOT_HELP)
 @click.version_option(package_name="layerfs", prog_name="layerfs", message="%(prog)s %(version)s")
@@ -150,12 +212,11 @@ def cli(root: str | None) -> None:
     """
 
 
-def _progress_import(store: Store, tarball: str, parent, tag, created_ns):
+def _progress_import(store: Store, tarball: str, parent, tag, created_ns, quiet: bool):
     size = os.path.getsize(tarball) if tarball != "-" and os.path.isfile(tarball) else 0
-    if not (sys.stderr.isatty() and size):
-        return store.import_tar(tarball, parent=parent, tag=tag, created_ns=created_ns)
-    with click.progressbar(length=size, label="importing", file=sys.stderr) as bar:
-        return store.import_tar(tarball, parent=parent, tag=tag, progress=bar.update,
+    with progress_line("import-layer", quiet) as progress:
+        progress.stage("reading " + ("stdin" if tarball == "-" else os.path.basename(tarball)), size, "B")
+        return store.import_tar(tarball, parent=parent, tag=tag, progress=progress.advance,
                                 created_ns=created_ns)
 
 
@@ -176,11 +237,12 @@ created_option = click.option(
 @click.option("--parent", help="Image to put the layer on.")
 @click.option("-t", "--tag", help="Tag the new image NAME[:TAG].")
 @created_option
+@quiet_option
 @with_store(create=True)
 def import_layer(store: Store, tarball: str, parent: str | None, tag: str | None,
-                 created: str | None) -> None:
+                 created: str | None, quiet: bool) -> None:
     """Import a layer tarball (plain, gzip, zstd, bzip2, xz; - for stdin); print the image id."""
-    click.echo(_progress_import(store, tarball, parent, tag, _created(created)).image_id)
+    click.echo(_progress_import(store, tarball, parent, tag, _created(created), quiet).image_id)
 
 
 @cli.command("import-dir")
@@ -188,18 +250,22 @@ def import_layer(store: Store, tarball: str, parent: str | None, tag: str | None
 @click.option("--parent", help="Image to put the layer on.")
 @click.option("-t", "--tag", help="Tag the new image NAME[:TAG].")
 @created_option
+@quiet_option
 @with_store(create=True)
 def import_dir(store: Store, directory: str, parent: str | None, tag: str | None,
-               created: str | None) -> None:
+               created: str | None, quiet: bool) -> None:
     """Import a directory tree as a layer; print the image id."""
-    click.echo(store.import_dir(directory, parent=parent, tag=tag, created_ns=_created(created)).image_id)
+    with progress_line("import-dir", quiet) as progress:
+        image = store.import_dir(directory, parent=parent, tag=tag, created_ns=_created(created),
+                                 progress=progress)
+    click.echo(image.image_id)
 
 
 class _LoadBars:
-    """A progress bar per layer on a terminal (stderr); silent otherwise."""
+    """A progress bar per layer on a terminal (stderr) unless quiet; silent otherwise."""
 
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
+    def __init__(self, quiet: bool = False) -> None:
+        self.tty = _on_terminal(quiet)
 
     @contextlib.contextmanager
     def layer(self, number: int, count: int, diff_id: str, size: int, stored: bool):
@@ -214,10 +280,10 @@ class _LoadBars:
                 yield bar.update
 
 
-def _load(store: Store, path: str, tags: tuple[str, ...], platform: str | None) -> None:
+def _load(store: Store, path: str, tags: tuple[str, ...], platform: str | None, quiet: bool = False) -> None:
     from store.oci.loadsave import load as load_images
 
-    for rec, names in load_images(store, path, tags, platform, _LoadBars()):
+    for rec, names in load_images(store, path, tags, platform, _LoadBars(quiet)):
         for name in names:
             click.echo(f"Loaded image: {name}")
         click.echo(f"Loaded image ID: {rec.image_id}")
@@ -228,11 +294,12 @@ def _load(store: Store, path: str, tags: tuple[str, ...], platform: str | None) 
 @click.option("-t", "--tag", "tags", multiple=True, help="Also tag the image NAME[:TAG].")
 @click.option("--platform", metavar="OS/ARCH[/VARIANT]",
               help="The platform to take from a multi-platform index [default: this machine's].")
+@quiet_option
 @with_store(create=True)
-def load(store: Store, path: str, tags: tuple[str, ...], platform: str | None) -> None:
+def load(store: Store, path: str, tags: tuple[str, ...], platform: str | None, quiet: bool) -> None:
     """Load images from an OCI layout (a directory or a tar of one) or a docker archive
     (- or nothing: stdin); every digest is checked, and nothing is stored on an error."""
-    _load(store, path, tags, platform)
+    _load(store, path, tags, platform, quiet)
 
 
 @cli.command()
@@ -243,12 +310,16 @@ def load(store: Store, path: str, tags: tuple[str, ...], platform: str | None) -
                                       "docker archive.")
 @click.option("--compress", type=click.Choice(["gzip", "zstd", "none"]),
               help="Layer compression (oci formats) [default: gzip; docker: none].")
+@quiet_option
 @with_store
-def save(store: Store, images: tuple[str, ...], output: str, fmt: str, compress: str | None) -> None:
+def save(store: Store, images: tuple[str, ...], output: str, fmt: str, compress: str | None,
+         quiet: bool) -> None:
     """Write IMAGES to an OCI layout or a docker archive; the same images give the same bytes."""
     from store.oci.loadsave import save as save_images
 
-    for image in save_images(store, images, output, fmt, compress):
+    with progress_line("save", quiet) as progress:
+        saved = save_images(store, images, output, fmt, compress, progress)
+    for image in saved:
         if output != "-":
             click.echo(f"{image.image.image_id} {image.manifest.descriptor.digest}")
 
@@ -258,8 +329,8 @@ class _Lines:
     times a second; nothing elsewhere (as load's bars), so that a script sees only the
     result, or one error line."""
 
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
+    def __init__(self, quiet: bool = False) -> None:
+        self.tty = _on_terminal(quiet)
         self.rows: list[str] = []
         self.drawn = 0
         self.last = 0.0
@@ -372,8 +443,9 @@ def registry_options(fn):
 @click.argument("image", shell_complete=_complete("i"))
 @click.argument("ref")
 @registry_options
+@quiet_option
 @with_store
-def push(store: Store, image: str, ref: str, registry_opts: dict) -> None:
+def push(store: Store, image: str, ref: str, registry_opts: dict, quiet: bool) -> None:
     """Push IMAGE to a registry as REF ([HOST[:PORT]/]NAME:TAG); blobs the registry has
     are not sent again, and layers keep the digests they were loaded or pulled with."""
     from store.registry import Reference, Registry
@@ -381,7 +453,7 @@ def push(store: Store, image: str, ref: str, registry_opts: dict) -> None:
 
     reference = Reference.parse(ref)
     with Registry.for_reference(reference, **registry_opts) as registry:
-        result = push_image(store, image, reference, registry, _PushLines())
+        result = push_image(store, image, reference, registry, _PushLines(quiet))
     click.echo(f"{reference}: digest: {result.digest}")
 
 
@@ -391,8 +463,10 @@ def push(store: Store, image: str, ref: str, registry_opts: dict) -> None:
 @click.option("--platform", metavar="OS/ARCH[/VARIANT]",
               help="The platform to take from a multi-platform index [default: this machine's].")
 @registry_options
+@quiet_option
 @with_store(create=True)
-def pull(store: Store, ref: str, tag: str | None, platform: str | None, registry_opts: dict) -> None:
+def pull(store: Store, ref: str, tag: str | None, platform: str | None, registry_opts: dict,
+         quiet: bool) -> None:
     """Pull REF ([HOST[:PORT]/]NAME[:TAG][@DIGEST]) from a registry; layers the store has
     are not fetched, and nothing shows as an image until all of it is here."""
     from store.oci.descriptor import Platform
@@ -402,7 +476,7 @@ def pull(store: Store, ref: str, tag: str | None, platform: str | None, registry
     reference = Reference.parse(ref)
     want = Platform.parse(platform) if platform else None
     with Registry.for_reference(reference, **registry_opts) as registry:
-        result = pull_image(store, reference, registry, tag, want, _PullLines())
+        result = pull_image(store, reference, registry, tag, want, _PullLines(quiet))
     click.echo(f"Layers: {result.fetched} downloaded, {result.resumed} resumed from an interrupted pull, "
                f"{result.stored} already stored")
     click.echo(f"Digest: {result.manifest_digest}")
@@ -675,10 +749,12 @@ def _print_gc(report) -> None:
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Say what would be freed; change nothing.")
 @json_option
+@quiet_option
 @with_store
-def gc(store: Store, dry_run: bool, as_json: bool) -> None:
+def gc(store: Store, dry_run: bool, as_json: bool, quiet: bool) -> None:
     """Free every layer and blob that no image, tag, container or lease needs."""
-    report = store.gc(dry_run=dry_run)
+    with progress_line("gc", quiet) as progress:
+        report = store.gc(dry_run=dry_run, progress=progress)
     if as_json:
         click.echo(json.dumps(_gc_json(report), indent=2))
     else:
@@ -688,14 +764,17 @@ def gc(store: Store, dry_run: bool, as_json: bool) -> None:
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; change nothing.")
 @json_option
+@quiet_option
 @with_store
-def prune(store: Store, dry_run: bool, as_json: bool) -> None:
+def prune(store: Store, dry_run: bool, as_json: bool, quiet: bool) -> None:
     """Remove the containers that mount IMAGE made once unmounted, then untagged images
     that no container uses, then collect garbage."""
     from unionfs.mount import prune_containers
 
     containers = prune_containers(store, dry_run=dry_run)
-    removed, report = store.prune(dry_run=dry_run, ignore_containers=frozenset(c.id for c in containers))
+    with progress_line("prune", quiet) as progress:
+        removed, report = store.prune(dry_run=dry_run, ignore_containers=frozenset(c.id for c in containers),
+                                      progress=progress)
     if as_json:
         click.echo(json.dumps({"containers": [c.id for c in containers], "images": removed,
                                **_gc_json(report)}, indent=2))
@@ -714,12 +793,14 @@ def prune(store: Store, dry_run: bool, as_json: bool) -> None:
               help="Move damaged blobs aside and drop their records; rebuild a damaged index from "
                    "what can still be read.")
 @json_option
+@quiet_option
 @root_option
-def fsck(root: str | None, fast: bool, repair: bool, as_json: bool) -> None:
+def fsck(root: str | None, fast: bool, repair: bool, as_json: bool, quiet: bool) -> None:
     """Check the store; exit 0 if it is clean, 1 if anything is damaged."""
     from store.fsck import fsck as check_store
 
-    r = check_store(Store.root_of(root), fast=fast, repair=repair)
+    with progress_line("fsck", quiet) as progress:
+        r = check_store(Store.root_of(root), fast=fast, repair=repair, progress=progress)
     for note in r.notes:
         click.echo(f"layerfs: note: {note}", err=True)
     if as_json:
@@ -896,9 +977,10 @@ def diff(store: Store, container: str, as_json: bool) -> None:
 @click.option("-a", "--author", default="", help="Author.")
 @click.option("-c", "--change", "changes", multiple=True,
               help="Dockerfile instruction: ENV, CMD, ENTRYPOINT, WORKDIR, USER, LABEL, EXPOSE.")
+@quiet_option
 @with_store
 def commit(store: Store, container: str, tag: str | None, message: str, author: str,
-           changes: tuple[str, ...]) -> None:
+           changes: tuple[str, ...], quiet: bool) -> None:
     """Commit CONTAINER's changes as a new layer and image; print the image id.
 
     A mounted container's writes are held while the commit runs. What a layer cannot
@@ -906,12 +988,13 @@ def commit(store: Store, container: str, tag: str | None, message: str, author: 
     """
     from unionfs import mount as mnt
 
-    def left_out(path: str, why: str) -> None:
+    left_out: list[tuple[str, str]] = []  # said once the progress line is gone
+    with progress_line("commit", quiet) as progress:
+        image = mnt.commit(store, container, tag=tag, message=message, author=author, changes=changes,
+                           on_left_out=lambda path, why: left_out.append((path, why)), progress=progress)
+    for path, why in left_out:
         click.echo(f"layerfs: warning: {shown(path)} is {why}, which a layer cannot hold: "
                    "left out of the commit", err=True)
-
-    image = mnt.commit(store, container, tag=tag, message=message, author=author, changes=changes,
-                       on_left_out=left_out)
     click.echo(image.image_id)
 
 

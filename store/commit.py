@@ -15,6 +15,7 @@ from . import images as imagesmod
 from .containers import Container
 from .dirimport import canonical_layer
 from .errors import StoreCorrupt, StoreError
+from .progress import SILENT, Progress
 from .records import ImageRecord, Source
 from .store import Store
 from .upper import Change, UpperReader
@@ -84,7 +85,8 @@ def apply_change(config: dict, change: str) -> None:
 
 def commit(store: Store, c: Container, tag: str | None = None, message: str = "",
            author: str = "", changes: tuple[str, ...] = (),
-           on_left_out: Callable[[str, str], None] | None = None) -> ImageRecord:
+           on_left_out: Callable[[str, str], None] | None = None,
+           progress: Progress = SILENT) -> ImageRecord:
     """Record the container's changes as a new layer on its image; return the new image.
 
     If the container is mounted, the caller holds its writes while this runs. What a
@@ -104,12 +106,13 @@ def commit(store: Store, c: Container, tag: str | None = None, message: str = ""
     with store.blobs.ingest() as ingest:
         try:
             with UpperReader(store.containers.upper(c), store.tree(base)) as reader:
+                progress.stage("scanning the changes")
                 entries, files = reader.layer()
                 for path, why in sorted(reader.left_out):
                     if on_left_out is not None:
                         on_left_out(path, why)
                 pending = canonical_layer(ingest, store.blobs, entries, files, reader.tree,
-                                          Source.COMMIT, f"commit of {c.name}")
+                                          Source.COMMIT, f"commit of {c.name}", progress)
         except OSError as e:
             raise StoreCorrupt(f"cannot read the container's upper layer at {e.filename}: "
                                f"{e.strerror}") from None

@@ -26,6 +26,7 @@ from .errors import (AmbiguousName, ImageNotFound, IndexDamaged, LayerNotFound, 
 from .export import export_to_path, layer_entries, write_layer
 from .index import Index, prefix_scan
 from .merged import MergedTree
+from .progress import SILENT, Progress
 from .records import (Entry, ImageRecord, LayerBlob, LayerRecord, bytes_digest, digest_bytes,
                       layer_blob_key, merge_layer_blob, pack_image, pack_layer_blob, unpack_image,
                       unpack_layer, unpack_layer_blob)
@@ -175,13 +176,13 @@ class Store:
                                created_ns=imagesmod.fixed_ns() if created_ns is None else created_ns)
 
     def import_dir(self, path: str, parent: str | None = None, tag: str | None = None,
-                   created_ns: int | None = None) -> ImageRecord:
+                   created_ns: int | None = None, progress: Progress = SILENT) -> ImageRecord:
         """Import a directory tree as a new image on top of ``parent`` (created as in
         :meth:`import_tar`)."""
         tag = imagesmod.parse_reference(tag) if tag else None
         base = self.resolve_image(parent) if parent else None
         with self.blobs.ingest() as ingest:
-            pending = read_dir(ingest, self.blobs, path, os.path.abspath(path))
+            pending = read_dir(ingest, self.blobs, path, os.path.abspath(path), progress)
             return self.record(ingest, pending, base, {"created_by": "layerfs import-dir"}, tag,
                                created_ns=imagesmod.fixed_ns() if created_ns is None else created_ns)
 
@@ -414,15 +415,17 @@ class Store:
                 for image, tags, blobs in per_image]
 
     def gc(self, dry_run: bool = False, grace_seconds: float = 0.0,
-           ignore_images: frozenset[str] = frozenset()):
+           ignore_images: frozenset[str] = frozenset(), progress: Progress = SILENT):
         """Free what nothing reaches (see store.gc)."""
         from .gc import collect
-        report = collect(self, dry_run=dry_run, grace_seconds=grace_seconds, ignore_images=ignore_images)
+        report = collect(self, dry_run=dry_run, grace_seconds=grace_seconds, ignore_images=ignore_images,
+                         progress=progress)
         if not dry_run:
             self.update_marker()
         return report
 
-    def prune(self, dry_run: bool = False, ignore_containers: frozenset[str] = frozenset()):
+    def prune(self, dry_run: bool = False, ignore_containers: frozenset[str] = frozenset(),
+              progress: Progress = SILENT):
         """Remove untagged images that no container uses, then collect; returns (ids, report).
 
         ``ignore_containers`` (ids) count as gone: what a dry run removes before this."""
@@ -441,12 +444,13 @@ class Store:
             return [bytes_digest(k) for k in doomed]
 
         removed = self.index.write(txn_fn)
-        return removed, self.gc(dry_run=dry_run, ignore_images=frozenset(removed) if dry_run else frozenset())
+        return removed, self.gc(dry_run=dry_run, ignore_images=frozenset(removed) if dry_run else frozenset(),
+                                progress=progress)
 
-    def fsck(self, fast: bool = False, repair: bool = False):
+    def fsck(self, fast: bool = False, repair: bool = False, progress: Progress = SILENT):
         """Check the store (see store.fsck)."""
         from .fsck import check
-        return check(self, fast=fast, repair=repair)
+        return check(self, fast=fast, repair=repair, progress=progress)
 
     def df(self) -> Usage:
         """Blobs, bytes stored, and what the layers would take without dedup."""
