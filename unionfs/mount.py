@@ -36,8 +36,6 @@ from .fusecheck import MountError
 READY_TIMEOUT = 30.0
 
 
-
-
 def mounted_fuse(mountpoint: str) -> bool:
     """True if ``mountpoint`` is a mount point of a FUSE filesystem (live or dead)."""
     target = os.path.realpath(mountpoint)
