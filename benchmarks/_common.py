@@ -38,6 +38,27 @@ def timed(cmd: list[str], **kw) -> tuple[float, subprocess.CompletedProcess]:
     return time.perf_counter() - t0, p
 
 
+def debootstrap(dest: str, mirror: str) -> None:
+    """A Debian bookworm minbase tree at ``dest`` (packages from apt's cache where it has them)."""
+    run(["debootstrap", "--variant=minbase", "--cache-dir=/var/cache/apt/archives", "bookworm", dest, mirror])
+
+
+def cached_debootstrap(cache_dir: str, mirror: str) -> tuple[str, bool]:
+    """The debootstrap tree kept in ``cache_dir`` and whether it was already there (it is
+    built the first time and renamed into place only once complete, so an interrupted
+    build is never reused)."""
+    dest = os.path.join(cache_dir, "debootstrap-bookworm-minbase")
+    if os.path.isdir(dest):
+        return dest, True
+    print(f"building {dest} with debootstrap (kept for the next run) ...", flush=True)
+    partial = dest + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(cache_dir, exist_ok=True)
+    debootstrap(partial, mirror)
+    os.rename(partial, dest)
+    return dest, False
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -28,14 +28,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (layerfs_cmd, loadavg, machine, median, print_table, quiesce, rmtree, run,  # noqa: E402
-                     timed, write_json)
+from _common import (debootstrap, layerfs_cmd, loadavg, machine, median, print_table, quiesce,  # noqa: E402
+                     rmtree, run, timed, write_json)
 
 TAG = "bench"
-
-
-def debootstrap(dest: str, mirror: str) -> None:
-    run(["debootstrap", "--variant=minbase", "--cache-dir=/var/cache/apt/archives", "bookworm", dest, mirror])
 
 
 def build_layout(rootfs: str, work: str) -> str:

@@ -60,21 +60,16 @@ Needs root (mount(2), drop_caches), /dev/fuse, the overlay module and fuse-overl
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
-import errno
-import math
 import os
-import random
 import shutil
-import signal
 import stat
-import subprocess
 import sys
 import tempfile
 import time
 
-from _common import drop_caches, layerfs_cmd, loadavg, machine, median, mountpoints_under, print_table, run, write_json
+from _common import drop_caches, layerfs_cmd, loadavg, machine, median, print_table, run, write_json
+from _stack import (BIG, FUSE_OVERLAYFS, Bench, Check, Interrupted, Mount, NotAvailable, Plan, build_flat,
+                    catch_signals, finish, layerfs_code, read_all, version, walk, write_layers)
 
 SYSTEMS = ("plain", "kernel", "fuse-overlayfs", "layerfs")
 RATIO_BASE = "fuse-overlayfs"
@@ -98,347 +93,9 @@ LABELS = {
     "chmod": "chmod big",
     "create": "create files",
 }
-BIG = "big.bin"
-BLOCK = 4 << 20
-FUSE_OVERLAYFS = shutil.which("fuse-overlayfs") or "/usr/bin/fuse-overlayfs"
-MNT_DETACH = 2
-
-
-class NotAvailable(Exception):
-    """A configuration that cannot be mounted here; the message says why."""
-
-
-class Interrupted(BaseException):
-    """SIGTERM/SIGHUP, turned into an exception so that the cleanup runs."""
-
-
-# -- the layers ---------------------------------------------------------------------
-
-
-class Plan:
-    """What every layer holds; paths relative to the layer root."""
-
-    def __init__(self, nfiles: int, ndirs: int, nlayers: int, nsmall: int, nneg: int, seed: int = 11) -> None:
-        rng = random.Random(seed)
-        groups = max(1, math.isqrt(ndirs))
-        self.leaves = sorted(f"g{d % groups:02d}/d{d:03d}" for d in range(ndirs))
-        self.parents = sorted({leaf.partition("/")[0] for leaf in self.leaves})
-        self.bottom: dict[str, int] = {}  # path -> size
-        for i in range(nfiles):
-            self.bottom[f"{self.leaves[i % ndirs]}/f{i:05d}.dat"] = rng.randint(256, 4096)
-        self.small = sorted(rng.sample(sorted(self.bottom), min(nsmall, nfiles)))
-        protected = set(self.small)
-        # layers[k] for k >= 1: (files written: path -> size, whiteouts)
-        self.layers: list[tuple[dict[str, int], list[str]]] = [({}, [])]
-        alive = dict(self.bottom)
-        for k in range(1, nlayers):
-            candidates = sorted(p for p in alive if p not in protected)
-            files = {p: 40 + rng.randint(0, 200) for p in rng.sample(candidates, 2)}
-            for j in range(2):
-                files[f"{rng.choice(self.leaves)}/l{k:03d}-{j}.dat"] = 40 + rng.randint(0, 200)
-            gone = rng.choice([p for p in candidates if p not in files])
-            alive.update(files)
-            del alive[gone]
-            self.layers.append((files, [gone]))
-        self.negatives = [f"{self.leaves[i % ndirs]}/missing-{i:05d}" for i in range(nneg)]
-
-    def visible(self, n: int) -> dict[str, tuple[int, int]]:
-        """The small files of the merged tree of layers 0..n-1: path -> (size, layer)."""
-        out = {p: (s, 0) for p, s in self.bottom.items()}
-        for k in range(1, n):
-            files, whiteouts = self.layers[k]
-            for p in whiteouts:
-                out.pop(p, None)
-            for p, s in files.items():
-                out[p] = (s, k)
-        return out
-
-
-def content(path: str, size: int, layer: int) -> bytes:
-    """Bytes of a small file: random for the bottom layer, a marker line above."""
-    if layer == 0:
-        return os.urandom(size)
-    line = f"{path} written by layer {layer}\n".encode()
-    return (line * (size // len(line) + 1))[:size]
-
-
-def write_layers(plan: Plan, root: str, big_bytes: int) -> list[str]:
-    """Write every layer as a directory ``root/K``; returns their paths, bottom first."""
-    dirs = []
-    for k in range(len(plan.layers)):
-        d = os.path.join(root, str(k))
-        os.makedirs(d)
-        dirs.append(d)
-        if k == 0:
-            for p in plan.parents:
-                os.mkdir(os.path.join(d, p))
-            for leaf in plan.leaves:
-                os.mkdir(os.path.join(d, leaf))
-            for p, size in plan.bottom.items():
-                with open(os.path.join(d, p), "wb") as f:
-                    f.write(content(p, size, 0))
-            write_big(os.path.join(d, BIG), big_bytes)
-            continue
-        files, whiteouts = plan.layers[k]
-        for p, size in files.items():
-            full = os.path.join(d, p)
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            with open(full, "wb") as f:
-                f.write(content(p, size, k))
-        for p in whiteouts:
-            full = os.path.join(d, p)
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            os.mknod(full, stat.S_IFCHR | 0o600, os.makedev(0, 0))
-    for d in dirs:  # independent of the umask
-        for dirpath, dirnames, filenames in os.walk(d):
-            os.chmod(dirpath, 0o755)
-            for name in filenames:
-                full = os.path.join(dirpath, name)
-                if stat.S_ISREG(os.lstat(full).st_mode):
-                    os.chmod(full, 0o644)
-    return dirs
-
-
-def write_big(path: str, size: int) -> None:
-    """A random 4 MiB block repeated, each copy stamped with its index (no two blocks equal)."""
-    block = bytearray(os.urandom(BLOCK))
-    with open(path, "wb") as f:
-        done = 0
-        i = 0
-        while done < size:
-            block[:8] = i.to_bytes(8, "little")
-            n = min(BLOCK, size - done)
-            f.write(block[:n] if n < BLOCK else block)
-            done += n
-            i += 1
-
-
-def build_flat(plan: Plan, layer_dirs: list[str], n: int, dst: str, big_copy: str) -> None:
-    """The merged tree of layers 0..n-1 as one plain directory (big.bin hard-linked to a
-    private copy, so that writes to it never reach the layers)."""
-    os.makedirs(dst)
-    for p in plan.parents:
-        os.mkdir(os.path.join(dst, p))
-    for leaf in plan.leaves:
-        os.mkdir(os.path.join(dst, leaf))
-    for p, (_, k) in sorted(plan.visible(n).items()):
-        shutil.copy2(os.path.join(layer_dirs[k], p), os.path.join(dst, p))
-    os.link(big_copy, os.path.join(dst, BIG))
-
-
-# -- mounting -------------------------------------------------------------------------
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def is_mounted(path: str) -> bool:
-    return os.path.realpath(path) in mountpoints_under(path)
-
-
-class Mount:
-    """One mounted configuration (or the plain directory)."""
-
-    def __init__(self, system: str, path: str, seconds: float, **info) -> None:
-        self.system, self.path, self.seconds, self.info = system, path, seconds, info
-
-
-class Bench:
-    """Mounts the four systems over one set of layers and cleans up after them."""
-
-    def __init__(self, tmp: str, short: str, layer_dirs: list[str], store: str, big_bytes: int) -> None:
-        self.tmp, self.short, self.layer_dirs, self.store = tmp, short, layer_dirs, store
-        self.big_bytes = big_bytes
-        self.cli = layerfs_cmd()
-        self.active: list[Mount] = []
-        self.seq = 0
-        self.mnt = os.path.join(short, "m")  # one mountpoint, reused
-        os.mkdir(self.mnt)
-        for k, d in enumerate(layer_dirs):
-            os.symlink(d, os.path.join(short, str(k)))
-        self.flat: str | None = None
-        self.big_blob: str | None = None  # layerfs's copy of big.bin in the store
-
-    def _fresh_upper(self) -> tuple[str, str]:
-        self.seq += 1
-        upper, work = os.path.join(self.short, f"u{self.seq}"), os.path.join(self.short, f"w{self.seq}")
-        os.mkdir(upper)
-        os.mkdir(work)
-        return upper, work
-
-    def _overlay_options(self, n: int, upper: str, work: str) -> str:
-        lowers = ":".join(os.path.join(self.short, str(k)) for k in reversed(range(n)))  # top first
-        return f"lowerdir={lowers},upperdir={upper},workdir={work}"
-
-    def mount(self, system: str, n: int) -> Mount:
-        if system == "plain":
-            return Mount("plain", self.flat, 0.0)
-        if system == "kernel":
-            upper, work = self._fresh_upper()
-            opts = self._overlay_options(n, upper, work)
-            page = os.sysconf("SC_PAGE_SIZE")
-            if len(opts) + 1 > page:
-                shutil.rmtree(upper), shutil.rmtree(work)
-                raise NotAvailable(f"the mount(2) option string is {len(opts) + 1} bytes, more than "
-                                   f"one page ({page})")
-            t0 = time.perf_counter()
-            rc = _libc.mount(b"overlay", os.fsencode(self.mnt), b"overlay", 0, opts.encode())
-            secs = time.perf_counter() - t0
-            if rc != 0:
-                code = ctypes.get_errno()
-                shutil.rmtree(upper), shutil.rmtree(work)
-                raise NotAvailable(f"mount(2) overlay failed: {os.strerror(code)}{_dmesg_tail()}")
-            m = Mount(system, self.mnt, secs, upper=upper, work=work)
-            self.active.append(m)
-            return m
-        if system == "fuse-overlayfs":
-            if not os.access(FUSE_OVERLAYFS, os.X_OK):
-                raise NotAvailable(f"{FUSE_OVERLAYFS} is not installed (apt-get install -y fuse-overlayfs)")
-            upper, work = self._fresh_upper()
-            log = os.path.join(self.tmp, f"fuse-overlayfs-{self.seq}.log")
-            t0 = time.perf_counter()
-            with open(log, "wb") as logf:  # -f: our child, in its own session (Ctrl-C spares it)
-                proc = subprocess.Popen([FUSE_OVERLAYFS, "-f", "-o", self._overlay_options(n, upper, work),
-                                         self.mnt], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                        start_new_session=True)
-            m = Mount(system, self.mnt, 0.0, upper=upper, work=work, proc=proc, log=log)
-            self.active.append(m)
-            deadline = time.monotonic() + 60
-            while not is_mounted(self.mnt):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    self.unmount(m)
-                    with open(log, errors="replace") as f:
-                        why = f.read().strip().replace("\n", "; ")
-                    raise NotAvailable(f"fuse-overlayfs did not mount (exit {proc.returncode}): {why}")
-                time.sleep(0.002)
-            m.seconds = time.perf_counter() - t0
-            return m
-        if system == "layerfs":
-            t0 = time.perf_counter()
-            # the mount is registered before it is known to exist: cleanup finds it by path
-            m = Mount(system, self.mnt, 0.0, container=None)
-            self.active.append(m)
-            try:
-                p = run(self.cli + ["mount", "--root", self.store, f"bench:{n}", self.mnt])
-            except RuntimeError as e:
-                self.unmount(m)
-                raise NotAvailable(f"layerfs mount failed: {e}") from None
-            m.seconds = time.perf_counter() - t0
-            m.info["container"] = p.stdout.decode().strip()
-            return m
-        raise ValueError(system)
-
-    def unmount(self, m: Mount) -> None:
-        """Unmount and remove the upper; never raises (reports what it could not do)."""
-        if m.system == "plain":
-            return
-        try:
-            if m.system == "kernel":
-                for attempt in range(50):
-                    if _libc.umount2(os.fsencode(m.path), 0) == 0 or not is_mounted(m.path):
-                        break
-                    if ctypes.get_errno() != errno.EBUSY or attempt == 49:
-                        _libc.umount2(os.fsencode(m.path), MNT_DETACH)
-                        break
-                    time.sleep(0.1)
-            elif m.system == "fuse-overlayfs":
-                if is_mounted(m.path):
-                    if subprocess.run(["fusermount3", "-u", m.path], capture_output=True).returncode != 0:
-                        subprocess.run(["umount", "-l", m.path], capture_output=True)
-                proc = m.info["proc"]
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            elif m.system == "layerfs":
-                if is_mounted(m.path):
-                    res = subprocess.run(self.cli + ["umount", "--root", self.store, m.path],
-                                         capture_output=True, text=True)
-                    if res.returncode != 0:
-                        print(f"  warning: layerfs umount: {res.stderr.strip()}", file=sys.stderr)
-                        if subprocess.run(["fusermount3", "-u", m.path], capture_output=True).returncode != 0:
-                            subprocess.run(["umount", "-l", m.path], capture_output=True)
-                if m.info.get("container"):  # its upper holds up to a copy of big.bin
-                    subprocess.run(self.cli + ["rm", "-f", "--root", self.store, m.info["container"]],
-                                   capture_output=True)
-        finally:
-            if m in self.active:
-                self.active.remove(m)
-            if is_mounted(m.path):
-                print(f"  warning: {m.path} is still mounted", file=sys.stderr)
-            else:
-                for key in ("upper", "work"):
-                    if m.info.get(key):
-                        shutil.rmtree(m.info[key], ignore_errors=True)
-
-    def cleanup(self) -> bool:
-        """Unmount everything still mounted below our directories; True if nothing is left."""
-        for m in list(self.active):
-            self.unmount(m)
-        for path in mountpoints_under(self.short, self.tmp):  # anything we lost track of
-            if subprocess.run(["umount", path], capture_output=True).returncode != 0:
-                subprocess.run(["umount", "-l", path], capture_output=True)
-        left = mountpoints_under(self.short, self.tmp)
-        if left:
-            print(f"warning: still mounted, not removing them: {', '.join(left)}", file=sys.stderr)
-        return not left
-
-    def underlying_big(self, system: str) -> str:
-        """The file that holds big.bin's data for ``system`` (to warm the page cache)."""
-        if system == "plain":
-            return os.path.join(self.flat, BIG)
-        if system == "layerfs":
-            if self.big_blob is None:
-                for dirpath, _, files in os.walk(os.path.join(self.store, "blobs")):
-                    for name in files:
-                        if os.path.getsize(os.path.join(dirpath, name)) == self.big_bytes:
-                            self.big_blob = os.path.join(dirpath, name)
-                if self.big_blob is None:
-                    raise RuntimeError("cannot find big.bin's blob in the layerfs store")
-            return self.big_blob
-        return os.path.join(self.layer_dirs[0], BIG)
-
-
-def _dmesg_tail() -> str:
-    try:
-        out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=5).stdout
-        lines = [l for l in out.splitlines() if "overlay" in l]
-        return f" (dmesg: {lines[-1].strip()})" if lines else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 # -- workloads ------------------------------------------------------------------------
-
-
-def read_all(path: str, buf: bytearray | None = None) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if buf is None:
-            total = 0
-            while chunk := os.read(fd, 1 << 20):
-                total += len(chunk)
-            return total
-        total = 0
-        with open(fd, "rb", buffering=0, closefd=False) as f:
-            while n := f.readinto(buf):
-                total += n
-        return total
-    finally:
-        os.close(fd)
-
-
-class Check(Exception):
-    """A mount showed something other than the expected tree."""
-
-
-def walk(root: str) -> tuple[int, int]:
-    nfiles = nbytes = 0
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            nbytes += os.lstat(os.path.join(dirpath, name)).st_size
-            nfiles += 1
-    return nfiles, nbytes
 
 
 def run_group(bench: Bench, group: str, m: Mount, plan: Plan, n: int, args) -> dict[str, float]:
@@ -617,18 +274,11 @@ def main() -> int:
         print("bench_union.py needs root (mount(2), drop_caches)", file=sys.stderr)
         return 2
 
-    def on_signal(signum, frame):
-        raise Interrupted(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-
+    catch_signals()
     t_start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="layerfs-bench-union-", dir=args.tmpdir)
     short = tempfile.mkdtemp(prefix="lb", dir="/tmp")  # /tmp/lbXXXXXXXX: short lowerdir paths
     bench = None
-    clean = False
     try:
         big_bytes = big_mib << 20
         nlayers = max(depths)
@@ -638,8 +288,8 @@ def main() -> int:
             "config": {"files": args.files, "dirs": args.dirs, "big_mib": big_mib,
                        "small_reads": args.small_reads, "negatives": args.negatives,
                        "creates": args.creates},
-            "fuse_overlayfs": _version([FUSE_OVERLAYFS, "--version"]),
-            "layerfs_cmd": layerfs_cmd(), "layerfs_code": _layerfs_code(), "setup_s": {}, "depths": []}
+            "fuse_overlayfs": version([FUSE_OVERLAYFS, "--version"]),
+            "layerfs_cmd": layerfs_cmd(), "layerfs_code": layerfs_code(), "setup_s": {}, "depths": []}
         print(f"working in {tmp} (short lowerdir links in {short})", flush=True)
 
         t0 = time.perf_counter()
@@ -726,7 +376,7 @@ def main() -> int:
               f"{results['fuse_overlayfs']}; negative = {args.negatives} stats, small = "
               f"{args.small_reads} files, create = {args.creates} files")
         print_results(results, systems, groups)
-        print(f"\nsetup (untimed): " + ", ".join(f"{k} {v}s" for k, v in results["setup_s"].items()))
+        print("\nsetup (untimed): " + ", ".join(f"{k} {v}s" for k, v in results["setup_s"].items()))
         print(f"total wall time {results['total_wall_s']}s; load average at start {m['loadavg_start']}, "
               f"at end {results['loadavg_end']}")
         slow = [(d["layers"], w, r) for d in results["depths"]
@@ -739,37 +389,7 @@ def main() -> int:
         print(f"\ninterrupted ({str(e) or 'SIGINT'}); unmounting and cleaning up ...", file=sys.stderr, flush=True)
         return 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the cleanup
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if bench is not None:
-            clean = bench.cleanup()
-        else:
-            clean = not mountpoints_under(short, tmp)
-        if clean:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(short, ignore_errors=True)
-        else:
-            print(f"left {tmp} and {short} in place because something is still mounted there", file=sys.stderr)
-
-
-def _layerfs_code() -> dict:
-    """Which layerfs code runs: PYTHONPATH (if set, it comes first) and the checkout's HEAD."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        head = "?"
-    return {"pythonpath": os.environ.get("PYTHONPATH", ""), "checkout": repo, "checkout_head": head}
-
-
-def _version(cmd: list[str]) -> str:
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-        lines = [l for l in (p.stdout + p.stderr).splitlines() if "version" in l]
-        return "; ".join(lines) or "?"
-    except (OSError, subprocess.SubprocessError):
-        return "?"
+        finish(bench, tmp, short)
 
 
 if __name__ == "__main__":

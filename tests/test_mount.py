@@ -240,3 +240,32 @@ def test_open_directories_keep_their_own_listings(tmp_path, mounts, image):
     finally:
         os.close(fd)
     assert sorted(os.listdir(c)) == sorted(f"g{i}" for i in range(300))
+
+
+@pytest.mark.parametrize("kernel_cache", [True, False], ids=["cached", "LAYERFS_NO_DIR_CACHE"])
+def test_the_kernel_keeps_directory_listings(tmp_path, layerfs, image, store_root, kernel_cache, monkeypatch):
+    """The kernel caches a directory's listing across opens (libfuse 3.14 drops the flag
+    that asks for it; the server sets it where libfuse answers OPENDIR), and drops it when
+    the directory changes through the mount. Seen by changing the upper behind the
+    mount's back, which nothing but the mount may do: a cached listing does not see it."""
+    if not kernel_cache:
+        monkeypatch.setenv("LAYERFS_NO_DIR_CACHE", "1")
+    cid = layerfs("create", image, check=True).stdout.decode().strip()
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    layerfs("mount", cid, mnt, check=True)
+    try:
+        upper = os.path.join(store_root, "containers", cid, "upper")
+        open(os.path.join(mnt, "etc/seed"), "w").close()  # etc is now an upper directory
+        before = sorted(os.listdir(os.path.join(mnt, "etc")))
+        st = os.stat(os.path.join(upper, "etc"))
+        open(os.path.join(upper, "etc/behind"), "w").close()
+        os.utime(os.path.join(upper, "etc"), ns=(st.st_atime_ns, st.st_mtime_ns))
+        open(os.path.join(mnt, "elsewhere"), "w").close()  # the server's own cache is stale now
+        again = sorted(os.listdir(os.path.join(mnt, "etc")))
+        assert ("behind" in again) != kernel_cache, again
+        assert "behind" not in before
+        os.unlink(os.path.join(mnt, "etc/seed"))  # a change through the mount: listed afresh
+        assert sorted(os.listdir(os.path.join(mnt, "etc"))) == sorted((set(before) | {"behind"}) - {"seed"})
+    finally:
+        layerfs("umount", mnt)

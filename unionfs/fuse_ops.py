@@ -127,6 +127,13 @@ class UnionOperations(mfusepy.Operations):
             config.entry_timeout = self.timeout
             config.attr_timeout = self.timeout
             config.negative_timeout = self.timeout
+        # Every change to a directory goes through this mount, and the kernel drops its
+        # cached listing when one does: listings may be kept across opens.
+        cache_directory_listings(mfusepy._libfuse.fuse_get_context().contents.fuse)
+        # No writeback cache: the kernel then trusts its own size and mtime of a regular
+        # file over the server's, and libfuse's high-level API gives each name of a
+        # hard-linked file its own kernel inode, so a write through one name would never
+        # show in the size the others report.
         if self.on_ready is not None:
             self.on_ready()
 
@@ -226,7 +233,10 @@ class UnionOperations(mfusepy.Operations):
         fd, lower_backed, truncated = self.view.open(_rel(path), fi.flags)
         self._invalidate(truncated)  # the other names of a hard-linked file are now empty
         fi.fh = fd
-        fi.keep_cache = 1 if lower_backed else 0  # lower data never changes
+        # Lower data never changes, and every change to upper data goes through this
+        # mount, which drops what the kernel cached under a hard link's other names
+        # (_invalidate): the kernel may keep the pages it cached across opens.
+        fi.keep_cache = 1
         return 0
 
     @_translate
@@ -234,6 +244,7 @@ class UnionOperations(mfusepy.Operations):
     def create(self, path, mode, fi):
         uid, gid = self._ctx()
         fi.fh = self.view.create(_rel(path), mode, fi.flags, uid, gid)
+        fi.keep_cache = 1
         return 0
 
     @_translate
@@ -440,6 +451,80 @@ def _keep_thread_state() -> None:
     _worker.kept = True
 
 
+# Kernel caching of directory listings. libfuse 3.14's high-level API answers OPENDIR
+# from the low-level file info it was given, and never copies the cache_readdir and
+# keep_cache flags that our opendir sets on its own, high-level one (3.16 does): every
+# readdir would come to Python. So the low-level opendir of the session is wrapped, to
+# set both flags on the low-level file info before libfuse's own opendir answers with it.
+# The session's layout is private to libfuse: its operations table is found by its
+# shape (the functions libfuse's high-level API installs and the ones it leaves empty),
+# and nothing is changed unless exactly one place matches.
+
+_LL_SET = range(0, 16)  # struct fuse_lowlevel_ops: init ... fsync, all set by fuse.c
+_LL_WRITE, _LL_OPENDIR, _LL_READDIR, _LL_WRITE_BUF, _LL_RETRIEVE = 16, 20, 21, 36, 37
+_LL_OPENDIR_T = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.POINTER(mfusepy.fuse_file_info))
+_kept_callbacks: list = []  # ctypes callbacks that libfuse calls must outlive the mount
+
+
+def _libfuse_text() -> list[tuple[int, int]]:
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and "libfuse3" in fields[5] and "x" in fields[1]:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                out.append((lo, hi))
+    return out
+
+
+def _find_lowlevel_ops(session: int) -> int | None:
+    """The address of the session's struct fuse_lowlevel_ops, or None if unsure."""
+    text = _libfuse_text()
+
+    def code(addr: int) -> bool:
+        value = ctypes.c_void_p.from_address(addr).value
+        return value is not None and any(lo <= value < hi for lo, hi in text)
+
+    def empty(addr: int) -> bool:
+        return ctypes.c_void_p.from_address(addr).value is None
+
+    found = [base for base in range(session + 8, session + 256, 8)
+             if all(code(base + 8 * i) for i in _LL_SET)
+             and empty(base + 8 * _LL_WRITE) and code(base + 8 * _LL_OPENDIR)
+             and code(base + 8 * _LL_READDIR) and code(base + 8 * _LL_WRITE_BUF)
+             and empty(base + 8 * _LL_RETRIEVE)]
+    return found[0] if len(found) == 1 else None
+
+
+def cache_directory_listings(fuse: int) -> bool:
+    """Make every OPENDIR answer ask the kernel to keep the listing it reads (see above);
+    call in init, before any directory is opened. False if the session is not recognised
+    (or LAYERFS_NO_DIR_CACHE is set)."""
+    if os.environ.get("LAYERFS_NO_DIR_CACHE"):
+        return False
+    get_session = mfusepy._libfuse.fuse_get_session
+    get_session.restype, get_session.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    session = get_session(fuse)
+    ops = _find_lowlevel_ops(session) if session else None
+    if ops is None:
+        log.warning("libfuse's session is not laid out as expected: directory listings are not cached")
+        return False
+    slot = ctypes.c_void_p.from_address(ops + 8 * _LL_OPENDIR)
+    original = _LL_OPENDIR_T(slot.value)
+
+    def opendir(req, ino, llfi):
+        if not getattr(_worker, "kept", False):
+            _keep_thread_state()
+        llfi.contents.keep_cache = 1
+        llfi.contents.cache_readdir = 1
+        original(req, ino, llfi)
+
+    wrapper = _LL_OPENDIR_T(opendir)
+    _kept_callbacks.extend((original, wrapper))
+    slot.value = ctypes.cast(wrapper, ctypes.c_void_p).value
+    return True
+
+
 class UnionFUSE(mfusepy.FUSE):
     """mfusepy's FUSE with what it leaves out: renameat2 flags and readdirplus."""
 
@@ -460,10 +545,6 @@ class UnionFUSE(mfusepy.FUSE):
 
     def opendir(self, path: bytes, fip) -> int:
         fip.contents.fh = self.operations.opendir(path.decode(self.encoding, self.errors))
-        # Every change goes through this mount, so the kernel may keep listings across
-        # opens (libfuse honours these flags from 3.16 on).
-        fip.contents.cache_readdir = 1
-        fip.contents.keep_cache = 1
         return 0
 
     def readdir_fuse_3(self, path: bytes, buf, filler, offset: int, fip, flags: int) -> int:
