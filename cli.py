@@ -22,6 +22,7 @@ import click
 import lmdb
 
 from store import Store, StoreError
+from store.progress import SILENT, Progress
 from store.records import Entry, Kind, LayerRecord
 
 
@@ -47,27 +48,70 @@ class _Cli(click.Group):
             ctx.exit(130)
 
 
-root_option = click.option(
-    "--root", envvar="LAYERFS_ROOT", metavar="DIR",
-    help="Store directory [env LAYERFS_ROOT; default /var/lib/layerfs as root, else ~/.local/share/layerfs].")
+ROOT_HELP = ("Store directory [env LAYERFS_ROOT; default /var/lib/layerfs as root, else "
+             "~/.local/share/layerfs]; before or after the command.")
 
 
-def open_store(root: str | None) -> Store:
-    """Open the store, printing its notes (a store found readable by others) on stderr."""
-    store = Store(root)
+def _root_after_command(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--root`` given after the command, merged with one given before it (or by
+    $LAYERFS_ROOT): podman and skopeo take store-wide options before the command, most
+    people type them after; both work, and two different roots are refused."""
+    before = ctx.find_root().params.get("root")
+    if value is None:
+        return before
+    source = ctx.find_root().get_parameter_source("root")
+    if before is not None and source == click.core.ParameterSource.COMMANDLINE and \
+            Store.root_of(before) != Store.root_of(value):
+        raise click.UsageError(f"--root given twice: {before} before the command, {value} after it")
+    return value
+
+
+root_option = click.option("--root", metavar="DIR", callback=_root_after_command, help=ROOT_HELP)
+
+
+def open_store(root: str | None, create: bool = False) -> Store:
+    """Open the store (made only if ``create``), printing its notes (a store found
+    readable by others) on stderr."""
+    store = Store(root, create=create)
     for note in store.notes:
         click.echo(f"layerfs: note: {note}", err=True)
     return store
 
 
-def with_store(fn):
-    """Add ``--root`` and pass an open Store as the first argument."""
-    @root_option
-    @functools.wraps(fn)
-    def wrapper(root, **kwargs):
-        with open_store(root) as store:
-            return fn(store, **kwargs)
-    return wrapper
+def with_store(fn=None, *, create: bool = False):
+    """Add ``--root`` and pass an open Store as the first argument. Only commands that
+    add to the store (``create``) make one; the others fail with "no store at DIR"."""
+    def decorate(fn):
+        @root_option
+        @functools.wraps(fn)
+        def wrapper(root, **kwargs):
+            with open_store(root, create) as store:
+                return fn(store, **kwargs)
+        return wrapper
+    return decorate(fn) if fn is not None else decorate
+
+
+def _complete(kinds: str, dirs: bool = False):
+    """Shell completion of names in the store (``kinds``: "i" image tags, "c" container
+    names, "l" layer ids), and of directories too if ``dirs``: read from an existing store
+    only, never one made for it."""
+    def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+        # (bash drops the names before a "dir" item, so it goes first)
+        found: list = [click.shell_completion.CompletionItem(incomplete, type="dir")] if dirs else []
+        root = ctx.params.get("root") or ctx.find_root().params.get("root")
+        try:
+            with Store(root, create=False) as store:
+                names = []
+                if "i" in kinds:
+                    names += [t for _, tags in store.images() for t in tags]
+                if "c" in kinds:
+                    names += [c.name for c in store.containers.list()]
+                if "l" in kinds:
+                    names += [layer.diff_id for layer in store.layers()]
+        except (StoreError, OSError, lmdb.Error):
+            return found
+        return found + [n for n in names if n.startswith(incomplete)]
+    return complete
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -95,17 +139,84 @@ def table(rows: list[list[str]]) -> None:
         click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+def _on_terminal(quiet: bool) -> bool:
+    """Whether to draw progress: on a terminal (stderr), unless --quiet."""
+    return not quiet and sys.stderr.isatty()
+
+
+class _Status(Progress):
+    """A long command's progress as one line on stderr ("gc: deleting blobs 120/3000"),
+    redrawn in place at most ten times a second and erased at the end, so that what
+    remains is the command's result."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.what, self.total, self.unit, self.done = "", 0, "", 0
+        self.last = 0.0
+        self.drawn = False
+
+    def stage(self, what: str, total: int = 0, unit: str = "") -> None:
+        self.what, self.total, self.unit, self.done = what, total, unit, 0
+        self._draw(force=True)
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        self._draw(force=False)
+
+    def _draw(self, force: bool) -> None:
+        if not force and time.monotonic() - self.last < 0.1:
+            return
+        self.last = time.monotonic()
+        count = human if self.unit == "B" else str
+        amount = ""
+        if self.total:
+            amount = f" {count(self.done)}/{count(self.total)} {min(100, self.done * 100 // self.total)}%"
+        elif self.done:
+            amount = f" {count(self.done)}"
+        sys.stderr.write(f"\r{self.label}: {self.what}{amount}\x1b[K")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def progress_line(label: str, quiet: bool):
+    """A Progress for a long command: a status line on a terminal, else silent."""
+    if not _on_terminal(quiet):
+        yield SILENT
+        return
+    status = _Status(label)
+    try:
+        yield status
+    finally:
+        status.close()
+
+
+quiet_option = click.option("-q", "--quiet", is_flag=True,
+                            help="No progress (it is shown only on a terminal anyway).")
+
+
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
-    """layerfs: a union filesystem and layer store for container images."""
+@click.option("--root", envvar="LAYERFS_ROOT", metavar="DIR", help=ROOT_HELP)
+@click.version_option(package_name="layerfs", prog_name="layerfs", message="%(prog)s %(version)s")
+def cli(root: str | None) -> None:
+    """layerfs: a union filesystem and layer store for container images.
+
+    Shell completion (commands, options, image and container names):
+    eval "$(_LAYERFS_COMPLETE=bash_source layerfs)" in ~/.bashrc; zsh_source, fish_source
+    for zsh and fish.
+    """
 
 
-def _progress_import(store: Store, tarball: str, parent, tag, created_ns):
+def _progress_import(store: Store, tarball: str, parent, tag, created_ns, quiet: bool):
     size = os.path.getsize(tarball) if tarball != "-" and os.path.isfile(tarball) else 0
-    if not (sys.stderr.isatty() and size):
-        return store.import_tar(tarball, parent=parent, tag=tag, created_ns=created_ns)
-    with click.progressbar(length=size, label="importing", file=sys.stderr) as bar:
-        return store.import_tar(tarball, parent=parent, tag=tag, progress=bar.update,
+    with progress_line("import-layer", quiet) as progress:
+        progress.stage("reading " + ("stdin" if tarball == "-" else os.path.basename(tarball)), size, "B")
+        return store.import_tar(tarball, parent=parent, tag=tag, progress=progress.advance,
                                 created_ns=created_ns)
 
 
@@ -126,11 +237,12 @@ created_option = click.option(
 @click.option("--parent", help="Image to put the layer on.")
 @click.option("-t", "--tag", help="Tag the new image NAME[:TAG].")
 @created_option
-@with_store
+@quiet_option
+@with_store(create=True)
 def import_layer(store: Store, tarball: str, parent: str | None, tag: str | None,
-                 created: str | None) -> None:
+                 created: str | None, quiet: bool) -> None:
     """Import a layer tarball (plain, gzip, zstd, bzip2, xz; - for stdin); print the image id."""
-    click.echo(_progress_import(store, tarball, parent, tag, _created(created)).image_id)
+    click.echo(_progress_import(store, tarball, parent, tag, _created(created), quiet).image_id)
 
 
 @cli.command("import-dir")
@@ -138,18 +250,22 @@ def import_layer(store: Store, tarball: str, parent: str | None, tag: str | None
 @click.option("--parent", help="Image to put the layer on.")
 @click.option("-t", "--tag", help="Tag the new image NAME[:TAG].")
 @created_option
-@with_store
+@quiet_option
+@with_store(create=True)
 def import_dir(store: Store, directory: str, parent: str | None, tag: str | None,
-               created: str | None) -> None:
+               created: str | None, quiet: bool) -> None:
     """Import a directory tree as a layer; print the image id."""
-    click.echo(store.import_dir(directory, parent=parent, tag=tag, created_ns=_created(created)).image_id)
+    with progress_line("import-dir", quiet) as progress:
+        image = store.import_dir(directory, parent=parent, tag=tag, created_ns=_created(created),
+                                 progress=progress)
+    click.echo(image.image_id)
 
 
 class _LoadBars:
-    """A progress bar per layer on a terminal (stderr); silent otherwise."""
+    """A progress bar per layer on a terminal (stderr) unless quiet; silent otherwise."""
 
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
+    def __init__(self, quiet: bool = False) -> None:
+        self.tty = _on_terminal(quiet)
 
     @contextlib.contextmanager
     def layer(self, number: int, count: int, diff_id: str, size: int, stored: bool):
@@ -164,10 +280,10 @@ class _LoadBars:
                 yield bar.update
 
 
-def _load(store: Store, path: str, tags: tuple[str, ...], platform: str | None) -> None:
+def _load(store: Store, path: str, tags: tuple[str, ...], platform: str | None, quiet: bool = False) -> None:
     from store.oci.loadsave import load as load_images
 
-    for rec, names in load_images(store, path, tags, platform, _LoadBars()):
+    for rec, names in load_images(store, path, tags, platform, _LoadBars(quiet)):
         for name in names:
             click.echo(f"Loaded image: {name}")
         click.echo(f"Loaded image ID: {rec.image_id}")
@@ -178,27 +294,32 @@ def _load(store: Store, path: str, tags: tuple[str, ...], platform: str | None) 
 @click.option("-t", "--tag", "tags", multiple=True, help="Also tag the image NAME[:TAG].")
 @click.option("--platform", metavar="OS/ARCH[/VARIANT]",
               help="The platform to take from a multi-platform index [default: this machine's].")
-@with_store
-def load(store: Store, path: str, tags: tuple[str, ...], platform: str | None) -> None:
+@quiet_option
+@with_store(create=True)
+def load(store: Store, path: str, tags: tuple[str, ...], platform: str | None, quiet: bool) -> None:
     """Load images from an OCI layout (a directory or a tar of one) or a docker archive
     (- or nothing: stdin); every digest is checked, and nothing is stored on an error."""
-    _load(store, path, tags, platform)
+    _load(store, path, tags, platform, quiet)
 
 
 @cli.command()
-@click.argument("images", nargs=-1, required=True)
+@click.argument("images", nargs=-1, required=True, shell_complete=_complete("i"))
 @click.option("-o", "--output", required=True, help="File or directory to write (- for stdout).")
 @click.option("--format", "fmt", type=click.Choice(["oci", "oci-dir", "docker"]), default="oci",
               show_default=True, help="A tar of an OCI layout, an OCI layout directory, or a "
                                       "docker archive.")
 @click.option("--compress", type=click.Choice(["gzip", "zstd", "none"]),
               help="Layer compression (oci formats) [default: gzip; docker: none].")
+@quiet_option
 @with_store
-def save(store: Store, images: tuple[str, ...], output: str, fmt: str, compress: str | None) -> None:
+def save(store: Store, images: tuple[str, ...], output: str, fmt: str, compress: str | None,
+         quiet: bool) -> None:
     """Write IMAGES to an OCI layout or a docker archive; the same images give the same bytes."""
     from store.oci.loadsave import save as save_images
 
-    for image in save_images(store, images, output, fmt, compress):
+    with progress_line("save", quiet) as progress:
+        saved = save_images(store, images, output, fmt, compress, progress)
+    for image in saved:
         if output != "-":
             click.echo(f"{image.image.image_id} {image.manifest.descriptor.digest}")
 
@@ -208,8 +329,8 @@ class _Lines:
     times a second; nothing elsewhere (as load's bars), so that a script sees only the
     result, or one error line."""
 
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
+    def __init__(self, quiet: bool = False) -> None:
+        self.tty = _on_terminal(quiet)
         self.rows: list[str] = []
         self.drawn = 0
         self.last = 0.0
@@ -319,11 +440,12 @@ def registry_options(fn):
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", shell_complete=_complete("i"))
 @click.argument("ref")
 @registry_options
+@quiet_option
 @with_store
-def push(store: Store, image: str, ref: str, registry_opts: dict) -> None:
+def push(store: Store, image: str, ref: str, registry_opts: dict, quiet: bool) -> None:
     """Push IMAGE to a registry as REF ([HOST[:PORT]/]NAME:TAG); blobs the registry has
     are not sent again, and layers keep the digests they were loaded or pulled with."""
     from store.registry import Reference, Registry
@@ -331,7 +453,7 @@ def push(store: Store, image: str, ref: str, registry_opts: dict) -> None:
 
     reference = Reference.parse(ref)
     with Registry.for_reference(reference, **registry_opts) as registry:
-        result = push_image(store, image, reference, registry, _PushLines())
+        result = push_image(store, image, reference, registry, _PushLines(quiet))
     click.echo(f"{reference}: digest: {result.digest}")
 
 
@@ -341,8 +463,10 @@ def push(store: Store, image: str, ref: str, registry_opts: dict) -> None:
 @click.option("--platform", metavar="OS/ARCH[/VARIANT]",
               help="The platform to take from a multi-platform index [default: this machine's].")
 @registry_options
-@with_store
-def pull(store: Store, ref: str, tag: str | None, platform: str | None, registry_opts: dict) -> None:
+@quiet_option
+@with_store(create=True)
+def pull(store: Store, ref: str, tag: str | None, platform: str | None, registry_opts: dict,
+         quiet: bool) -> None:
     """Pull REF ([HOST[:PORT]/]NAME[:TAG][@DIGEST]) from a registry; layers the store has
     are not fetched, and nothing shows as an image until all of it is here."""
     from store.oci.descriptor import Platform
@@ -352,7 +476,7 @@ def pull(store: Store, ref: str, tag: str | None, platform: str | None, registry
     reference = Reference.parse(ref)
     want = Platform.parse(platform) if platform else None
     with Registry.for_reference(reference, **registry_opts) as registry:
-        result = pull_image(store, reference, registry, tag, want, _PullLines())
+        result = pull_image(store, reference, registry, tag, want, _PullLines(quiet))
     click.echo(f"Layers: {result.fetched} downloaded, {result.resumed} resumed from an interrupted pull, "
                f"{result.stored} already stored")
     click.echo(f"Digest: {result.manifest_digest}")
@@ -413,7 +537,7 @@ def layers(store: Store, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("ref")
+@click.argument("ref", metavar="IMAGE|LAYER|CONTAINER", shell_complete=_complete("icl"))
 @click.option("--config", "raw_config", is_flag=True,
               help="Print only the image's config, byte for byte (its sha256 is the image id).")
 @with_store
@@ -446,7 +570,7 @@ def inspect(store: Store, ref: str, raw_config: bool) -> None:
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", shell_complete=_complete("i"))
 @click.argument("ref")
 @with_store
 def tag(store: Store, image: str, ref: str) -> None:
@@ -455,7 +579,7 @@ def tag(store: Store, image: str, ref: str) -> None:
 
 
 @cli.command()
-@click.argument("images", nargs=-1, required=True)
+@click.argument("images", nargs=-1, required=True, shell_complete=_complete("i"))
 @with_store
 def rmi(store: Store, images: tuple[str, ...]) -> None:
     """Remove images (their blobs are freed later, by gc)."""
@@ -468,7 +592,7 @@ def rmi(store: Store, images: tuple[str, ...]) -> None:
 
 
 @cli.command("export-layer")
-@click.argument("layer")
+@click.argument("layer", shell_complete=_complete("l"))
 @click.option("-o", "--output", required=True, help="File to write (- for stdout).")
 @with_store
 def export_layer(store: Store, layer: str, output: str) -> None:
@@ -502,57 +626,75 @@ def shown(text: str) -> str:
     return "".join(out)
 
 
+def _size(e: Entry) -> int:
+    """The size ls -l (and the mount) shows: a symlink's is its target's length."""
+    return len(os.fsencode(e.target)) if e.kind == Kind.SYMLINK else e.size
+
+
 def _ls_line(name: str, e: Entry) -> str:
-    size = f"{e.rdev_major}, {e.rdev_minor}" if e.kind in (Kind.CHR, Kind.BLK) else str(e.size)
+    size = f"{e.rdev_major}, {e.rdev_minor}" if e.kind in (Kind.CHR, Kind.BLK) else str(_size(e))
     line = (f"{stat.filemode(e.st_mode)} {e.nlink:>3} {e.uid:>5} {e.gid:>5} {size:>10} "
             f"{when(e.mtime_ns)[:16]} {shown(name)}")
     return line + (f" -> {shown(e.target)}" if e.kind == Kind.SYMLINK else "")
 
 
 def _entry_json(path: str, e: Entry) -> dict:
+    device = {"major": e.rdev_major, "minor": e.rdev_minor} if e.kind in (Kind.CHR, Kind.BLK) else None
     return {"path": "/" + path, "type": e.kind.name.lower(), "mode": f"{e.mode:04o}",
-            "uid": e.uid, "gid": e.gid, "size": e.size, "mtime_ns": e.mtime_ns, "nlink": e.nlink,
-            "target": e.target or None, "xattrs": [n for n, _ in e.xattrs]}
+            "uid": e.uid, "gid": e.gid, "size": _size(e), "mtime_ns": e.mtime_ns, "nlink": e.nlink,
+            "target": e.target or None, "device": device, "xattrs": [n for n, _ in e.xattrs]}
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", shell_complete=_complete("i"))
 @click.argument("path", default="/")
 @click.option("-R", "--recursive", is_flag=True, help="List subdirectories too.")
 @json_option
 @with_store
 def ls(store: Store, image: str, path: str, recursive: bool, as_json: bool) -> None:
-    """List PATH in the IMAGE's merged tree (read from the index, nothing mounted)."""
+    """List PATH in the IMAGE's merged tree (read from the index, nothing mounted), as
+    ls -l shows it: a directory's entries, or PATH itself, named as given."""
     _ls(store, image, path, recursive, as_json)
 
 
 def _ls(store: Store, image: str, path: str, recursive: bool, as_json: bool) -> None:
     tree = store.tree(image)
-    rel, entry = tree.resolve(path)
-    rows: list[dict] = []
-    todo = [rel] if entry.kind == Kind.DIR else []
+    rel, entry = tree.resolve(path, follow_last=False)
+    if entry.kind == Kind.SYMLINK:
+        # A link to a directory is listed through (as ls lists /bin -> usr/bin in a
+        # chroot); any other link is shown itself, as ls -l shows it.
+        try:
+            rel_dir, target = tree.resolve(path)
+        except StoreError:
+            target = None  # dangling, or a loop: the link itself
+        if target is not None and target.kind == Kind.DIR:
+            rel, entry = rel_dir, target
     if entry.kind != Kind.DIR:
-        rows.append(_entry_json(rel, entry)) if as_json else click.echo(_ls_line(rel or "/", entry))
+        click.echo(json.dumps([_entry_json(rel, entry)], indent=2) if as_json else _ls_line(path, entry))
+        return
+    rows: list[dict] = []
+    todo = [(rel, path)]  # (path in the image, the name it is shown by)
     first = True
     while todo:
-        d = todo.pop(0)
+        d, name = todo.pop(0)
         children = list(tree.listdir(d))
         if as_json:
             rows += [_entry_json(f"{d}/{n}" if d else n, e) for n, e in children]
         else:
             if recursive:
-                click.echo(("" if first else "\n") + f"/{shown(d)}:")
+                click.echo(("" if first else "\n") + f"{shown(name)}:")
             for n, e in children:
                 click.echo(_ls_line(n, e))
         first = False
         if recursive:
-            todo[:0] = [f"{d}/{n}" if d else n for n, e in children if e.kind == Kind.DIR]
+            todo[:0] = [(f"{d}/{n}" if d else n, f"{name.rstrip('/')}/{n}")
+                        for n, e in children if e.kind == Kind.DIR]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", shell_complete=_complete("i"))
 @click.argument("path")
 @with_store
 def cat(store: Store, image: str, path: str) -> None:
@@ -614,10 +756,12 @@ def _print_gc(report) -> None:
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Say what would be freed; change nothing.")
 @json_option
+@quiet_option
 @with_store
-def gc(store: Store, dry_run: bool, as_json: bool) -> None:
+def gc(store: Store, dry_run: bool, as_json: bool, quiet: bool) -> None:
     """Free every layer and blob that no image, tag, container or lease needs."""
-    report = store.gc(dry_run=dry_run)
+    with progress_line("gc", quiet) as progress:
+        report = store.gc(dry_run=dry_run, progress=progress)
     if as_json:
         click.echo(json.dumps(_gc_json(report), indent=2))
     else:
@@ -627,15 +771,26 @@ def gc(store: Store, dry_run: bool, as_json: bool) -> None:
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; change nothing.")
 @json_option
+@quiet_option
 @with_store
-def prune(store: Store, dry_run: bool, as_json: bool) -> None:
-    """Remove untagged images that no container uses, then collect garbage."""
-    removed, report = store.prune(dry_run=dry_run)
+def prune(store: Store, dry_run: bool, as_json: bool, quiet: bool) -> None:
+    """Remove the containers that mount IMAGE made once unmounted, then untagged images
+    that no container uses, then collect garbage."""
+    from unionfs.mount import prune_containers
+
+    containers = prune_containers(store, dry_run=dry_run)
+    with progress_line("prune", quiet) as progress:
+        removed, report = store.prune(dry_run=dry_run, ignore_containers=frozenset(c.id for c in containers),
+                                      progress=progress)
     if as_json:
-        click.echo(json.dumps({"images": removed, **_gc_json(report)}, indent=2))
+        click.echo(json.dumps({"containers": [c.id for c in containers], "images": removed,
+                               **_gc_json(report)}, indent=2))
         return
+    verb = "Would delete" if dry_run else "Deleted"
+    for c in containers:
+        click.echo(f"{verb} container: {c.name}")
     for image_id in removed:
-        click.echo(f"{'Would delete' if dry_run else 'Deleted'}: {image_id}")
+        click.echo(f"{verb}: {image_id}")
     _print_gc(report)
 
 
@@ -645,12 +800,14 @@ def prune(store: Store, dry_run: bool, as_json: bool) -> None:
               help="Move damaged blobs aside and drop their records; rebuild a damaged index from "
                    "what can still be read.")
 @json_option
+@quiet_option
 @root_option
-def fsck(root: str | None, fast: bool, repair: bool, as_json: bool) -> None:
+def fsck(root: str | None, fast: bool, repair: bool, as_json: bool, quiet: bool) -> None:
     """Check the store; exit 0 if it is clean, 1 if anything is damaged."""
     from store.fsck import fsck as check_store
 
-    r = check_store(Store.root_of(root), fast=fast, repair=repair)
+    with progress_line("fsck", quiet) as progress:
+        r = check_store(Store.root_of(root), fast=fast, repair=repair, progress=progress)
     for note in r.notes:
         click.echo(f"layerfs: note: {note}", err=True)
     if as_json:
@@ -699,7 +856,7 @@ volume_option = click.option(
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", shell_complete=_complete("i"))
 @click.option("--name", help="Name the container (default layerfs-<id>).")
 @volume_option
 @with_store
@@ -709,7 +866,7 @@ def create(store: Store, image: str, name: str | None, volumes: tuple[str, ...])
 
 
 @cli.command()
-@click.argument("ref", metavar="IMAGE|CONTAINER")
+@click.argument("ref", metavar="IMAGE|CONTAINER", shell_complete=_complete("ic"))
 @click.argument("mountpoint", type=click.Path())
 @click.option("--read-only", is_flag=True, help="Mount without a writable layer.")
 @click.option("--foreground", "-f", is_flag=True, help="Serve in this process until unmounted.")
@@ -722,11 +879,17 @@ def create(store: Store, image: str, name: str | None, volumes: tuple[str, ...])
 @click.option("--backend", type=click.Choice(["fuse", "kernel", "auto"]), default="fuse", show_default=True,
               help="fuse: layerfs serves the mount (any user); kernel: the kernel's overlayfs over "
                    "a metadata image of the image (root, Linux 6.5+); auto: kernel where it can.")
+@click.option("--rm", "remove", is_flag=True,
+              help="Remove the container made for IMAGE, with its changes, when the mount ends.")
 @volume_option
 @with_store
 def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: bool, suid: bool,
-          options: tuple[str, ...], backend: str, volumes: tuple[str, ...]) -> None:
+          options: tuple[str, ...], backend: str, remove: bool, volumes: tuple[str, ...]) -> None:
     """Mount an image or container at MOUNTPOINT (returns once the mount serves).
+
+    An image gets a new container, named on stderr: it keeps its changes after umount
+    (layerfs commit, rm, or prune, which removes such containers once unmounted) unless
+    --rm or --read-only.
 
     As root, a mount below a directory only root can search (like /var/lib/layerfs) lets
     every uid in and honours setuid bits and device nodes; elsewhere it is root's alone
@@ -735,6 +898,12 @@ def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: 
     """
     from unionfs import mount as mnt
 
+    def serving(c, made: bool) -> None:
+        if made:
+            fate = ("removed when the mount ends" if c.remove_at_umount else
+                    "it keeps its changes after umount (layerfs rm or layerfs prune removes it)")
+            click.echo(f"layerfs: made container {c.name} for {ref}; {fate}", err=True)
+
     opts = mnt.parse_options(options + (("suid,dev",) if suid else ()))
     volatile = bool(opts.pop("volatile", False))
     vols = _volumes(volumes)
@@ -742,20 +911,25 @@ def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: 
         if vols or any(c.volumes for c in [store.containers.find(ref)] if c):
             raise StoreError("volumes are bound over a background mount: mount without -f")
         mnt.mount_foreground(store, ref, mountpoint, read_only=read_only, options=opts,
-                             volatile=volatile, backend=backend)
+                             volatile=volatile, backend=backend, remove_at_umount=remove,
+                             on_serving=serving)
     else:
         click.echo(mnt.mount(store, ref, mountpoint, read_only=read_only, options=opts,
-                             volatile=volatile, backend=backend, volumes=vols).id)
+                             volatile=volatile, backend=backend, volumes=vols,
+                             remove_at_umount=remove, on_serving=serving).id)
 
 
 @cli.command()
-@click.argument("target", metavar="DIR|CONTAINER")
+@click.argument("target", metavar="DIR|CONTAINER", shell_complete=_complete("c", dirs=True))
 @with_store
 def umount(store: Store, target: str) -> None:
     """Unmount a mountpoint or a container (also after its serving process died)."""
     from unionfs import mount as mnt
 
-    mnt.umount(store, target)
+    c = mnt.umount(store, target)
+    if c is not None and c.anonymous and store.containers.find(c.id) is not None:
+        click.echo(f"layerfs: container {c.name} keeps its changes (layerfs commit, layerfs rm, "
+                   "or layerfs prune)", err=True)
 
 
 @cli.command()
@@ -792,11 +966,12 @@ def _container_json(c) -> dict:
             "upper_format": "kernel" if c.kernel_format else "oci",
             "mountpoint": c.mountpoint or None, "pid": c.pid or None, "created": c.created_ns / 1e9,
             "access": mount_access(c.mountpoint) if st == "mounted" else None,
-            "volumes": [str(v) for v in c.volumes]}
+            "volumes": [str(v) for v in c.volumes],
+            "anonymous": c.anonymous, "remove_at_umount": c.remove_at_umount}
 
 
 @cli.command()
-@click.argument("containers", nargs=-1, required=True)
+@click.argument("containers", nargs=-1, required=True, shell_complete=_complete("c"))
 @click.option("-f", "--force", is_flag=True, help="Unmount first if mounted.")
 @with_store
 def rm(store: Store, containers: tuple[str, ...], force: bool) -> None:
@@ -808,23 +983,25 @@ def rm(store: Store, containers: tuple[str, ...], force: bool) -> None:
 
 
 @cli.command()
-@click.argument("container")
+@click.argument("container", shell_complete=_complete("c"))
 @json_option
 @with_store
 def diff(store: Store, container: str, as_json: bool) -> None:
-    """Show what CONTAINER changed: A added, C changed, D deleted."""
+    """Show what CONTAINER changed: A added, C changed, D deleted; what a commit cannot
+    carry (a socket) is marked."""
     from store.commit import diff as container_diff
 
     rows = container_diff(store, store.containers.get(container))
     if as_json:
-        click.echo(json.dumps([{"kind": r.kind, "path": r.path} for r in rows], indent=2))
+        click.echo(json.dumps([{"kind": r.kind, "path": r.path, "left_out": r.left_out or None}
+                               for r in rows], indent=2))
         return
     for r in rows:
-        click.echo(f"{r.kind} {shown(r.path)}")
+        click.echo(f"{r.kind} {shown(r.path)}" + (f"  ({r.left_out}: commit leaves it out)" if r.left_out else ""))
 
 
 @cli.command()
-@click.argument("container")
+@click.argument("container", shell_complete=_complete("c"))
 @click.option("-t", "--tag", help="Tag the new image NAME[:TAG].")
 @click.option("-m", "--message", default="", help="Commit message.")
 @click.option("-a", "--author", default="", help="Author.")
@@ -833,18 +1010,26 @@ def diff(store: Store, container: str, as_json: bool) -> None:
 @click.option("--freeze", metavar="CGROUP",
               help="Freeze this cgroup's processes while the commit runs (as docker pause); "
                    "needed to commit a container mounted with the kernel backend.")
+@quiet_option
 @with_store
 def commit(store: Store, container: str, tag: str | None, message: str, author: str,
-           changes: tuple[str, ...], freeze: str | None) -> None:
+           changes: tuple[str, ...], freeze: str | None, quiet: bool) -> None:
     """Commit CONTAINER's changes as a new layer and image; print the image id.
 
     A mounted container's writes are held while the commit runs: by the fuse backend
-    itself, or, for a kernel-backend mount, by freezing the cgroup --freeze names.
+    itself, or, for a kernel-backend mount, by freezing the cgroup --freeze names. What a
+    layer cannot hold (sockets) is left out, with a warning each.
     """
     from unionfs import mount as mnt
 
-    image = mnt.commit(store, container, freeze=freeze, tag=tag, message=message, author=author,
-                       changes=changes)
+    left_out: list[tuple[str, str]] = []  # said once the progress line is gone
+    with progress_line("commit", quiet) as progress:
+        image = mnt.commit(store, container, freeze=freeze, tag=tag, message=message, author=author,
+                           changes=changes, on_left_out=lambda path, why: left_out.append((path, why)),
+                           progress=progress)
+    for path, why in left_out:
+        click.echo(f"layerfs: warning: {shown(path)} is {why}, which a layer cannot hold: "
+                   "left out of the commit", err=True)
     click.echo(image.image_id)
 
 
@@ -940,7 +1125,7 @@ def build(store: Store, context: str, dockerfile: str | None, tags: tuple[str, .
 
 
 @cli.command()
-@with_store
+@with_store(create=True)
 def demo(store: Store) -> None:
     """Walk through the main jobs on a real image built from this machine's Debian
     packages: load, inspect, mount, run, diff, commit, save, gc."""

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
 
 from . import images as imagesmod
 from .containers import Container
 from .dirimport import canonical_layer
 from .errors import StoreCorrupt, StoreError
+from .progress import SILENT, Progress
 from .records import ImageRecord, Source
 from .store import Store
 from .upper import Change, UpperReader
@@ -83,12 +85,15 @@ def apply_change(config: dict, change: str) -> None:
 
 def commit(store: Store, c: Container, tag: str | None = None, message: str = "",
            author: str = "", changes: tuple[str, ...] = (), *, config: dict | None = None,
-           created_by: str = "layerfs commit") -> ImageRecord:
+           created_by: str = "layerfs commit",
+           on_left_out: Callable[[str, str], None] | None = None,
+           progress: Progress = SILENT) -> ImageRecord:
     """Record the container's changes as a new layer on its image; return the new image.
 
     ``config`` replaces the image's config as the starting point (a builder's, edited
     by earlier steps); ``created_by`` is the history entry's. If the container is
-    mounted, the caller holds its writes while this runs.
+    mounted, the caller holds its writes while this runs. What a layer cannot hold
+    (sockets) is left out, and ``on_left_out(path, why)`` hears of it.
     """
     tag = imagesmod.parse_reference(tag) if tag else None
     base = store.resolve_image(c.image_id)
@@ -104,9 +109,13 @@ def commit(store: Store, c: Container, tag: str | None = None, message: str = ""
     with store.blobs.ingest() as ingest:
         try:
             with UpperReader(store.containers.upper(c), store.tree(base)) as reader:
+                progress.stage("scanning the changes")
                 entries, files = reader.layer()
+                for path, why in sorted(reader.left_out):
+                    if on_left_out is not None:
+                        on_left_out(path, why)
                 pending = canonical_layer(ingest, store.blobs, entries, files, reader.tree,
-                                          Source.COMMIT, f"commit of {c.name}")
+                                          Source.COMMIT, f"commit of {c.name}", progress)
         except OSError as e:
             raise StoreCorrupt(f"cannot read the container's upper layer at {e.filename}: "
                                f"{e.strerror}") from None

@@ -30,6 +30,8 @@ _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 _REC = struct.Struct("<32sqiQBHH")  # image id, created ns, pid, its start time, flags, name, mountpoint
 READ_ONLY = 1
 KERNEL_FORMAT = 2  # the upper is in the kernel overlayfs's format (it was mounted by the kernel)
+ANONYMOUS = 4  # made by ``mount IMAGE``, not named by anyone: prune removes it once unmounted
+REMOVE_AT_UMOUNT = 8  # mount --rm: removed, with its changes, when its mount ends
 
 
 class ContainerNotFound(NotFound):
@@ -84,6 +86,14 @@ class Container:
     @property
     def kernel_format(self) -> bool:
         return bool(self.flags & KERNEL_FORMAT)
+
+    @property
+    def anonymous(self) -> bool:
+        return bool(self.flags & ANONYMOUS)
+
+    @property
+    def remove_at_umount(self) -> bool:
+        return bool(self.flags & REMOVE_AT_UMOUNT)
 
 
 def _pack(c: Container) -> bytes:
@@ -192,9 +202,15 @@ class Containers:
         return None
 
     def set_mount(self, c: Container, mountpoint: str, pid: int) -> Container:
-        """Record where the container is mounted and by which process (pid 0: nowhere)."""
+        """Record where the container is mounted and by which process (pid 0: nowhere);
+        a container removed meanwhile (its mount ended with --rm) stays removed."""
         new = replace(c, mountpoint=mountpoint, pid=pid, pid_start=process_start(pid) if pid else 0)
-        self.index.write(lambda txn: txn.put(c.id.encode(), _pack(new), db=self.index.db("containers")))
+
+        def txn_fn(txn: lmdb.Transaction) -> None:
+            if txn.get(c.id.encode(), db=self.index.db("containers")) is not None:
+                txn.put(c.id.encode(), _pack(new), db=self.index.db("containers"))
+
+        self.index.write(txn_fn)
         return new
 
     def claim(self, c: Container, mountpoint: str, alive, flags: int = 0) -> Container:
@@ -216,7 +232,18 @@ class Containers:
 
         return self.index.write(txn_fn)
 
-    def remove(self, c: Container) -> None:
-        """Forget the container and delete its upper layer."""
-        self.index.write(lambda txn: txn.delete(c.id.encode(), db=self.index.db("containers")))
+    def remove(self, c: Container, if_unchanged: bool = False) -> bool:
+        """Forget the container and delete its upper layer (removing one already gone is
+        no error). With ``if_unchanged``, only if its record is still ``c`` (not claimed by
+        a mount meanwhile); returns whether it was removed."""
+        def txn_fn(txn: lmdb.Transaction) -> bool:
+            raw = txn.get(c.id.encode(), db=self.index.db("containers"))
+            if if_unchanged and (raw is None or _unpack(c.id.encode(), raw) != c):
+                return False
+            txn.delete(c.id.encode(), db=self.index.db("containers"))
+            return True
+
+        if not self.index.write(txn_fn):
+            return False
         remove_tree(os.path.join(self.dir, c.id))  # a container may have made it very deep
+        return True

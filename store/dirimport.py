@@ -19,6 +19,7 @@ from .blobs import CHUNK, BlobStore, Ingest
 from .builder import LayerBuilder, PendingLayer
 from .errors import StoreCorrupt, StoreError
 from .fstree import Tree, TreeChanged, read_xattrs, same_file
+from .progress import SILENT, Progress
 from .records import OPAQUE, Entry, Kind, Source
 from .tarformat import OPAQUE_MARKER, WHITEOUT_PREFIX, canonical_order, canonical_tar
 from .tarimport import PRIVATE_XATTR_PREFIXES
@@ -160,7 +161,8 @@ def primary_first(entries: dict[str, Entry], files: Files) -> tuple[dict[str, En
              for p, e in entries.items()}, new_files)
 
 
-def read_dir(ingest: Ingest, blobs: BlobStore, root: str, comment: str = "") -> PendingLayer:
+def read_dir(ingest: Ingest, blobs: BlobStore, root: str, comment: str = "",
+             progress: Progress = SILENT) -> PendingLayer:
     """Read the tree at ``root`` as a layer whose id is the sha256 of its canonical tar.
 
     Files are opened without following symlinks and only if still the inode the scan
@@ -168,15 +170,17 @@ def read_dir(ingest: Ingest, blobs: BlobStore, root: str, comment: str = "") -> 
     tree's owner may not) is refused, never read.
     """
     with Tree(root) as tree:
+        progress.stage("scanning")
         entries, files = scan_dir(tree)
         try:
-            return canonical_layer(ingest, blobs, entries, files, tree, Source.DIR, comment)
+            return canonical_layer(ingest, blobs, entries, files, tree, Source.DIR, comment, progress)
         except StoreCorrupt as e:
             raise StoreError(f"{root} changed while it was imported: {e}") from None
 
 
 def canonical_layer(ingest: Ingest, blobs: BlobStore, entries: dict[str, Entry],
-                    files: Files, tree: Tree | None, source: Source, comment: str) -> PendingLayer:
+                    files: Files, tree: Tree | None, source: Source, comment: str,
+                    progress: Progress = SILENT) -> PendingLayer:
     """A layer in canonical form, reading each file in ``files`` once.
 
     Files in ``files`` are copied from ``tree`` into new blobs while the canonical tar is
@@ -186,8 +190,15 @@ def canonical_layer(ingest: Ingest, blobs: BlobStore, entries: dict[str, Entry],
     sha = hashlib.sha256()
     size = 0
     blob_of: dict[str, str] = {}
+    progress.stage("reading files", sum(e.size for p, e in entries.items()
+                                        if e.kind == Kind.REG and e.hardlink in ("", p)), "B")
 
     def file_chunks(path: str, entry: Entry):
+        for chunk in _file_chunks(path, entry):
+            progress.advance(len(chunk))
+            yield chunk
+
+    def _file_chunks(path: str, entry: Entry):
         if path not in files:
             with blobs.open(entry.blob) as f:
                 while chunk := f.read(CHUNK):

@@ -20,6 +20,12 @@ class NotAStore(StoreError):
     """The store root exists but is not a layerfs store."""
 
 
+class NoStore(StoreError):
+    """No store at the root a command that needs one was given (it is not made there)."""
+
+    exit_code = 3
+
+
 class SchemaTooNew(StoreError):
     """The index was written by a newer layerfs."""
 

@@ -23,6 +23,7 @@ from .blobs import CHUNK
 from . import marker as markermod
 from .errors import IndexDamaged, StoreCorrupt
 from .index import prefix_scan
+from .progress import SILENT, Progress
 from .records import (LayerBlob, bytes_digest, digest_bytes, entry_blob, layer_blob_key, pack_layer_blob,
                       unpack_image, unpack_layer, unpack_layer_blob)
 from .tarsplit import segments
@@ -63,11 +64,12 @@ def blob_digest_ok(path: str, blob_id: str) -> bool:
     return h.hexdigest() == blob_id.split("-", 1)[0]
 
 
-def check(store, fast: bool = False, repair: bool = False) -> FsckReport:
+def check(store, fast: bool = False, repair: bool = False, progress: Progress = SILENT) -> FsckReport:
     """Check the whole store; with ``repair``, move damaged blobs aside."""
     report = FsckReport()
     index = store.index
     bad_blobs: dict[str, Problem] = {}
+    progress.stage("checking the index")
     with index.read() as txn:
         recorded: dict[str, int] = {}
         for key, raw in txn.cursor(db=index.db("blobs")):
@@ -116,7 +118,12 @@ def check(store, fast: bool = False, repair: bool = False) -> FsckReport:
                                                    f"merged view refers to a missing layer #{layer_num}"))
                     break
 
+    if fast:
+        progress.stage("checking blob sizes", len(recorded))
+    else:
+        progress.stage("checking blob contents", sum(recorded.values()), "B")
     for blob_id, size in sorted(recorded.items()):
+        progress.advance(1 if fast else size)
         report.blobs_checked += 1
         path = store.blobs.path(blob_id)
         try:
@@ -219,7 +226,7 @@ def damaged_index(root: str, error: IndexDamaged) -> FsckReport:
 INDEX_PROBLEMS = frozenset({"index-mismatch", "missing-entries", "corrupt-tarsplit"})
 
 
-def fsck(root: str, fast: bool = False, repair: bool = False) -> FsckReport:
+def fsck(root: str, fast: bool = False, repair: bool = False, progress: Progress = SILENT) -> FsckReport:
     """Check the store at ``root``, whose index may be too damaged to open; with
     ``repair``, move damaged blobs aside, and rebuild a damaged index from what can still
     be read (see store.rebuild)."""
@@ -227,8 +234,8 @@ def fsck(root: str, fast: bool = False, repair: bool = False) -> FsckReport:
     from .store import Store
 
     try:
-        with Store(root) as store:
-            report = store.fsck(fast=fast, repair=repair)
+        with Store(root, create=False) as store:
+            report = store.fsck(fast=fast, repair=repair, progress=progress)
             report.notes = store.notes
     except IndexDamaged as e:
         report = damaged_index(root, e)

@@ -24,6 +24,7 @@ from . import buildcache, crashpoints, leases, metaimage
 from .fstree import remove_tree
 from .index import delete_prefix, prefix_scan
 from .merged import chain_ids
+from .progress import SILENT, Progress
 from .records import bytes_digest, digest_bytes, entry_blob, unpack_image, unpack_layer, unpack_layer_blob
 from .tarsplit import segments
 
@@ -122,16 +123,20 @@ def _sweep_records(store, dry_run: bool, report: GcReport, ignore: frozenset[str
 
 
 def collect(store, dry_run: bool = False, grace_seconds: float = 0.0,
-            ignore_images: frozenset[str] = frozenset()) -> GcReport:
+            ignore_images: frozenset[str] = frozenset(), progress: Progress = SILENT) -> GcReport:
     """Free every layer, chain and blob that no image reaches; clean tmp/ and blobs/.
 
     ``ignore_images`` are treated as gone (what a dry run of prune would remove)."""
     report = GcReport(dry_run=dry_run)
+    progress.stage("waiting for imports and exports to finish")
     with store.lock.exclusive():
+        progress.stage("marking what images reach")
         doomed = _sweep_records(store, dry_run, report, ignore_images)
         crashpoints.point("gc-swept")
+        progress.stage("deleting blobs", len(doomed))
         for blob_id in doomed:
             remove_tree(store.blobs.path(blob_id))
+            progress.advance()
             crashpoints.point("gc-deleting")
         with store.index.read() as txn:
             live = {metaimage.key_of(unpack_image("", raw))
@@ -157,7 +162,10 @@ def collect(store, dry_run: bool = False, grace_seconds: float = 0.0,
         with store.index.read() as txn:
             recorded = {bytes(k).decode() for k, _ in txn.cursor(db=store.index.db("blobs"))}
         cutoff = time.time() - grace_seconds
-        for fan in os.listdir(store.blobs.dir):
+        fans = os.listdir(store.blobs.dir)
+        progress.stage("looking for unrecorded blob files", len(fans))
+        for fan in fans:
+            progress.advance()
             fan_dir = os.path.join(store.blobs.dir, fan)
             if not os.path.isdir(fan_dir) or os.path.islink(fan_dir):
                 continue  # not ours: gc only ever removes blob files

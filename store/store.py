@@ -21,11 +21,12 @@ from .builder import PendingLayer, record_layers
 from .containers import Containers
 from .dirimport import read_dir
 from . import marker as markermod
-from .errors import (AmbiguousName, ImageNotFound, IndexDamaged, LayerNotFound, NotAStore,
+from .errors import (AmbiguousName, ImageNotFound, IndexDamaged, LayerNotFound, NoStore, NotAStore,
                      StoreError)
 from .export import export_to_path, layer_entries, write_layer
 from .index import Index, prefix_scan
 from .merged import MergedTree
+from .progress import SILENT, Progress
 from .records import (Entry, ImageRecord, LayerBlob, LayerRecord, bytes_digest, digest_bytes,
                       layer_blob_key, merge_layer_blob, pack_image, pack_layer_blob, unpack_image,
                       unpack_layer, unpack_layer_blob)
@@ -91,14 +92,15 @@ class Usage:
 
 
 class Store:
-    """A layerfs store at ``root``, created on first use."""
+    """A layerfs store at ``root``, created on first use unless ``create`` is False (then
+    a missing store is NoStore: a mistyped root is not made into a new, empty store)."""
 
     @staticmethod
     def root_of(root: str | None) -> str:
         """The store directory ``Store(root)`` opens."""
         return os.path.abspath(root or default_root())
 
-    def __init__(self, root: str | None = None, map_size: int | None = None) -> None:
+    def __init__(self, root: str | None = None, map_size: int | None = None, create: bool = True) -> None:
         self.root = self.root_of(root)
         index_path = os.path.join(self.root, "index.lmdb")
         marker = markermod.read(self.root)
@@ -108,6 +110,8 @@ class Store:
                 raise NotAStore(f"{self.root} is not a layerfs store (it has no index.lmdb)")
             if os.path.exists(self.root) and not os.path.isdir(self.root):
                 raise NotAStore(f"{self.root} is not a directory")
+            if not create:
+                raise NoStore(f"no store at {self.root}")
         # Notes for the user (the CLI prints them): a store found readable by others.
         self.notes: list[str] = []
         try:
@@ -172,13 +176,13 @@ class Store:
                                created_ns=imagesmod.fixed_ns() if created_ns is None else created_ns)
 
     def import_dir(self, path: str, parent: str | None = None, tag: str | None = None,
-                   created_ns: int | None = None) -> ImageRecord:
+                   created_ns: int | None = None, progress: Progress = SILENT) -> ImageRecord:
         """Import a directory tree as a new image on top of ``parent`` (created as in
         :meth:`import_tar`)."""
         tag = imagesmod.parse_reference(tag) if tag else None
         base = self.resolve_image(parent) if parent else None
         with self.blobs.ingest() as ingest:
-            pending = read_dir(ingest, self.blobs, path, os.path.abspath(path))
+            pending = read_dir(ingest, self.blobs, path, os.path.abspath(path), progress)
             return self.record(ingest, pending, base, {"created_by": "layerfs import-dir"}, tag,
                                created_ns=imagesmod.fixed_ns() if created_ns is None else created_ns)
 
@@ -375,8 +379,19 @@ class Store:
         return layer_entries(self.index, layer.num)
 
     def export_layer(self, ref: str, out: str | BinaryIO) -> int:
-        """Write a layer's tar (sha256 == its id) to a path or a binary stream."""
-        layer = self.resolve_layer(ref)
+        """Write a layer's tar (sha256 == its id) to a path or a binary stream. An image
+        given instead is refused with the layers it has."""
+        try:
+            layer = self.resolve_layer(ref)
+        except LayerNotFound as e:
+            try:
+                image = self.resolve_image(ref)
+            except StoreError:
+                raise e from None
+            ids = ", ".join(d.removeprefix("sha256:")[:12] for d in image.layers)
+            raise LayerNotFound(f"{ref} is an image, not a layer; its {len(image.layers)} "
+                                f"layer{'s' if len(image.layers) != 1 else ''}, bottom first: {ids} "
+                                "(layerfs export-layer LAYER, or layerfs save for the image)") from None
         if isinstance(out, str):
             return export_to_path(self.index, self.blobs, layer, out)
         return write_layer(self.index, self.blobs, layer, out)
@@ -402,22 +417,27 @@ class Store:
                 for image, tags, blobs in per_image]
 
     def gc(self, dry_run: bool = False, grace_seconds: float = 0.0,
-           ignore_images: frozenset[str] = frozenset()):
+           ignore_images: frozenset[str] = frozenset(), progress: Progress = SILENT):
         """Free what nothing reaches (see store.gc)."""
         from .gc import collect
-        report = collect(self, dry_run=dry_run, grace_seconds=grace_seconds, ignore_images=ignore_images)
+        report = collect(self, dry_run=dry_run, grace_seconds=grace_seconds, ignore_images=ignore_images,
+                         progress=progress)
         if not dry_run:
             self.update_marker()
         return report
 
-    def prune(self, dry_run: bool = False):
-        """Remove untagged images that no container uses, then collect; returns (ids, report)."""
+    def prune(self, dry_run: bool = False, ignore_containers: frozenset[str] = frozenset(),
+              progress: Progress = SILENT):
+        """Remove untagged images that no container uses, then collect; returns (ids, report).
+
+        ``ignore_containers`` (ids) count as gone: what a dry run removes before this."""
 
         def txn_fn(txn: lmdb.Transaction) -> list[str]:
             # Decided inside the transaction, so an image tagged or given a container
             # meanwhile is kept.
             tagged = {bytes(v) for _, v in txn.cursor(db=self.index.db("tags"))}
-            used = {digest_bytes(c.image_id) for c in self.containers.list_in(txn)}
+            used = {digest_bytes(c.image_id) for c in self.containers.list_in(txn)
+                    if c.id not in ignore_containers}
             doomed = [bytes(k) for k, _ in txn.cursor(db=self.index.db("images"))
                       if bytes(k) not in tagged and bytes(k) not in used]
             if not dry_run:
@@ -426,12 +446,13 @@ class Store:
             return [bytes_digest(k) for k in doomed]
 
         removed = self.index.write(txn_fn)
-        return removed, self.gc(dry_run=dry_run, ignore_images=frozenset(removed) if dry_run else frozenset())
+        return removed, self.gc(dry_run=dry_run, ignore_images=frozenset(removed) if dry_run else frozenset(),
+                                progress=progress)
 
-    def fsck(self, fast: bool = False, repair: bool = False):
+    def fsck(self, fast: bool = False, repair: bool = False, progress: Progress = SILENT):
         """Check the store (see store.fsck)."""
         from .fsck import check
-        return check(self, fast=fast, repair=repair)
+        return check(self, fast=fast, repair=repair, progress=progress)
 
     def df(self) -> Usage:
         """Blobs, bytes stored, and what the layers would take without dedup."""

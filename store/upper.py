@@ -77,10 +77,20 @@ def kernel_redirect(full: str, value: str, parent_lower: str | None) -> str | No
 
 @dataclass(slots=True, frozen=True)
 class Change:
-    """One line of ``layerfs diff``: A added, C changed, D deleted."""
+    """One line of ``layerfs diff``: A added, C changed, D deleted; ``left_out`` says why
+    a commit cannot carry it (a socket), "" when it can."""
 
     kind: str
     path: str
+    left_out: str = ""
+
+
+def left_out(st: os.stat_result) -> str:
+    """Why a file of this type cannot go into a layer (a tar holds no sockets), or ""."""
+    if stat.S_ISSOCK(st.st_mode):
+        return "a socket"
+    known = (stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK, stat.S_ISCHR, stat.S_ISBLK, stat.S_ISFIFO)
+    return "" if any(is_type(st.st_mode) for is_type in known) else "an unknown file type"
 
 
 class UpperReader:
@@ -99,6 +109,7 @@ class UpperReader:
             raise_damaged(upper, "the upper layer is not a directory")
         self.tree = Tree(upper)
         self._copied_groups: dict[str, str] = {}  # lower hard-link group -> its first new path
+        self.left_out: list[tuple[str, str]] = []  # (path, why): what layer() could not carry
 
     def close(self) -> None:
         self.tree.close()
@@ -201,10 +212,14 @@ class UpperReader:
         for name in names:
             path = _join(rel, name)
             st, e = tree_entry(self.tree, path)
+            child_lower = _join(lower_path, name) if lower_path is not None else None
             if e is None:
+                self.left_out.append(("/" + path, left_out(st)))
+                # The container saw no lower file here: neither may the new image.
+                if not explicit and self._lower(child_lower) is not None:
+                    builder.whiteout(path)
                 continue
             e = _public(e)
-            child_lower = _join(lower_path, name) if lower_path is not None else None
             if e.kind == Kind.DIR:
                 redirect = self._dir_redirect(path, lower_path)
                 if redirect is not None:
@@ -285,8 +300,9 @@ class UpperReader:
                 self._diff_moved(out, _join(source, name), _join(rel, name))
         for name in names:
             path = _join(rel, name)
-            out.append(Change("C" if self._before(path) is not None else "A", "/" + path))
-            if stat.S_ISDIR(self.tree.lstat(path).st_mode):
+            st = self.tree.lstat(path)
+            out.append(Change("C" if self._before(path) is not None else "A", "/" + path, left_out(st)))
+            if stat.S_ISDIR(st.st_mode):
                 redirect = self._dir_redirect(path, source)
                 if redirect is not None:
                     child_source = redirect

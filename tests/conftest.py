@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -22,6 +23,20 @@ def store_root(tmp_path):
 def store(store_root):
     with Store(store_root) as s:
         yield s
+
+
+@pytest.fixture
+def public_dir():
+    """A directory every user may search (pytest's own are root's alone), removed after
+    (ask for it before ``mounts``, so that what is mounted in it is unmounted first)."""
+    from store.fstree import remove_tree
+
+    d = tempfile.mkdtemp(prefix="layerfs-public-", dir="/tmp")
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        remove_tree(d)
 
 
 @pytest.fixture

@@ -262,3 +262,12 @@ def tree_and_links(root: str, *, mtimes: bool = True) -> tuple[dict[str, tuple],
         if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
             groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
     return entries, sorted(tuple(sorted(g)) for g in groups.values() if len(g) > 1)
+
+
+NOBODY = 65534  # the second local user of the tests that need one
+
+
+def as_nobody(*cmd: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command as uid/gid 65534 with no supplementary groups."""
+    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd],
+                          capture_output=True, env=env, timeout=120, **kwargs)

@@ -155,4 +155,4 @@ def test_ls_and_diff_escape_control_characters(layerfs, tmp_path, store_root):
     diff = layerfs("diff", "nasty", check=True).stdout
     assert diff == b"A /made\\x1b[2Jhere\n"
     assert json.loads(layerfs("diff", "--json", "nasty", check=True).stdout) == \
-        [{"kind": "A", "path": "/made\x1b[2Jhere"}]
+        [{"kind": "A", "path": "/made\x1b[2Jhere", "left_out": None}]

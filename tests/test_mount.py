@@ -122,7 +122,7 @@ def test_mount_errors(tmp_path, layerfs, mounts, image):
     assert "no such image" in err("mount", "nosuch:tag", str(tmp_path))
     mnt = str(tmp_path / "m1")
     cid = mounts(image, mnt)
-    assert "already a mount point" in err("mount", image, mnt)
+    assert "is busy: something is mounted there already" in err("mount", image, mnt)
     other = str(tmp_path / "m2")
     os.mkdir(other)
     assert "already mounted" in err("mount", cid, other)

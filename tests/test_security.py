@@ -10,18 +10,15 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 
 import pytest
 
-from helpers import assert_one_line_error, make_tar
-from store.fstree import remove_tree
+from helpers import NOBODY, as_nobody, assert_one_line_error, make_tar
 from store import Store, StoreError
 from store.records import Kind
 from unionrunner import RENAME_EXCHANGE, renameat2
 
-NOBODY = 65534
 SECRET = b"root's secret, mode 0600\n" * 40
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as a second user needs root")
@@ -151,24 +148,6 @@ def test_directory_replaced_by_symlink_between_scan_and_read_is_refused(tmp_path
 
 
 # -- a second user -----------------------------------------------------------------------------------
-
-
-def as_nobody(*cmd: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a command as uid/gid 65534 with no supplementary groups."""
-    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd],
-                          capture_output=True, env=env, timeout=120)
-
-
-@pytest.fixture
-def public_dir():
-    """A directory every user may search (pytest's own are root's alone), removed after
-    (ask for it before ``mounts``, so that what is mounted in it is unmounted first)."""
-    d = tempfile.mkdtemp(prefix="layerfs-public-", dir="/tmp")
-    os.chmod(d, 0o755)
-    try:
-        yield d
-    finally:
-        remove_tree(d)
 
 
 def _secret_image(layerfs, tmp_path, root: str) -> str:

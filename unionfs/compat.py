@@ -26,6 +26,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from .fusecheck import MountError, serve_or_explain
 from .mount import parse_options, spawn_until_ready
 
 # How each option is handled. mount(8) and mount.fuse3 add generic ones (rw, dev, suid,
@@ -250,9 +251,14 @@ def _serve(config: MountConfig, ready_fd: int | None, debug: bool) -> None:
         log.info("mounting %s: lowerdir=%s upperdir=%s%s%s", config.mountpoint, ":".join(config.lowers),
                  config.upper or "(none)", " read-only" if config.read_only else "",
                  " volatile" if config.volatile else "")
-        serve(view, config.mountpoint, foreground=True, options=dict(config.fuse_options),
-              on_ready=lambda: report("ready"), debug=debug)
+        serve_or_explain(lambda ready: serve(view, config.mountpoint, foreground=True,
+                                             options=dict(config.fuse_options), on_ready=ready, debug=debug),
+                         config.mountpoint, lambda: report("ready"))
         log.info("unmounted %s", config.mountpoint)
+    except MountError as e:  # why, in one line (libfuse's own lines are in it)
+        log.error("the mount of %s failed: %s", config.mountpoint, e)
+        report(str(e))
+        raise SystemExit(1) from None
     except Exception as e:  # noqa: BLE001 - the waiting parent prints it as one line
         log.exception("the mount of %s failed", config.mountpoint)
         report(str(e) or type(e).__name__)

@@ -11,32 +11,33 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import select
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import replace
 
 from store import Store, StoreError
-from store.containers import KERNEL_FORMAT, READ_ONLY, Container, Volume
+from store.containers import ANONYMOUS, KERNEL_FORMAT, READ_ONLY, REMOVE_AT_UMOUNT, Container, Volume
 from store.fstree import raise_open_file_limit
 from store.records import ImageRecord
 from store.leases import process_start
 
-from . import kernel
+from . import fusecheck, kernel
 from .freeze import frozen
+from .fusecheck import MountError
 from .volumes import attach as attach_volumes, detach as detach_volumes
 
 READY_TIMEOUT = 30.0
-
-
-class MountError(StoreError):
-    pass
 
 
 def mounted_fuse(mountpoint: str) -> bool:
@@ -196,29 +197,45 @@ def spawn_until_ready(cmd: list[str], log) -> tuple[subprocess.Popen, str]:
 
 
 def _check_mountpoint(mountpoint: str) -> str:
+    """The mountpoint's absolute path, if a FUSE mount there can be tried at all."""
     path = os.path.abspath(mountpoint)
-    if not os.path.exists(path):
-        raise MountError(f"mountpoint {mountpoint} does not exist")
-    if not os.path.isdir(path):
+    dead = MountError(f"mountpoint {mountpoint} is busy: a mount whose server died is still there "
+                      f"(layerfs umount {mountpoint})")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {mountpoint} does not exist") from None
+    except OSError as e:
+        raise (dead if e.errno == errno.ENOTCONN else MountError(f"mountpoint {mountpoint}: {e.strerror}")) from None
+    if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if is_mount_point(path):
-        raise MountError(f"{mountpoint} is already a mount point")
+        try:
+            os.statvfs(path)  # a dead FUSE mount may still stat from the kernel's cache; not this
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                raise dead from None
+        raise MountError(f"mountpoint {mountpoint} is busy: something is mounted there already")
     return path
 
 
 def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
           options: dict | None = None, volatile: bool = False, backend: str = "fuse",
-          volumes: tuple[Volume, ...] = ()) -> Container:
-    """Mount a container (or a new one of an image) at ``mountpoint`` in the background,
-    served by ``backend`` (fuse, kernel, or auto: kernel where it can), with the
-    container's volumes and ``volumes`` bound over it (unionfs.volumes)."""
+          volumes: tuple[Volume, ...] = (), remove_at_umount: bool = False,
+          on_serving: Callable[[Container, bool], None] | None = None) -> Container:
+    """Mount a container (or a new one of an image, removed at umount if
+    ``remove_at_umount``) at ``mountpoint`` in the background, served by ``backend``
+    (fuse, kernel, or auto: kernel where it can), with the container's volumes and
+    ``volumes`` bound over it (unionfs.volumes). ``on_serving(container, made here)``
+    hears of it once the mount serves. A failed mount leaves nothing."""
     path = _check_mountpoint(mountpoint)
-    c, made, backend = _container_and_backend(store, ref, read_only, backend, options, False)
+    c, made, backend = _container_and_backend(store, ref, read_only, backend, options, False,
+                                              remove_at_umount)
     if backend == "kernel":
         c = _mount_kernel(store, c, made, path, read_only=read_only, options=options or {},
                           volatile=volatile)
-        return _with_volumes(store, c, made, path, volumes)
-    c = store.containers.claim(c, path, mount_alive)
+        return _serving(store, c, made, path, volumes, on_serving)
+    c = _claim(store, c, made, path)
     cmd = [sys.executable, "-m", "unionfs.mount", "--root", store.root, "--container", c.id,
            "--mountpoint", path]
     if read_only or c.read_only:
@@ -228,43 +245,66 @@ def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
     for k, v in (options or {}).items():
         cmd += ["-o", k if v is True else f"{k}={v}"]
     log_path = os.path.join(store.containers.dir, c.id, "mount.log")
-    with open(log_path, "ab") as log:
-        proc, message = spawn_until_ready(cmd, log)
-    if message != "ready":
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # it may still be starting: it must not mount later
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        if made:
-            store.containers.remove(c)
-        else:
-            store.containers.set_mount(c, "", 0)
-        raise MountError(message or f"the serving process exited ({proc.returncode}); see {log_path}")
+    try:
+        with open(log_path, "ab") as log:
+            proc, message = spawn_until_ready(cmd, log)
+        if message != "ready":
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # it may still be starting: it must not mount later
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            raise MountError(message or f"the serving process exited ({proc.returncode}): "
+                                        f"{_last_line(log_path)}")
+    except OSError as e:
+        _mount_ended(store, c, remove=made)
+        raise MountError(f"cannot start the serving process {cmd[0]}: {e.strerror}") from None
+    except BaseException:
+        _mount_ended(store, c, remove=made)
+        raise
     c = store.containers.set_mount(c, path, proc.pid)
-    return _with_volumes(store, c, made, path, volumes)
+    return _serving(store, c, made, path, volumes, on_serving)
 
 
-def _with_volumes(store: Store, c: Container, made: bool, path: str, volumes: tuple[Volume, ...]) -> Container:
-    """Bind the container's volumes and ``volumes`` over its new mount at ``path``."""
+def _serving(store: Store, c: Container, made: bool, path: str, volumes: tuple[Volume, ...],
+             on_serving: Callable[[Container, bool], None] | None) -> Container:
+    """Bind the container's volumes and ``volumes`` over its new mount at ``path``, then
+    tell ``on_serving``; a mount whose volumes cannot be bound is undone."""
     if c.volumes or volumes:
         try:
             attach_volumes(path, c.volumes + tuple(volumes))
         except OSError as e:
             umount(store, c.id)
-            if made:
+            if made and store.containers.find(c.id) is not None:
                 store.containers.remove(store.containers.get(c.id))
             raise MountError(f"cannot bind the volumes: {e.strerror or e}") from None
+    if on_serving is not None:
+        on_serving(c, made)
     return c
 
 
+def _last_line(path: str) -> str:
+    """The last line of a serving process's log (it goes with its container)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "it said nothing"
+
+
 def _container_and_backend(store: Store, ref: str, read_only: bool, backend: str, options: dict | None,
-                           foreground: bool) -> tuple[Container, bool, str]:
+                           foreground: bool, remove_at_umount: bool) -> tuple[Container, bool, str]:
     """The container to mount (made here or not) and the backend that will serve it; a
     container made here is removed again if no backend can."""
-    c, made = container_for(store, ref, read_only)
+    c, made = container_for(store, ref, read_only, remove_at_umount)
     try:
-        return c, made, kernel.choose_backend(store, c, backend, options or {}, foreground)
+        chosen = kernel.choose_backend(store, c, backend, options or {}, foreground)
+        why = fusecheck.problem(options or {}) if chosen == "fuse" else None
+        if why:
+            raise MountError(why)
+        return c, made, chosen
     except StoreError:
         if made:
             store.containers.remove(c)
@@ -278,29 +318,57 @@ def _mount_kernel(store: Store, c: Container, made: bool, path: str, *, read_onl
     requested = {**options, "allow_other": True}
     flags = exposure(path, requested)
     flags.pop("allow_other")
-    c = store.containers.claim(c, path, mount_alive, flags=KERNEL_FORMAT)
+    c = _claim(store, c, made, path, flags=KERNEL_FORMAT)
     try:
         kernel.mount_container(store, c, path, read_only=read_only or c.read_only,
                                options={**requested, **flags}, volatile=volatile)
     except BaseException:
-        if made:
-            store.containers.remove(c)
-        else:
-            store.containers.set_mount(c, "", 0)
+        _mount_ended(store, c, remove=made)
         raise
     return store.containers.set_mount(c, path, 0)
 
 
 def mount_foreground(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
-                     options: dict | None = None, volatile: bool = False, backend: str = "fuse") -> None:
-    """Mount and serve in this process until unmounted (the fuse backend only)."""
+                     options: dict | None = None, volatile: bool = False, backend: str = "fuse",
+                     remove_at_umount: bool = False,
+                     on_serving: Callable[[Container, bool], None] | None = None) -> None:
+    """Mount and serve in this process until unmounted (the fuse backend only; the rest
+    as :func:`mount`)."""
     path = _check_mountpoint(mountpoint)
-    c, _, _ = _container_and_backend(store, ref, read_only, backend, options, True)
-    c = store.containers.claim(c, path, mount_alive)
+    c, made, _ = _container_and_backend(store, ref, read_only, backend, options, True, remove_at_umount)
+    c = _claim(store, c, made, path)
+    served = threading.Event()
+
+    def ready() -> None:
+        served.set()
+        if on_serving is not None:
+            on_serving(c, made)
+
     try:
         serve_container(store, c, path, read_only=read_only or c.read_only, volatile=volatile,
-                        options=options or {})
+                        options=options or {}, on_ready=ready)
     finally:
+        # A container made here for a mount that never served holds nothing: it goes.
+        _mount_ended(store, c, made and not served.is_set())
+
+
+def _claim(store: Store, c: Container, made: bool, path: str, flags: int = 0) -> Container:
+    """Claim ``c`` for a mount at ``path``; a container made for it goes if it cannot be."""
+    try:
+        return store.containers.claim(c, path, mount_alive, flags=flags)
+    except BaseException:
+        if made:
+            store.containers.remove(c)
+        raise
+
+
+def _mount_ended(store: Store, c: Container, remove: bool = False) -> None:
+    """Record that the container's mount ended; remove the container if ``remove``, or if
+    it was mounted with --rm or is an image's read-only view (nothing to keep; those are
+    made only by mount --read-only IMAGE, and older ones lack the flag)."""
+    if remove or c.remove_at_umount or c.read_only:
+        store.containers.remove(c)
+    else:
         store.containers.set_mount(c, "", 0)
 
 
@@ -326,13 +394,29 @@ def _wait_ready(fd: int, proc: subprocess.Popen) -> str:
     return buf.decode(errors="replace").strip()
 
 
-def container_for(store: Store, ref: str, read_only: bool) -> tuple[Container, bool]:
-    """The container ``ref`` names, or a new anonymous one of the image ``ref`` names;
-    and whether it was made here."""
+def container_for(store: Store, ref: str, read_only: bool,
+                  remove_at_umount: bool = False) -> tuple[Container, bool]:
+    """The container ``ref`` names, or a new anonymous one of the image ``ref`` names
+    (removed when its mount ends if ``remove_at_umount`` or ``read_only``); and whether
+    it was made here."""
     c = store.containers.find(ref)
     if c is not None:
+        if remove_at_umount:
+            raise MountError(f"--rm removes a container that mount makes from an image; {ref} is "
+                             f"the container {c.name} (layerfs rm it after umount)")
         return c, False
-    return store.create_container(ref, flags=READ_ONLY if read_only else 0), True
+    flags = ANONYMOUS | (READ_ONLY if read_only else 0) | (REMOVE_AT_UMOUNT if remove_at_umount or read_only else 0)
+    return store.create_container(ref, flags=flags), True
+
+
+def prune_containers(store: Store, dry_run: bool = False) -> list[Container]:
+    """Remove the anonymous containers (made by mount IMAGE) whose mount has ended; one
+    that a mount claims meanwhile is kept. Returns those removed (or, dry, to remove)."""
+    out = []
+    for c in store.containers.list():
+        if c.anonymous and state(c) == "created" and (dry_run or store.containers.remove(c, if_unchanged=True)):
+            out.append(c)
+    return out
 
 
 def umount(store: Store, target: str) -> Container | None:
@@ -356,10 +440,9 @@ def umount(store: Store, target: str) -> Container | None:
                 raise MountError(f"cannot unmount {mountpoint}: {res.stderr.strip() or lazy.stderr.strip()}")
     if c is not None:
         if server_alive(c):
-            _reap(c.pid)
-        c = store.containers.set_mount(c, "", 0)
-        if c.read_only and c.name.startswith("layerfs-"):
-            store.containers.remove(c)  # an anonymous read-only view leaves nothing behind
+            _reap(c.pid)  # it removes a --rm container itself as its mount ends
+        _mount_ended(store, c)
+        c = replace(c, mountpoint="", pid=0, pid_start=0)
     return c
 
 
@@ -431,7 +514,9 @@ def serve_container(store: Store, c: Container, mountpoint: str, *, read_only: b
     view = UnionView(lower, store.containers.upper(c), store.containers.work(c),
                      volatile=volatile, read_only=read_only, markers=markers)
     threading.Thread(target=_control_server, args=(c.id, view), daemon=True).start()
-    serve(view, mountpoint, foreground=True, options=options, on_ready=on_ready)
+    fusecheck.serve_or_explain(
+        lambda ready: serve(view, mountpoint, foreground=True, options=options, on_ready=ready),
+        mountpoint, on_ready)
 
 
 def _control_address(container_id: str) -> str:
@@ -513,10 +598,18 @@ def _main() -> None:
 
     options = parse_options(args.o)
     try:
-        with Store(args.root) as store:
+        with Store(args.root, create=False) as store:
             c = store.containers.get(args.container)
+            served = threading.Event()
+
+            def ready() -> None:
+                served.set()
+                report("ready")
+
             serve_container(store, c, args.mountpoint, read_only=args.read_only,
-                            volatile=args.volatile, options=options, on_ready=lambda: report("ready"))
+                            volatile=args.volatile, options=options, on_ready=ready)
+            if served.is_set() and c.remove_at_umount:  # unmounted, by layerfs or not
+                _mount_ended(store, c)
     except StoreError as e:
         report(f"{e}")
         sys.exit(1)

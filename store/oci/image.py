@@ -25,6 +25,7 @@ from .. import images as imagesmod
 from ..errors import BadArchive, LayerNotFound, StoreCorrupt
 from ..export import layer_tar
 from ..records import ImageRecord, LayerBlob, LayerRecord
+from ..progress import SILENT, Progress
 from ..store import Store
 from ..tarimport import Tap, read_tar
 from .descriptor import (COMPRESSIONS, CONFIG_TYPES, INDEX_TYPES, LAYER_TYPES, MANIFEST_TYPES,
@@ -336,7 +337,8 @@ def _kept_blob(store: Store, layer: LayerRecord, scratch: str) -> ExportedBlob |
     return None
 
 
-def _layer_blob(store: Store, layer: LayerRecord, compression: str, scratch: str) -> ExportedBlob:
+def _layer_blob(store: Store, layer: LayerRecord, compression: str, scratch: str,
+                progress: Progress = SILENT) -> ExportedBlob:
     def uncompressed() -> AbstractContextManager[BinaryIO]:
         return contextlib.closing(_ChunkReader(layer_tar(store.index, store.blobs, layer), layer.diff_id))
 
@@ -351,6 +353,7 @@ def _layer_blob(store: Store, layer: LayerRecord, compression: str, scratch: str
         with _compressor(compression, sink) as z:  # type: ignore[arg-type]
             while chunk := src.read(1 << 20):
                 z.write(chunk)
+                progress.advance(len(chunk))
     digest = "sha256:" + sink.sha.hexdigest()
     return ExportedBlob(Descriptor(media_type, digest, sink.size), lambda: open(path, "rb"), layer.diff_id)
 
@@ -364,7 +367,8 @@ def manifest_bytes(config: Descriptor, layers: Sequence[Descriptor]) -> bytes:
 
 @contextlib.contextmanager
 def export_image(store: Store, ref: str, compression: str = "gzip",
-                 scratch: str | None = None, originals: bool = False) -> Iterator[ExportedImage]:
+                 scratch: str | None = None, originals: bool = False,
+                 progress: Progress = SILENT) -> Iterator[ExportedImage]:
     """A stored image (tag or id) as manifest, config and layer blobs, for the length of
     the ``with``. Layers go out as their stored tars (tar-split: the original bytes, so
     uncompressed digests never change), compressed with ``compression`` (gzip, zstd or
@@ -382,8 +386,12 @@ def export_image(store: Store, ref: str, compression: str = "gzip",
         except LayerNotFound as e:
             raise StoreCorrupt(f"image {rec.image_id} is damaged: {e}; run layerfs fsck") from None
         with tempfile.TemporaryDirectory(prefix=".layerfs-export-", dir=scratch) as tmp:
-            blobs = [(originals and _kept_blob(store, layer, tmp)) or _layer_blob(store, layer, compression, tmp)
-                     for layer in layers]
+            blobs = []
+            for i, layer in enumerate(layers, 1):
+                kept = originals and _kept_blob(store, layer, tmp)
+                if not kept and compression != "none":
+                    progress.stage(f"compressing layer {i}/{len(layers)} ({compression})", layer.size, "B")
+                blobs.append(kept or _layer_blob(store, layer, compression, tmp, progress))
             config = _bytes_blob(rec.config, OCI_CONFIG)
             manifest = _bytes_blob(manifest_bytes(config.descriptor, [b.descriptor for b in blobs]),
                                    OCI_MANIFEST)

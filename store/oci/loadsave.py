@@ -13,9 +13,11 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from typing import BinaryIO
 
 from .. import images as imagesmod
 from ..errors import StoreError
+from ..progress import SILENT, Progress
 from ..records import ImageRecord
 from ..store import Store
 from . import docker, layout
@@ -62,7 +64,7 @@ def _tag_named(store: Store, ref: str, image: ImageRecord) -> str | None:
 
 
 def save(store: Store, refs: Sequence[str], output: str, fmt: str = "oci",
-         compression: str | None = None) -> list[ExportedImage]:
+         compression: str | None = None, progress: Progress = SILENT) -> list[ExportedImage]:
     """Write images (tags or ids) to ``output`` (``-``: stdout, for the tar formats).
 
     ``oci`` is a tar of an OCI layout, ``oci-dir`` a layout directory, ``docker`` a
@@ -82,8 +84,9 @@ def save(store: Store, refs: Sequence[str], output: str, fmt: str = "oci",
     with contextlib.ExitStack() as stack:
         exports = []
         for ref in refs:
-            image = stack.enter_context(export_image(store, ref, compression, scratch))
+            image = stack.enter_context(export_image(store, ref, compression, scratch, progress=progress))
             exports.append((image, _tag_named(store, ref, image.image)))
+        exports = _counted(exports, output, progress)
         if output == "-":
             _write(fmt, exports, sys.stdout.buffer, None)
             sys.stdout.buffer.flush()
@@ -91,6 +94,36 @@ def save(store: Store, refs: Sequence[str], output: str, fmt: str = "oci",
             with atomic_output(output, directory=fmt == "oci-dir") as tmp:
                 _write(fmt, exports, None, tmp)
     return [image for image, _ in exports]
+
+
+def _counted(exports, output: str, progress: Progress):
+    """The exports with their layers' bytes reported to ``progress`` as they are read
+    (the writing stage; a layer that two images share is written once)."""
+    sizes = {b.descriptor.digest: b.descriptor.size for image, _ in exports for b in image.layers}
+    progress.stage(f"writing {'to stdout' if output == '-' else output}", sum(sizes.values()), "B")
+
+    def counting(blob):
+        @contextlib.contextmanager
+        def open_counted():
+            with blob.open() as f:
+                yield _CountingReader(f, progress)
+        return dataclasses.replace(blob, open=open_counted)
+
+    return [(dataclasses.replace(image, layers=[counting(b) for b in image.layers]), tag)
+            for image, tag in exports]
+
+
+class _CountingReader:
+    """A binary reader that reports the bytes read."""
+
+    def __init__(self, raw: BinaryIO, progress: Progress) -> None:
+        self.raw = raw
+        self.progress = progress
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.progress.advance(len(data))
+        return data
 
 
 def _write(fmt: str, exports, stream, path: str | None) -> None:
