@@ -271,3 +271,30 @@ def as_nobody(*cmd: str, env: dict | None = None, **kwargs) -> subprocess.Comple
     """Run a command as uid/gid 65534 with no supplementary groups."""
     return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd],
                           capture_output=True, env=env, timeout=120, **kwargs)
+
+
+def on_terminal(argv: list[str], env: dict | None = None, stdin=subprocess.DEVNULL,
+                timeout: float = 120) -> tuple[int, bytes, str]:
+    """Run a command with stderr on a pseudo-terminal, as a user at a terminal would:
+    (exit code, stdout, everything the terminal received)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], timeout)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the last writer closed it
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    out = proc.stdout.read()
+    return proc.wait(60), out, seen.decode(errors="replace")

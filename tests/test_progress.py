@@ -4,15 +4,13 @@ command is done; nothing when stderr is not a terminal, or with --quiet."""
 from __future__ import annotations
 
 import os
-import pty
 import re
-import select
 import subprocess
 import sys
 
 import pytest
 
-from helpers import make_tar
+from helpers import make_tar, on_terminal as run_on_terminal
 
 EXE = os.path.join(os.path.dirname(sys.executable), "layerfs")
 
@@ -20,25 +18,7 @@ EXE = os.path.join(os.path.dirname(sys.executable), "layerfs")
 def on_terminal(store_root: str, *args: str, stdin=subprocess.DEVNULL) -> tuple[int, bytes, str]:
     """Run layerfs with stderr on a pseudo-terminal: (exit code, stdout, what the
     terminal received)."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([EXE, *args], stdin=stdin, stdout=subprocess.PIPE, stderr=slave,
-                            env=dict(os.environ, LAYERFS_ROOT=store_root))
-    os.close(slave)
-    seen = b""
-    while True:
-        ready, _, _ = select.select([master], [], [], 120)
-        if not ready:
-            break
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO: the last writer closed it
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.close(master)
-    out = proc.stdout.read()
-    return proc.wait(60), out, seen.decode(errors="replace")
+    return run_on_terminal([EXE, *args], dict(os.environ, LAYERFS_ROOT=store_root), stdin)
 
 
 def status_lines(tty: str, label: str) -> list[str]:

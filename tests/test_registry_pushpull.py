@@ -7,10 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import pty
 import random
 import re
-import select
 import subprocess
 import sys
 import threading
@@ -18,7 +16,7 @@ import time
 
 import pytest
 
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, on_terminal
 from registryimages import DOCKER_MANIFEST, OCI_MANIFEST, make_image, sha, write_oci_layout
 from registryserver import SKOPEO, DropRule, HostileRegistry, RegistryServer
 
@@ -378,25 +376,10 @@ def test_registry_killed_mid_push_and_started_again(layerfs, tmp_path, registry,
 
 def test_one_progress_line_per_layer_on_a_terminal(layerfs, tmp_path, registry, store_root):
     _pushed(layerfs, tmp_path, registry, 13, "team/app")
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([LAYERFS, "pull", f"{registry.host}/team/app:v1"], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=slave, env=dict(os.environ, LAYERFS_ROOT=store_root))
-    os.close(slave)
-    seen = b""
-    while True:
-        r, _, _ = select.select([master], [], [], 60)
-        if not r:
-            break
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.close(master)
-    assert proc.wait(60) == 0
-    text = re.sub(r"\x1b\[\d+F", "\n", seen.decode(errors="replace").replace("\r", ""))
+    rc, _, seen = on_terminal([LAYERFS, "pull", f"{registry.host}/team/app:v1"],
+                              dict(os.environ, LAYERFS_ROOT=store_root), timeout=60)
+    assert rc == 0
+    text = re.sub(r"\x1b\[\d+F", "\n", seen.replace("\r", ""))
     lines = [line.replace("\x1b[K", "") for line in text.split("\n") if line.startswith("layer ")]
     last = {line.split(":")[0]: line for line in lines}  # the screen's final state per label
     assert [label.split()[1] for label in last] == ["1/3", "2/3", "3/3"]
