@@ -1090,7 +1090,7 @@ def _build_args(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--no-cache", is_flag=True, help="Run every step again, ignoring the build cache.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image id (a failing step's output still shows).")
 @registry_options
-@with_store
+@with_store(create=True)
 def build(store: Store, context: str, dockerfile: str | None, tags: tuple[str, ...],
           build_args: tuple[str, ...], no_cache: bool, quiet: bool, registry_opts: dict) -> None:
     """Build an image from a Dockerfile and CONTEXT; print its id last.
