@@ -21,9 +21,9 @@ import time
 import click
 import lmdb
 
-from store import Store, StoreError
-from store.progress import SILENT, Progress
-from store.records import Entry, Kind, LayerRecord
+from layerfs.store import Store, StoreError
+from layerfs.store.progress import SILENT, Progress
+from layerfs.store.records import Entry, Kind, LayerRecord
 
 
 class _Cli(click.Group):
@@ -221,7 +221,7 @@ def _progress_import(store: Store, tarball: str, parent, tag, created_ns, quiet:
 
 
 def _created(value: str | None) -> int | None:
-    from store.images import parse_time
+    from layerfs.store.images import parse_time
 
     return parse_time(value) if value else None
 
@@ -281,7 +281,7 @@ class _LoadBars:
 
 
 def _load(store: Store, path: str, tags: tuple[str, ...], platform: str | None, quiet: bool = False) -> None:
-    from store.oci.loadsave import load as load_images
+    from layerfs.store.oci.loadsave import load as load_images
 
     for rec, names in load_images(store, path, tags, platform, _LoadBars(quiet)):
         for name in names:
@@ -315,7 +315,7 @@ def load(store: Store, path: str, tags: tuple[str, ...], platform: str | None, q
 def save(store: Store, images: tuple[str, ...], output: str, fmt: str, compress: str | None,
          quiet: bool) -> None:
     """Write IMAGES to an OCI layout or a docker archive; the same images give the same bytes."""
-    from store.oci.loadsave import save as save_images
+    from layerfs.store.oci.loadsave import save as save_images
 
     with progress_line("save", quiet) as progress:
         saved = save_images(store, images, output, fmt, compress, progress)
@@ -431,7 +431,7 @@ def registry_options(fn):
             raise click.UsageError("--username needs --password-stdin (the password on stdin)")
         creds = None
         if username:  # the registry client is imported only when used (build rarely pulls)
-            from store.registry import Credentials
+            from layerfs.store.registry import Credentials
 
             password = sys.stdin.readline().rstrip("\r\n")
             creds = Credentials(username, password, "--username")
@@ -448,8 +448,8 @@ def registry_options(fn):
 def push(store: Store, image: str, ref: str, registry_opts: dict, quiet: bool) -> None:
     """Push IMAGE to a registry as REF ([HOST[:PORT]/]NAME:TAG); blobs the registry has
     are not sent again, and layers keep the digests they were loaded or pulled with."""
-    from store.registry import Reference, Registry
-    from store.registry.push import push as push_image
+    from layerfs.store.registry import Reference, Registry
+    from layerfs.store.registry.push import push as push_image
 
     reference = Reference.parse(ref)
     with Registry.for_reference(reference, **registry_opts) as registry:
@@ -469,9 +469,9 @@ def pull(store: Store, ref: str, tag: str | None, platform: str | None, registry
          quiet: bool) -> None:
     """Pull REF ([HOST[:PORT]/]NAME[:TAG][@DIGEST]) from a registry; layers the store has
     are not fetched, and nothing shows as an image until all of it is here."""
-    from store.oci.descriptor import Platform
-    from store.registry import Reference, Registry
-    from store.registry.pull import pull as pull_image
+    from layerfs.store.oci.descriptor import Platform
+    from layerfs.store.registry import Reference, Registry
+    from layerfs.store.registry.pull import pull as pull_image
 
     reference = Reference.parse(ref)
     want = Platform.parse(platform) if platform else None
@@ -493,7 +493,7 @@ def pull(store: Store, ref: str, tag: str | None, platform: str | None, registry
 @with_store
 def images(store: Store, as_json: bool, quiet: bool, show_all: bool) -> None:
     """List images (build steps' untagged images only with --all, as docker)."""
-    from store.buildcache import cached_images
+    from layerfs.store.buildcache import cached_images
 
     rows = store.images()
     if not show_all:
@@ -776,7 +776,7 @@ def gc(store: Store, dry_run: bool, as_json: bool, quiet: bool) -> None:
 def prune(store: Store, dry_run: bool, as_json: bool, quiet: bool) -> None:
     """Remove the containers that mount IMAGE made once unmounted, then untagged images
     that no container uses, then collect garbage."""
-    from unionfs.mount import prune_containers
+    from layerfs.unionfs.mount import prune_containers
 
     containers = prune_containers(store, dry_run=dry_run)
     with progress_line("prune", quiet) as progress:
@@ -804,7 +804,7 @@ def prune(store: Store, dry_run: bool, as_json: bool, quiet: bool) -> None:
 @root_option
 def fsck(root: str | None, fast: bool, repair: bool, as_json: bool, quiet: bool) -> None:
     """Check the store; exit 0 if it is clean, 1 if anything is damaged."""
-    from store.fsck import fsck as check_store
+    from layerfs.store.fsck import fsck as check_store
 
     with progress_line("fsck", quiet) as progress:
         r = check_store(Store.root_of(root), fast=fast, repair=repair, progress=progress)
@@ -844,7 +844,7 @@ def fsck(root: str | None, fast: bool, repair: bool, as_json: bool, quiet: bool)
 
 
 def _volumes(specs: tuple[str, ...]):
-    from store.containers import Volume
+    from layerfs.store.containers import Volume
 
     return tuple(Volume.parse(spec) for spec in specs)
 
@@ -896,7 +896,7 @@ def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: 
     unless -o allow_other, and then setuid bits and devices stay off unless --suid. A
     kernel-backend mount is open to every user: setuid bits and devices as with allow_other.
     """
-    from unionfs import mount as mnt
+    from layerfs.unionfs import mount as mnt
 
     def serving(c, made: bool) -> None:
         if made:
@@ -924,7 +924,7 @@ def mount(store: Store, ref: str, mountpoint: str, read_only: bool, foreground: 
 @with_store
 def umount(store: Store, target: str) -> None:
     """Unmount a mountpoint or a container (also after its serving process died)."""
-    from unionfs import mount as mnt
+    from layerfs.unionfs import mount as mnt
 
     c = mnt.umount(store, target)
     if c is not None and c.anonymous and store.containers.find(c.id) is not None:
@@ -958,7 +958,7 @@ def _access_text(a: dict | None) -> str:
 def _container_json(c) -> dict:
     """A container as ps --json and inspect show it: backend is what serves its mount now,
     access who may use that mount (allow_other, suid, dev, as the kernel has them)."""
-    from unionfs.mount import backend_of, mount_access, state
+    from layerfs.unionfs.mount import backend_of, mount_access, state
 
     st = state(c)
     return {"id": c.id, "name": c.name, "image": c.image_id, "state": st,
@@ -976,7 +976,7 @@ def _container_json(c) -> dict:
 @with_store
 def rm(store: Store, containers: tuple[str, ...], force: bool) -> None:
     """Remove containers and their writable layers."""
-    from unionfs import mount as mnt
+    from layerfs.unionfs import mount as mnt
 
     for ref in containers:
         click.echo(mnt.remove(store, ref, force=force).id)
@@ -989,7 +989,7 @@ def rm(store: Store, containers: tuple[str, ...], force: bool) -> None:
 def diff(store: Store, container: str, as_json: bool) -> None:
     """Show what CONTAINER changed: A added, C changed, D deleted; what a commit cannot
     carry (a socket) is marked."""
-    from store.commit import diff as container_diff
+    from layerfs.store.commit import diff as container_diff
 
     rows = container_diff(store, store.containers.get(container))
     if as_json:
@@ -1020,7 +1020,7 @@ def commit(store: Store, container: str, tag: str | None, message: str, author: 
     itself, or, for a kernel-backend mount, by freezing the cgroup --freeze names. What a
     layer cannot hold (sockets) is left out, with a warning each.
     """
-    from unionfs import mount as mnt
+    from layerfs.unionfs import mount as mnt
 
     left_out: list[tuple[str, str]] = []  # said once the progress line is gone
     with progress_line("commit", quiet) as progress:
@@ -1100,7 +1100,7 @@ def build(store: Store, context: str, dockerfile: str | None, tags: tuple[str, .
     """
     import signal
 
-    from unionfs.build.builder import build as build_image, read_dockerfile
+    from layerfs.unionfs.build.builder import build as build_image, read_dockerfile
 
     def terminate(signum, frame):  # a killed build still removes its step's container
         raise KeyboardInterrupt
@@ -1133,10 +1133,10 @@ def demo(store: Store) -> None:
     import shutil
     import subprocess
 
-    from store.commit import diff as container_diff
-    from store.oci.loadsave import load as load_images, save as save_images
-    from store.sample import DEMO_REF, PACKAGES, write_demo_layout
-    from unionfs import mount as mnt
+    from layerfs.store.commit import diff as container_diff
+    from layerfs.store.oci.loadsave import load as load_images, save as save_images
+    from layerfs.store.sample import DEMO_REF, PACKAGES, write_demo_layout
+    from layerfs.unionfs import mount as mnt
 
     def step(text: str) -> None:
         click.echo(click.style(f"\n$ {text}", bold=True))

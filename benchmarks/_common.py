@@ -16,11 +16,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def layerfs_cmd() -> list[str]:
-    """The real ``layerfs`` CLI: the venv's console script, else ``python -m cli``."""
+    """The real ``layerfs`` CLI: the venv's console script, else ``python -m layerfs.cli``."""
     script = os.path.join(os.path.dirname(sys.executable), "layerfs")
     if os.access(script, os.X_OK):
         return [script]
-    return [sys.executable, os.path.join(REPO, "cli.py")]
+    return [sys.executable, "-m", "layerfs.cli"]
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:

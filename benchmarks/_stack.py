@@ -417,8 +417,8 @@ class Bench:
                 if m.info.get("container"):
                     # What ``layerfs rm -f`` does (unmount, wait for the server, remove the
                     # container and its upper), without a CLI start-up per mount: untimed.
-                    from store import Store
-                    from unionfs.mount import remove
+                    from layerfs.store import Store
+                    from layerfs.unionfs.mount import remove
 
                     try:
                         with Store(self.store) as store:

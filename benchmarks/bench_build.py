@@ -69,7 +69,7 @@ def main() -> None:
         lf = layerfs_cmd()
         buildah = ["buildah", "--root", os.path.join(tmp, "bh-root"), "--runroot", os.path.join(tmp, "bh-run"),
                    "--storage-driver", "overlay"]
-        from store.sample import write_demo_layout
+        from layerfs.store.sample import write_demo_layout
 
         layout = write_demo_layout(os.path.join(tmp, "demo-layout"))
         run(lf + ["load", layout], env=env)

@@ -64,8 +64,8 @@ def layer_tar(layer: int, nfiles: int) -> bytes:
 
 
 def _build_part(root: str, layers: list[int], nfiles: int) -> None:
-    from store import Store
-    from store.tarimport import read_tar
+    from layerfs.store import Store
+    from layerfs.store.tarimport import read_tar
 
     with Store(root) as store:
         for n in layers:
@@ -77,7 +77,7 @@ def _build_part(root: str, layers: list[int], nfiles: int) -> None:
 
 def build_store(root: str, nlayers: int, nfiles: int, jobs: int) -> float:
     """Import the layers (in ``jobs`` processes); return the seconds it took."""
-    from store import Store
+    from layerfs.store import Store
 
     Store(root).close()  # create it once, before the workers open it
     t0 = time.perf_counter()
@@ -94,7 +94,7 @@ def build_store(root: str, nlayers: int, nfiles: int, jobs: int) -> float:
 
 
 def remove_odd_images(root: str, nlayers: int) -> float:
-    from store import Store
+    from layerfs.store import Store
 
     t0 = time.perf_counter()
     with Store(root) as store:

@@ -175,7 +175,7 @@ def bench_workload(r: Runner, name: str, tarball: str, tar_flags: str, info: dic
 
 def profile_import(tmp: str, tarball: str, top: int = 15) -> dict:
     """One in-process Store.import_tar of ``tarball`` under cProfile (a fresh store)."""
-    from store import Store
+    from layerfs.store import Store
 
     root = os.path.join(tmp, "store-profile")
     quiesce()

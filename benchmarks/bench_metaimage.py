@@ -42,8 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import layerfs_cmd, loadavg, machine, median, print_table, write_json  # noqa: E402
 
-from store import Store, metaimage  # noqa: E402
-from unionfs import kernel, mount as mnt_api  # noqa: E402
+from layerfs.store import Store, metaimage  # noqa: E402
+from layerfs.unionfs import kernel, mount as mnt_api  # noqa: E402
 
 
 def stream_layer(out, files: int, dirs: int, max_kib: int, seed: int = 7) -> int:

@@ -34,7 +34,7 @@ import time
 
 from _common import layerfs_cmd, loadavg, machine, median, print_table, rmtree, timed, write_json
 
-from store import Store
+from layerfs.store import Store
 
 NDIRS, PER_DIR = 20, 100
 LONG_PREFIX = "/".join(f"{i:02d}" + "x" * 97 for i in range(40))  # 40 levels, 3,999 bytes

@@ -11,9 +11,9 @@ adds 2 and whites out 1. The same layer directories are
                      pass one page; more than 500 layers it refuses, and says so)
 * ``fuse-overlayfs`` /usr/bin/fuse-overlayfs, default options
 * ``layerfs``        imported into a layerfs store (one image per depth) and mounted with
-                     ``layerfs mount``; the server is ``python -m unionfs.mount``
+                     ``layerfs mount``; the server is ``python -m layerfs.unionfs.mount``
 * ``fuse-layerfs``   the fuse-overlayfs-compatible mount program over the same layer
-                     directories; the server is ``python -m unionfs.compat -f``
+                     directories; the server is ``python -m layerfs.unionfs.compat -f``
 
 Every group of workloads runs on a fresh mount with an empty upper; the systems take
 turns within each group (their order rotates with each repetition), and each group is
@@ -73,7 +73,7 @@ from _common import cached_debootstrap, cpu_seconds, layerfs_cmd, loadavg, machi
 from _stack import (BIG, FUSE_OVERLAYFS, Bench, Check, Interrupted, Mount, NotAvailable, Plan, build_flat,
                     catch_signals, finish, layerfs_code, read_all, version, walk, write_layers)
 
-from store import Store
+from layerfs.store import Store
 
 SYSTEMS = Bench.SYSTEMS
 FRONT_ENDS = ("layerfs", "fuse-layerfs")

@@ -39,8 +39,8 @@ import time
 
 from _common import layerfs_cmd, loadavg, machine, median, print_table, timed, write_json
 
-from store import Store
-from store.records import Kind
+from layerfs.store import Store
+from layerfs.store.records import Kind
 
 MTIME = 1_700_000_000
 DEPTHS = (1, 32, 128)

@@ -84,9 +84,8 @@ def _salvage(path: str, jobs: list[tuple[str, bytes | None]]) -> list[tuple[list
     results: list[tuple[list, bool]] = [([], False) for _ in jobs]
     start = 0
     while start < len(jobs):
-        proc = subprocess.Popen([sys.executable, "-m", "store.rebuild", path],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                env=dict(os.environ, PYTHONPATH=_project_path()))
+        proc = subprocess.Popen([sys.executable, "-m", "layerfs.store.rebuild", path],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         proc.stdin.write(pickle.dumps(jobs[start:]))
         proc.stdin.close()
         current = None
@@ -107,11 +106,6 @@ def _salvage(path: str, jobs: list[tuple[str, bytes | None]]) -> list[tuple[list
             break  # finished (or died between jobs: nothing more was started)
         start = current + 1  # died inside a job: that job is not whole; go on after it
     return results
-
-
-def _project_path() -> str:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.pathsep.join([here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
 def _readable_copy(damaged: str, scratch: str) -> str | None:

@@ -9,9 +9,15 @@ import tempfile
 
 import pytest
 
-from store import Store
+from layerfs.store import Store
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# pytest removes the temporary directories of earlier sessions with shutil.rmtree, one
+# Python frame per directory level, and the long-path tests leave trees over 2,000 levels
+# deep: past the default limit of 1,000 the whole session fails at its end. On 3.11+ a
+# Python-to-Python call takes no C stack, so a higher limit costs nothing.
+sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
 
 
 @pytest.fixture
@@ -29,7 +35,7 @@ def store(store_root):
 def public_dir():
     """A directory every user may search (pytest's own are root's alone), removed after
     (ask for it before ``mounts``, so that what is mounted in it is unmounted first)."""
-    from store.fstree import remove_tree
+    from layerfs.store.fstree import remove_tree
 
     d = tempfile.mkdtemp(prefix="layerfs-public-", dir="/tmp")
     os.chmod(d, 0o755)

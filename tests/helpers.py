@@ -195,7 +195,7 @@ def full_tree_of_image(store, image) -> dict[str, tuple]:
     Walks ``store.tree(image).listdir`` from the root and reads every file's blob.
     A whiteout that leaked into the merged view shows up with type "whiteout".
     """
-    from store.records import Kind
+    from layerfs.store.records import Kind
 
     names = {Kind.REG: "reg", Kind.DIR: "dir", Kind.SYMLINK: "symlink", Kind.CHR: "chr",
              Kind.BLK: "blk", Kind.FIFO: "fifo", Kind.WHITEOUT: "whiteout"}

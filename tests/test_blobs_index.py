@@ -18,10 +18,10 @@ import threading
 import lmdb
 import pytest
 
-from store import Store
-from store import blobs as blobs_module
-from store import index as index_module
-from store.records import Kind
+from layerfs.store import Store
+from layerfs.store import blobs as blobs_module
+from layerfs.store import index as index_module
+from layerfs.store.records import Kind
 
 from helpers import assert_one_line_error, make_tar, store_snapshot
 
@@ -211,9 +211,9 @@ def test_collided_blobs_read_back_in_a_new_process(store_root, tmp_path, collidi
     with Store(store_root) as s:
         s.import_tar(t, tag="collide:1")
     # A new process with the same forced hash reads every content back intact.
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import store.blobs, test_blobs_index; "
-            "store.blobs.new_hasher = test_blobs_index.ConstantHasher; import cli; "
-            "sys.argv = ['layerfs', 'cat', 'collide:1', sys.argv[2]]; cli.main()")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import layerfs.store.blobs, test_blobs_index; "
+            "layerfs.store.blobs.new_hasher = test_blobs_index.ConstantHasher; import layerfs.cli; "
+            "sys.argv = ['layerfs', 'cat', 'collide:1', sys.argv[2]]; layerfs.cli.main()")
     env = dict(os.environ, LAYERFS_ROOT=store_root)
     for k, v in CONTENTS.items():
         proc = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), "/" + k],

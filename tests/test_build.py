@@ -16,8 +16,8 @@ import tempfile
 import pytest
 
 from helpers import assert_one_line_error
-from store import Store
-from store.sample import DEMO_REF, write_demo_layout
+from layerfs.store import Store
+from layerfs.store.sample import DEMO_REF, write_demo_layout
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="build runs steps in namespaces and a chroot: root only"),
@@ -95,7 +95,7 @@ def no_leftovers(root: str) -> None:
     """No container, no lease, no mount of the store after a build, failed or not."""
     with Store(root) as s:
         assert s.containers.list() == []
-        from store.leases import all_leases
+        from layerfs.store.leases import all_leases
         assert all_leases(s.index) == []
     assert os.listdir(os.path.join(root, "containers")) == []
     assert not [line for line in open("/proc/self/mountinfo") if root in line]

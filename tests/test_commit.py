@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from store import Store
+from layerfs.store import Store
 
 from helpers import (apply_layer_like_an_engine, assert_one_line_error, make_tar,
                      store_snapshot, tree_differences)

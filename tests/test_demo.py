@@ -14,7 +14,7 @@ import tarfile
 
 import pytest
 
-from store import sample
+from layerfs.store import sample
 
 pytestmark = pytest.mark.skipif(shutil.which("dpkg-query") is None, reason="needs a Debian machine")
 
@@ -48,7 +48,7 @@ def test_package_layer_from_the_cached_deb():
 
 
 def test_missing_package_is_one_clear_error(monkeypatch, tmp_path):
-    from store import StoreError
+    from layerfs.store import StoreError
 
     monkeypatch.setattr(sample, "PACKAGES", ("no-such-package-layerfs",))
     with pytest.raises(StoreError, match="apt-get install"):

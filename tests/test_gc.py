@@ -34,7 +34,7 @@ import pytest
 import xxhash
 
 from helpers import assert_one_line_error, make_tar, store_snapshot
-from store import StoreError
+from layerfs.store import StoreError
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
 
@@ -109,8 +109,8 @@ def tar_of(path: str, files: dict[str, bytes]) -> str:
 def image_files(root: str, ref: str) -> dict[str, bytes]:
     """Every regular file of an image's merged tree with its bytes (verified against its blob
     id), read with the Store API; any other non-directory shows as a tuple."""
-    from store import Store
-    from store.records import Kind
+    from layerfs.store import Store
+    from layerfs.store.records import Kind
 
     with Store(root) as s:
         tree = s.tree(ref)
@@ -334,7 +334,7 @@ def test_rmi_of_an_image_a_container_uses_is_refused(store_root, abc):
 
 
 _LIVE_INGEST = """
-from store import Store
+from layerfs.store import Store
 s = Store(root)
 ing = s.blobs.ingest()
 w = ing.writer()
@@ -344,7 +344,7 @@ time.sleep(120)
 """
 
 _DEAD_LEASE = """
-from store import Store, leases
+from layerfs.store import Store, leases
 s = Store(root)
 leases.take(s.index, "ingest-deadimport")
 os.makedirs(os.path.join(root, "tmp", "ingest-deadimport"))
@@ -355,7 +355,7 @@ with open(os.path.join(root, "tmp", "ingest-deadimport", "new-1"), "wb") as f:
 
 
 def _leases(root: str) -> list[str]:
-    from store import Store, leases
+    from layerfs.store import Store, leases
     with Store(root) as s:
         return sorted(lease.id for lease in leases.all_leases(s.index))
 
@@ -404,8 +404,8 @@ def test_gc_spares_an_import_that_starts_while_gc_runs(store, monkeypatch):
     """An import may start at any moment while gc runs (only recording takes the lock).
     Here one takes its lease and makes its staging directory just after gc has read the
     leases: gc must neither delete that directory nor release that lease."""
-    import store.gc as gcmod
-    from store import leases
+    import layerfs.store.gc as gcmod
+    from layerfs.store import leases
 
     real_all_leases = leases.all_leases
     started = []
@@ -526,8 +526,8 @@ def test_failed_record_does_not_take_a_blob_another_import_recorded(store, tmp_p
     were collected after A resolved the parent; a full disk does the same). Meanwhile
     import B, holding the same bytes, found X already published, so B published nothing
     itself and recorded X. A's failure must not delete the file B's image now needs."""
-    from store.errors import LayerNotFound
-    from store.tarimport import read_tar
+    from layerfs.store.errors import LayerNotFound
+    from layerfs.store.tarimport import read_tar
 
     x = b"new bytes both imports hold\n" * 30
     parent = store.import_tar(tar_of(str(tmp_path / "p.tar"), {"p/file": b"the parent\n"}))
@@ -798,7 +798,7 @@ def test_damaged_index_gives_one_error_line(store_root, abc, tmp_path):
 # == 4. concurrency ======================================================================
 
 _HOLD_LOCK = """
-from store import Store
+from layerfs.store import Store
 s = Store(root)
 with s.lock.exclusive():
     print("locked", flush=True)

@@ -22,8 +22,8 @@ import pytest
 import zstandard
 
 from helpers import make_tar, sha256_file
-from store import Store
-from store.records import Kind
+from layerfs.store import Store
+from layerfs.store.records import Kind
 
 MTIME = 1_700_000_000
 NS_MTIME = 1_700_000_000_123_456_789

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from helpers import assert_one_line_error, make_tar
-from store import Store
+from layerfs.store import Store
 
 EXE = os.path.join(os.path.dirname(sys.executable), "layerfs")
 TAGS = ["dir:1", "img:0", "img:1", "img:2", "latest:1"]

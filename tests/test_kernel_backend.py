@@ -26,9 +26,9 @@ import time
 import pytest
 
 from helpers import assert_one_line_error, tree_and_links, tree_differences
-from store import Store
-from store import metaimage
-from unionfs import kernel
+from layerfs.store import Store
+from layerfs.store import metaimage
+from layerfs.unionfs import kernel
 from unionrunner import C, D, F, H, L, P, as_user, build_layer
 
 pytestmark = pytest.mark.skipif(kernel.unsupported() is not None, reason=kernel.unsupported() or "")
@@ -225,7 +225,7 @@ def test_directory_form_where_the_kernel_cannot_mount_erofs_from_a_file(image, s
     """Kernels before 6.12 mount EROFS only from block devices: the metadata image is then
     a plain directory. (This kernel can: the version check is patched, in process, to
     take the path an older kernel takes.)"""
-    from unionfs import mount as mnt_mod
+    from layerfs.unionfs import mount as mnt_mod
 
     monkeypatch.setattr(kernel, "FILE_EROFS_KERNEL", (999, 0))
     dest = str(tmp_path / "dirform")

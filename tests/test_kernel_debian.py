@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from helpers import tree_and_links, tree_differences
-from unionfs import kernel
+from layerfs.unionfs import kernel
 
 pytestmark = pytest.mark.skipif(kernel.unsupported() is not None, reason=kernel.unsupported() or "")
 

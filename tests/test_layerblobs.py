@@ -10,8 +10,8 @@ import struct
 import lmdb
 
 from ocihelpers import Layout, compress, config_for, sha, tar_bytes
-from store import Store
-from store import index as index_module
+from layerfs.store import Store
+from layerfs.store import index as index_module
 
 
 def _layers() -> list[bytes]:
@@ -90,7 +90,7 @@ def test_an_older_store_is_upgraded_and_an_older_layerfs_would_refuse_it(store_r
 
 def test_push_keeps_the_digest_of_every_compression(layerfs, tmp_path, registry):
     """gzip and zstd layers go out as their kept blobs, a plain one as its tar (tar-split)."""
-    from store.registry import Registry
+    from layerfs.store.registry import Registry
     layers = _layers()
     blobs = _load(layerfs, tmp_path, layers)
     layerfs("push", "app:v1", f"{registry.host}/mixed:v1", check=True)

@@ -16,8 +16,8 @@ import lmdb
 import pytest
 
 from helpers import assert_one_line_error, make_tar, sha256_file, store_snapshot
-from store import Store
-from store import index as index_module
+from layerfs.store import Store
+from layerfs.store import index as index_module
 
 SEG = "s" * 99
 DEEP_DIR = "/".join([SEG] * 40)  # 3,999 bytes, 40 levels
@@ -200,8 +200,8 @@ def _downgrade_to_schema_1(root: str) -> None:
     """Rewrite a schema-2 index as the previous layerfs wrote it: entries keyed by
     ``num | parent path | NUL | name``, no merged views, schema 1."""
     with Store(root) as s:
-        from store.keys import walk
-        from store.records import entry_is_dir
+        from layerfs.store.keys import walk
+        from layerfs.store.records import entry_is_dir
         layers = s.layers()
         records = []
         with s.index.read() as txn:

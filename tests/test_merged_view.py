@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from helpers import (apply_layer_like_an_engine, full_tree_of_dir, full_tree_of_image,
                      make_tar, tree_differences)
-from store import Store
-from store.records import Kind
+from layerfs.store import Store
+from layerfs.store.records import Kind
 
 WH = ".wh."
 OPQ = ".wh..wh..opq"

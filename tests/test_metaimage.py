@@ -21,11 +21,11 @@ import subprocess
 
 import pytest
 
-from store import Store
-from store import erofs, metaimage
-from store.erofs import Node
-from store.keys import entry_key
-from store.records import pack_entry
+from layerfs.store import Store
+from layerfs.store import erofs, metaimage
+from layerfs.store.erofs import Node
+from layerfs.store.keys import entry_key
+from layerfs.store.records import pack_entry
 from unionrunner import D, F, H, L, P, C, build_layer
 
 _libc = ctypes.CDLL(None, use_errno=True)

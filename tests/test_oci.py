@@ -13,7 +13,7 @@ import tarfile
 import pytest
 
 from helpers import assert_one_line_error, store_snapshot
-from store import Store
+from layerfs.store import Store
 from ocihelpers import Layout, config_for, docker_archive, sha, tar_bytes, tar_dir
 
 BASE = tar_bytes([("bin", "d"), ("bin/sh", "f", "#!shell\n"), ("etc", "d"),
@@ -284,7 +284,7 @@ def test_source_date_epoch_sets_created(tmp_path, layerfs, monkeypatch):
 
 
 def test_commit_builds_on_the_loaded_config(tmp_path, store, layerfs):
-    from store.commit import commit
+    from layerfs.store.commit import commit
 
     config = config_for([BASE, UPDATE], Env=["PATH=/bin", "A=1"], Cmd=["/bin/sh"], WorkingDir="/srv",
                         Labels={"org.example": "yes"})
@@ -448,11 +448,11 @@ def test_export_then_import_through_the_api(tmp_path, store):
     import contextlib
     import io
 
-    from store import Store
-    from store.oci import LoadProgress, export_image, import_manifest
+    from layerfs.store import Store
+    from layerfs.store.oci import LoadProgress, export_image, import_manifest
 
     path, config = _image_layout(str(tmp_path / "lay"))
-    from store.oci.loadsave import load
+    from layerfs.store.oci.loadsave import load
     load(store, path)
     blobs: dict[str, bytes] = {}
     with export_image(store, "app:1", "zstd") as image:

@@ -25,7 +25,7 @@ import subprocess
 import pytest
 
 from helpers import tree_and_links, tree_differences
-from unionfs import kernel as kernel_backend
+from layerfs.unionfs import kernel as kernel_backend
 from unionrunner import (KERNEL_BACKEND_OPTIONS, KERNEL_OPTIONS, C, D, F, FuseLayerfs, H, KernelOverlay, L,
                          LayerfsMount, OverlayUnavailable, P, build_layer, force_umount)
 
@@ -87,7 +87,7 @@ def base_layer(tmp_path_factory):
 def mounts(base_layer):
     """{backend: mountpoint}: the base layer under a fresh upper, three ways at once."""
     root, layer = base_layer
-    from store import Store
+    from layerfs.store import Store
 
     with Store(os.path.join(root, "store")) as store:
         image = store.import_dir(layer)

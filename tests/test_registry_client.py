@@ -18,14 +18,14 @@ import pytest
 from registryimages import DOCKER_MANIFEST, OCI_MANIFEST, Image, make_image, sha, write_oci_layout
 from registryserver import (OPENSSL, REGISTRY, SKOPEO, DropProxy, DropRule, HostileRegistry, RegistryServer,
                             self_signed)
-from store.oci.descriptor import BadImage, Descriptor, Platform
-from store.registry import (AccessDenied, AuthenticationRequired, BlobReader, Credentials,
+from layerfs.store.oci.descriptor import BadImage, Descriptor, Platform
+from layerfs.store.registry import (AccessDenied, AuthenticationRequired, BlobReader, Credentials,
                             DigestMismatch, ManifestUnknown, Outcome, Reference, Registry,
                             RegistryError, RegistryUnreachable, RetryPolicy, TooLarge,
                             UnsupportedManifest, find_credentials, push_blob)
-from store.registry.client import Manifest
-from store.registry.reference import api_host
-from store.registry.manifests import OCI_INDEX
+from layerfs.store.registry.client import Manifest
+from layerfs.store.registry.reference import api_host
+from layerfs.store.registry.manifests import OCI_INDEX
 
 pytestmark = pytest.mark.skipif(REGISTRY is None, reason="needs docker-registry (apt-get install docker-registry)")
 

@@ -85,9 +85,9 @@ def test_push_delete_gc_pull_gives_the_same_image(layerfs, tmp_path, registry, s
 def test_pull_by_digest_and_for_a_platform(layerfs, tmp_path, registry):
     """An index of two platforms: this machine's by default, the other with --platform;
     by digest, nothing is tagged unless asked."""
-    from store.oci.descriptor import host_platform
-    from store.registry import Registry
-    from store.registry.client import Manifest
+    from layerfs.store.oci.descriptor import host_platform
+    from layerfs.store.registry import Registry
+    from layerfs.store.registry.client import Manifest
     here = host_platform().architecture
     other = "arm64" if here != "arm64" else "amd64"
     images = {arch: image_of(20 + n, n_layers=1, size=5000, arch=arch) for n, arch in enumerate((here, other))}

@@ -15,8 +15,8 @@ import threading
 import pytest
 
 from helpers import NOBODY, as_nobody, assert_one_line_error, make_tar
-from store import Store, StoreError
-from store.records import Kind
+from layerfs.store import Store, StoreError
+from layerfs.store.records import Kind
 from unionrunner import RENAME_EXCHANGE, renameat2
 
 SECRET = b"root's secret, mode 0600\n" * 40
@@ -98,7 +98,7 @@ def test_symlink_swap_race_on_import_dir(layerfs, tmp_path, store_root):
 def _refused_after_scan(monkeypatch, store_root: str, src, change, word: str) -> None:
     """Import ``src`` with ``change(tree)`` run between the scan and the reading of the
     files: the import must fail, saying ``word``, and record nothing."""
-    from store import dirimport
+    from layerfs.store import dirimport
 
     real_scan = dirimport.scan_dir
 
@@ -305,7 +305,7 @@ def test_mount_only_root_reaches_is_a_full_container_rootfs(layerfs, mounts, sui
 
 
 def test_users_cannot_ask_for_suid(monkeypatch, tmp_path):
-    from unionfs.mount import MountError, exposure
+    from layerfs.unionfs.mount import MountError, exposure
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert exposure(str(tmp_path), {}) == {"allow_other": False, "nosuid": True, "nodev": True}

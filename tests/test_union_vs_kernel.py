@@ -43,8 +43,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from store import Store
-from unionfs import kernel as kernel_backend
+from layerfs.store import Store
+from layerfs.unionfs import kernel as kernel_backend
 from unionrunner import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, KERNEL_OPTIONS, RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, C, D,
                          F, H, KernelOverlay, L, OverlayUnavailable, P, W, force_umount, as_user,
                          assert_same_trees, make_layers, outcome, run_ops, snapshot,

@@ -10,8 +10,8 @@ import subprocess
 import pytest
 
 from helpers import make_tar
-from unionfs.lower import StoreLower
-from unionfs.view import METACOPY, REDIRECT, UnionView
+from layerfs.unionfs.lower import StoreLower
+from layerfs.unionfs.view import METACOPY, REDIRECT, UnionView
 
 
 @pytest.fixture

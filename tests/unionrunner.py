@@ -29,8 +29,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from store import Store
-from unionfs.kernel import OVERLAY_OPTIONS
+from layerfs.store import Store
+from layerfs.unionfs.kernel import OVERLAY_OPTIONS
 
 # Every lower entry gets this mtime; times a test sets are below RECENT as well, so a
 # time >= RECENT was set by the filesystem ("now") and compares as "new".
@@ -290,7 +290,7 @@ def fuse_layerfs_pids(mnt: str) -> list[int]:
                 args = f.read().split(b"\0")
         except OSError:
             continue
-        if b"unionfs.compat" in args and os.fsencode(mnt) in args:
+        if b"layerfs.unionfs.compat" in args and os.fsencode(mnt) in args:
             out.append(int(pid))
     return out
 

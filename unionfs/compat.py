@@ -228,7 +228,7 @@ def _serve(config: MountConfig, ready_fd: int | None, debug: bool) -> None:
 
     scratch = None
     try:
-        from store.fstree import raise_open_file_limit
+        from layerfs.store.fstree import raise_open_file_limit
 
         from .fuse_ops import serve
         from .lower import DirLower
@@ -280,7 +280,7 @@ def _start_in_background(config: MountConfig) -> None:
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "ab") as log:
-        proc, message = spawn_until_ready([sys.executable, "-m", "unionfs.compat", "-f", *config.to_argv()],
+        proc, message = spawn_until_ready([sys.executable, "-m", "layerfs.unionfs.compat", "-f", *config.to_argv()],
                                           log)
     if message != "ready":
         if proc.poll() is None:

@@ -12,7 +12,7 @@ import contextlib
 import os
 import time
 
-from store import StoreError
+from layerfs.store import StoreError
 
 
 class FreezeError(StoreError):

@@ -18,7 +18,7 @@ import struct
 import threading
 import time
 
-from store.errors import StoreError
+from layerfs.store.errors import StoreError
 
 log = logging.getLogger("layerfs.fuse")
 

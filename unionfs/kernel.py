@@ -40,10 +40,10 @@ import os
 import re
 import shutil
 
-from store import Store, StoreError
-from store import metaimage
-from store.blobs import syncfs
-from store.containers import Container
+from layerfs.store import Store, StoreError
+from layerfs.store import metaimage
+from layerfs.store.blobs import syncfs
+from layerfs.store.containers import Container
 
 BACKENDS = ("fuse", "kernel", "auto")
 MIN_KERNEL = (6, 5)  # data-only lower layers ("::")

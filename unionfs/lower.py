@@ -16,12 +16,12 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from store.blobs import BlobStore
-from store.errors import StoreError
-from store.merged import MergedTree
-from store.dirimport import dir_entry, entry_of
-from store.records import OPAQUE, Entry, Kind
-from store.upper import OPQ
+from layerfs.store.blobs import BlobStore
+from layerfs.store.errors import StoreError
+from layerfs.store.merged import MergedTree
+from layerfs.store.dirimport import dir_entry, entry_of
+from layerfs.store.records import OPAQUE, Entry, Kind
+from layerfs.store.upper import OPQ
 
 from .cache import BoundedCache
 from .markers import OVERLAY_PREFIXES, checked_lower_path

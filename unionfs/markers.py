@@ -27,7 +27,7 @@ import errno
 import os
 import stat
 
-from store.upper import METACOPY, OPQ, PRIVATE_PREFIX, REDIRECT, WH
+from layerfs.store.upper import METACOPY, OPQ, PRIVATE_PREFIX, REDIRECT, WH
 
 from .realdir import xattr_at
 

@@ -1,6 +1,6 @@
 """Mount lifecycle: start a serving process, wait until the mount serves, unmount.
 
-``mount`` starts ``python -m unionfs.mount`` in its own session and returns only once
+``mount`` starts ``python -m layerfs.unionfs.mount`` in its own session and returns only once
 the kernel has sent FUSE INIT (the child reports through a pipe). ``umount`` works also when the serving process was killed: the kernel
 keeps a dead FUSE mount ("Transport endpoint is not connected") until it is unmounted.
 With ``backend="kernel"`` there is no serving process: the kernel's overlayfs serves the
@@ -26,11 +26,11 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from store import Store, StoreError
-from store.containers import ANONYMOUS, KERNEL_FORMAT, READ_ONLY, REMOVE_AT_UMOUNT, Container, Volume
-from store.fstree import raise_open_file_limit
-from store.records import ImageRecord
-from store.leases import process_start
+from layerfs.store import Store, StoreError
+from layerfs.store.containers import ANONYMOUS, KERNEL_FORMAT, READ_ONLY, REMOVE_AT_UMOUNT, Container, Volume
+from layerfs.store.fstree import raise_open_file_limit
+from layerfs.store.records import ImageRecord
+from layerfs.store.leases import process_start
 
 from . import fusecheck, kernel
 from .freeze import frozen
@@ -186,8 +186,7 @@ def spawn_until_ready(cmd: list[str], log) -> tuple[subprocess.Popen, str]:
     r, w = os.pipe()
     try:
         proc = subprocess.Popen(cmd + ["--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True, cwd="/",
-                                env=dict(os.environ, PYTHONPATH=_project_path()))
+                                stdout=log, stderr=log, start_new_session=True, cwd="/")
     finally:
         os.close(w)
     try:
@@ -236,7 +235,7 @@ def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
                           volatile=volatile)
         return _serving(store, c, made, path, volumes, on_serving)
     c = _claim(store, c, made, path)
-    cmd = [sys.executable, "-m", "unionfs.mount", "--root", store.root, "--container", c.id,
+    cmd = [sys.executable, "-m", "layerfs.unionfs.mount", "--root", store.root, "--container", c.id,
            "--mountpoint", path]
     if read_only or c.read_only:
         cmd.append("--read-only")
@@ -372,11 +371,6 @@ def _mount_ended(store: Store, c: Container, remove: bool = False) -> None:
         store.containers.set_mount(c, "", 0)
 
 
-def _project_path() -> str:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.pathsep.join([here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-
-
 def _wait_ready(fd: int, proc: subprocess.Popen) -> str:
     deadline = time.monotonic() + READY_TIMEOUT
     buf = b""
@@ -463,7 +457,7 @@ def commit(store: Store, ref: str, freeze: str | None = None, **kwargs) -> Image
     mounted, as docker commit pauses the container: the fuse backend holds every change
     itself; a kernel-backend mount has no such gate, so the processes of the cgroup
     ``freeze`` are frozen instead (and the upper synced), and without one it is refused."""
-    from store.commit import commit as commit_container
+    from layerfs.store.commit import commit as commit_container
 
     c = store.containers.get(ref)
     with frozen(freeze) if freeze else contextlib.nullcontext():

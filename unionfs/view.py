@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import xxhash
 
-from store.records import Entry, Kind
-from store.upper import METACOPY, OPQ, REDIRECT, WH
+from layerfs.store.records import Entry, Kind
+from layerfs.store.upper import METACOPY, OPQ, REDIRECT, WH
 
 from .cache import BoundedCache
 from .lower import Lower, LowerNode

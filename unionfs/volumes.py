@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from store.containers import Volume
+from layerfs.store.containers import Volume
 
 from . import inroot
 from .syscalls import MNT_DETACH, MS_BIND, MS_RDONLY, MS_REC, MS_REMOUNT, mount, umount

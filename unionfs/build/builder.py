@@ -26,11 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from store import Store, StoreError, buildcache
-from store import images as imagesmod
-from store.commit import commit
-from store.errors import ImageNotFound, InvalidReference
-from store.records import ImageRecord
+from layerfs.store import Store, StoreError, buildcache
+from layerfs.store import images as imagesmod
+from layerfs.store.commit import commit
+from layerfs.store.errors import ImageNotFound, InvalidReference
+from layerfs.store.records import ImageRecord
 
 from .. import inroot
 from .. import mount as mountmod
@@ -226,9 +226,9 @@ class _Builder:
         return self._pull(ref, stage)
 
     def _pull(self, ref: str, stage: Stage) -> ImageRecord:
-        from store.oci.descriptor import Platform
-        from store.registry import Reference, Registry
-        from store.registry.pull import pull
+        from layerfs.store.oci.descriptor import Platform
+        from layerfs.store.registry import Reference, Registry
+        from layerfs.store.registry.pull import pull
 
         try:
             reference = Reference.parse(ref)

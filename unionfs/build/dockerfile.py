@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from store import StoreError
+from layerfs.store import StoreError
 
 INSTRUCTIONS = ("FROM", "RUN", "CMD", "LABEL", "MAINTAINER", "EXPOSE", "ENV", "ADD", "COPY",
                 "ENTRYPOINT", "VOLUME", "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL",

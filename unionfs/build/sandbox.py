@@ -1,7 +1,7 @@
 """RUN's sandbox: a command in its own mount, pid, uts and ipc namespaces, chrooted into
 a container's mount, on the host's network.
 
-``run`` starts ``python -m unionfs.build.sandbox SPEC``. That process unshares the
+``run`` starts ``python -m layerfs.unionfs.build.sandbox SPEC``. That process unshares the
 namespaces, makes every mount private (nothing it mounts reaches the host), and forks
 the step's first process, pid 1 of the new pid namespace: it mounts a fresh /proc, a
 minimal /dev (a nodev tmpfs with the host's null, zero, full, random, urandom and tty
@@ -55,9 +55,8 @@ class RunSpec:
 def run(spec: RunSpec, output: Callable[[bytes], None]) -> int:
     """Run the step; its output (stdout and stderr, merged) goes to ``output`` as it
     comes; returns its exit status (128 + N if killed by signal N)."""
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {"PYTHONPATH": here, "PATH": os.environ.get("PATH", DEFAULT_PATH)}
-    proc = subprocess.Popen([sys.executable, "-m", "unionfs.build.sandbox", json.dumps(asdict(spec))],
+    env = {"PATH": os.environ.get("PATH", DEFAULT_PATH)}  # the interpreter finds layerfs itself
+    proc = subprocess.Popen([sys.executable, "-m", "layerfs.unionfs.build.sandbox", json.dumps(asdict(spec))],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=env, cwd="/")
     try:
