@@ -124,16 +124,15 @@ def scan_dir(tree: Tree) -> tuple[dict[str, Entry], Files]:
                 if e.opaque:
                     builder.opaque(path)
                 stack.append(path)
-            elif e.kind == Kind.REG:
-                add_file(builder, files, first_name, path, st, e)
             else:
-                builder.add(path, e)
+                add_file(builder, files, first_name, path, st, e)
     return primary_first(builder.finish(canonical=True), files)
 
 
 def add_file(builder: LayerBuilder, files: Files, first_name: dict[tuple[int, int], str],
              path: str, st: os.stat_result, e: Entry) -> None:
-    """Add a regular file read from disk; a second name of an inode becomes a hard link."""
+    """Add a non-directory read from disk; a second name of an inode becomes a hard link
+    (of a symlink or a device too, as link(2) makes them and tar carries them)."""
     key = (st.st_dev, st.st_ino)
     if st.st_nlink > 1 and key in first_name:
         builder.hardlink(path, first_name[key], path)
@@ -142,7 +141,8 @@ def add_file(builder: LayerBuilder, files: Files, first_name: dict[tuple[int, in
         first_name[key] = path
         e = dataclasses.replace(e, hardlink=path)
     builder.add(path, e)
-    files[path] = (path, st)
+    if e.kind == Kind.REG:
+        files[path] = (path, st)
 
 
 def primary_first(entries: dict[str, Entry], files: Files) -> tuple[dict[str, Entry], Files]:

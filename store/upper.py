@@ -234,8 +234,8 @@ class UpperReader:
                         child_lower = None
                     builder.add(path, e)
                     todo.append((path, child_lower, explicit))
-            elif e.kind == Kind.REG:
-                origin = self._metacopy_origin(path, lower_path)
+            else:
+                origin = self._metacopy_origin(path, lower_path) if e.kind == Kind.REG else None
                 if origin is not None:
                     data = self.lower.lookup(origin)
                     if data is None or data.kind != Kind.REG:
@@ -243,8 +243,6 @@ class UpperReader:
                     builder.add(path, dataclasses.replace(e, size=data.size, blob=data.blob))
                     continue
                 add_file(builder, files, first_name, path, st, e)
-            else:
-                builder.add(path, e)
 
     def _copy_lower(self, builder: LayerBuilder, path: str, lower_path: str, e: Entry) -> None:
         """Copy a lower entry (and a directory's subtree) into the layer at ``path``;

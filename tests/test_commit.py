@@ -388,6 +388,15 @@ def case_hard_links(m):
     os.unlink(f"{m}/gone-first")  # a link count back at one
 
 
+def case_hard_links_of_symlinks_and_fifos(m):
+    # link(2) links a symlink itself, not its target; tar carries such links too
+    os.symlink("etc/passwd", f"{m}/new-link")
+    os.link(f"{m}/new-link", f"{m}/new-link.2", follow_symlinks=False)
+    os.link(f"{m}/sl", f"{m}/sl.2", follow_symlinks=False)  # a lower symlink, copied up
+    os.mkfifo(f"{m}/fifo")
+    os.link(f"{m}/fifo", f"{m}/fifo.2")
+
+
 def case_hard_link_metadata_through_one_name(m):
     os.stat(f"{m}/bin/tool2")  # the kernel has looked the other names up
     os.stat(f"{m}/pair/two")
@@ -525,6 +534,7 @@ FIXED = [
     (case_rename_dir_with_hard_links, False),
     (case_rename_dir_over_deleted_dir, True), (case_rename_dir_back, False),
     (case_hard_links, True),
+    (case_hard_links_of_symlinks_and_fifos, False), (case_hard_links_of_symlinks_and_fifos, True),
     (case_hard_link_metadata_through_one_name, False),
     (case_symlinks, False), (case_xattrs, True), (case_setuid, False), (case_chmod_only, True),
     (case_chown, False), (case_truncate, True), (case_o_trunc_rewrite, False),
