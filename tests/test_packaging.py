@@ -17,9 +17,14 @@ import pytest
 from helpers import make_tar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Not source: never part of what is installed (as .gitignore says).
+# Not source: never part of what is installed (as .gitignore says; /build/ only at the
+# top, where setuptools builds: unionfs/build/ is source).
 _NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", ".pytest_cache",
-                                     ".hypothesis", "build")
+                                     ".hypothesis")
+
+
+def _not_source(directory: str, names: list[str]) -> set[str]:
+    return _NOT_SOURCE(directory, names) | ({"build"} if directory == REPO else set())
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
 
@@ -33,7 +38,7 @@ def installed(tmp_path_factory) -> str:
         pytest.skip("a read-only bind mount needs root and unshare")
     tmp = tmp_path_factory.mktemp("packaging")
     src, venv = str(tmp / "checkout"), str(tmp / "venv")
-    shutil.copytree(REPO, src, symlinks=True, ignore=_NOT_SOURCE)
+    shutil.copytree(REPO, src, symlinks=True, ignore=_not_source)
     before = sorted(os.path.relpath(os.path.join(d, n), src) for d, ds, fs in os.walk(src) for n in ds + fs)
     subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=300)
     script = ('mount --bind "$SRC" "$SRC" && mount -o remount,bind,ro "$SRC" && cd / && '
