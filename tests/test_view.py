@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
 
 import pytest
@@ -87,6 +88,28 @@ def test_unlink_and_rmdir_leave_whiteouts_and_mkdir_makes_opaque(view):
     with pytest.raises(OSError) as e:
         view.mkdir(".wh.x", 0o755, 0, 0)
     assert e.value.errno == errno.EINVAL
+
+
+def test_a_removed_empty_lower_directory_is_gone_once_it_was_walked_through(tmp_path, store):
+    # Resolving "empty/x" remembers "empty" as a directory node; removing the directory
+    # (a whiteout, nothing copied up) must not leave that node answering for it.
+    img = store.import_tar(make_tar(str(tmp_path / "l.tar"), [("empty", "d"), ("keep", "d")]))
+    (tmp_path / "upper").mkdir()
+    (tmp_path / "work").mkdir()
+    v = UnionView(StoreLower(store.tree(img), store.blobs), str(tmp_path / "upper"), str(tmp_path / "work"))
+    try:
+        with pytest.raises(FileNotFoundError):
+            v.getattr("empty/x")
+        assert stat.S_ISDIR(v.getattr("empty")["st_mode"])
+        v.rmdir("empty")
+        for attempt in (lambda: v.getattr("empty"), lambda: v.mkdir("empty/y", 0o755, 0, 0),
+                        lambda: v.getattr("empty/x")):
+            with pytest.raises(OSError) as e:
+                attempt()
+            assert e.value.errno == errno.ENOENT
+        assert names(v, "") == ["keep"]
+    finally:
+        v.close()
 
 
 def test_rename_of_a_lower_directory_copies_no_data(view):

@@ -101,6 +101,7 @@ class UnionOperations(mfusepy.Operations):
         self._dir_lock = threading.Lock()
         self._dir_handles = itertools.count(1)
         self._written: set[int] = set()  # fds written since their last flush
+        self._created: set[int] = set()  # fds of files made by create, until released
         self._listings: dict[int, list | None] = {}  # open directory handle -> its listing
         self._wire: dict[str, tuple[list, list]] = {}  # path -> (view listing, encoded)
 
@@ -146,6 +147,10 @@ class UnionOperations(mfusepy.Operations):
     def getattr(self, path, fh=None):
         if path is None and fh is not None:  # an open file whose last name was removed
             return self.view.fd_attrs(fh.fh)
+        if fh is not None and fh.fh in self._created:
+            # libfuse asks right after every create, for the reply: the new file's
+            # descriptor answers without resolving its path a second time.
+            return self.view.created_file_attrs(_rel(path), fh.fh)
         return self.view.getattr(_rel(path))
 
     # Directory handles: each open directory has its own listing, a snapshot taken by
@@ -247,6 +252,7 @@ class UnionOperations(mfusepy.Operations):
     def create(self, path, mode, fi):
         uid, gid = self._ctx()
         fi.fh = self.view.create(_rel(path), mode, fi.flags, uid, gid)
+        self._created.add(fi.fh)
         fi.keep_cache = 1
         return 0
 
@@ -309,6 +315,7 @@ class UnionOperations(mfusepy.Operations):
     @_translate
     def release(self, path, fi):
         self._written.discard(fi.fh)
+        self._created.discard(fi.fh)
         os.close(fi.fh)
         return 0
 

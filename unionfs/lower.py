@@ -19,13 +19,14 @@ from typing import Protocol
 from layerfs.store.blobs import BlobStore
 from layerfs.store.errors import StoreError
 from layerfs.store.merged import MergedTree
-from layerfs.store.dirimport import dir_entry, entry_of
+from layerfs.store.dirimport import dir_entry, make_entry
+from layerfs.store.fstree import read_xattrs
 from layerfs.store.records import OPAQUE, Entry, Kind
 from layerfs.store.upper import OPQ
 
 from .cache import BoundedCache
 from .markers import OVERLAY_PREFIXES, checked_lower_path
-from .realdir import RealDir, xattr_at
+from .realdir import RealDir
 
 
 @dataclass(slots=True, frozen=True)
@@ -157,16 +158,20 @@ class DirLower:
             with self.layers[layer].at(rel) as (fd, name):
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 # /proc/self/fd/N/NAME: the entry itself, reached without following anything.
-                e = entry_of(f"/proc/self/fd/{fd}/{name}", st)
+                full = f"/proc/self/fd/{fd}/{name}"
+                # One listxattr and a read of each xattr it names (most files have none):
+                # the entry, the redirect and the metacopy mark all come from it.
+                xattrs = read_xattrs(full)
+                e = make_entry(st, xattrs, lambda: os.readlink(full))
                 if e is None or e.kind not in (Kind.DIR, Kind.REG):
                     return st, e, None, False
-                redirect = next((v for p in OVERLAY_PREFIXES
-                                 if (v := xattr_at(fd, name, p + "redirect")) is not None), None)
+                raw = next((v for p in OVERLAY_PREFIXES if (v := xattrs.get(p + "redirect")) is not None), None)
+                redirect = raw.decode("utf-8", "surrogateescape") if raw is not None else None
                 if e.kind == Kind.DIR:
-                    if not e.opaque and os.path.lexists(f"/proc/self/fd/{fd}/{name}/{OPQ}"):
+                    if not e.opaque and os.path.lexists(f"{full}/{OPQ}"):
                         e = dataclasses.replace(e, flags=e.flags | OPAQUE)
                     return st, e, redirect, False
-                metacopy = any(xattr_at(fd, name, p + "metacopy") is not None for p in OVERLAY_PREFIXES)
+                metacopy = any(p + "metacopy" in xattrs for p in OVERLAY_PREFIXES)
                 return st, e, redirect, metacopy
         except (NotADirectoryError, FileNotFoundError):
             raise FileNotFoundError(errno.ENOENT, "not in this layer", rel) from None

@@ -34,6 +34,7 @@ import re
 import stat
 import threading
 from collections.abc import Hashable, Iterator
+import dataclasses
 from dataclasses import dataclass
 
 import xxhash
@@ -457,9 +458,29 @@ class UnionView:
         st = os.fstat(fd)
         return self.attrs(Node("?", "", st))
 
+    def created_file_attrs(self, path: str, fd: int) -> dict:
+        """Attributes of ``path`` from the descriptor :meth:`create` returned for it (an
+        upper file with no lower data below it), without resolving the path again."""
+        if path in self._hidden_files:
+            return self.hidden_attrs(path)
+        return self.attrs(Node(path, "", os.fstat(fd)))
+
     def getattr(self, path: str) -> dict:
         if path in self._hidden_files:
             return self.hidden_attrs(path)
+        node = self._dirs.get(path) if path else None
+        if node is not None:
+            # A directory resolved before (the kernel asks for a parent's attributes
+            # after each change in it): where it is and what it merges are cached, only
+            # its attributes are read afresh.
+            if node.upper is None:
+                return self.attrs(node)
+            try:
+                st = self.up.lstat(node.upper)
+            except OSError:
+                st = None
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                return self.attrs(dataclasses.replace(node, st=st))
         return self.attrs(self.resolve(path))
 
     LISTINGS_MAX_ENTRIES = 50_000  # names kept in cached listings, all directories together (~30 MB)
@@ -890,6 +911,8 @@ class UnionView:
                 self.up.unlink(node.upper)
             self._drop_alias(node.st)
         self._whiteout(parent, name)
+        if node.is_dir and node.upper is None:
+            self._forget_dirs(node.path)  # an empty lower-only directory: whited out, gone
 
     # libfuse keeps a file that is unlinked while open under a ".fuse_hidden..." name
     # (renaming it there instead of unlinking). Such files are moved out of the upper
