@@ -51,20 +51,28 @@ T = TypeVar("T")
 
 
 # The start of an LMDB meta page (pages 0 and 1 of data.mdb): a 16-byte page header,
-# then magic, version, address, map size, the two database records (48 bytes each; the
-# free-page database's first field holds the page size), the last page used, the txn id.
+# then magic, version, address, map size, the two database records (48 bytes each: the
+# free-page database's, whose first field holds the page size, and the main one's),
+# the last page used, the txn id. A database record ends with its root page number.
 _PAGE_HEADER = 16
 _MAGIC = 0xBEEFC0DE
-_META = struct.Struct("<IIQQI92xQQ")
+_META = struct.Struct("<IIQQI36xQ48xQQ")
+# A page header: page number, pad, flags, lower and upper bounds of its free space (an
+# overflow page has its page count where lower and upper are).
+_PAGE = struct.Struct("<QHHHH")
+_NODE = struct.Struct("<HHHH")  # lo, hi, flags, key size; then the key and the data
+_P_BRANCH, _P_LEAF, _P_OVERFLOW, _P_LEAF2 = 0x01, 0x02, 0x04, 0x20
+_F_BIGDATA = 0x01
+_NO_PAGE = (1 << 64) - 1  # an empty database's root
 
 
 def data_file(path: str) -> str:
     return os.path.join(path, "data.mdb")
 
 
-def mapped_size(path: str) -> tuple[int, int] | None:
-    """(bytes in the data file of the index at ``path``, bytes its newest meta page says
-    its pages take), or None if there is no data file or it has no valid meta page."""
+def _newest_meta(path: str) -> tuple[int, int, int, int] | None:
+    """(file size, page size, last page used, free-page database root) of the index's
+    data file, from its newest meta page; None without a file or a valid meta page."""
     try:
         with open(data_file(path), "rb") as f:
             # The meta pages first, the size after: a writer grows the file before it
@@ -78,24 +86,86 @@ def mapped_size(path: str) -> tuple[int, int] | None:
     page_size = 0
     offset = 0
     while len(metas) < 2 and len(head) >= offset + _PAGE_HEADER + _META.size:
-        magic, _, _, _, psize, last_pg, txnid = _META.unpack_from(head, offset + _PAGE_HEADER)
+        magic, _, _, _, psize, free_root, last_pg, txnid = _META.unpack_from(head, offset + _PAGE_HEADER)
         if magic != _MAGIC or not psize:
             break
         page_size = page_size or psize
-        metas.append((txnid, last_pg))
+        metas.append((txnid, last_pg, free_root))
         offset += page_size  # the second meta page starts one page in
     if not metas:
         return None  # not an LMDB file at all: LMDB refuses it by itself, safely
-    return size, (max(metas)[1] + 1) * page_size
+    _, last_pg, free_root = max(metas)
+    return size, page_size, last_pg, free_root
+
+
+def mapped_size(path: str) -> tuple[int, int] | None:
+    """(bytes in the data file of the index at ``path``, bytes its newest meta page says
+    its pages take), or None if there is no data file or it has no valid meta page."""
+    meta = _newest_meta(path)
+    return None if meta is None else (meta[0], (meta[2] + 1) * meta[1])
+
+
+def _free_pages(fd: int, page_size: int, root: int, file_pages: int) -> set[int] | None:
+    """The page numbers the free-page database lists, read with pread (never mapped:
+    a missing page is an answer, not a SIGBUS); None if a page of it is missing."""
+    free: set[int] = set()
+    seen: set[int] = set()
+    todo = [] if root == _NO_PAGE else [root]
+    while todo:
+        pgno = todo.pop()
+        if pgno >= file_pages or pgno in seen:
+            return None  # missing, or not a tree (pages reused under a concurrent writer)
+        seen.add(pgno)
+        page = os.pread(fd, page_size, pgno * page_size)
+        _, _, flags, lower, _ = _PAGE.unpack_from(page)
+        if flags & _P_LEAF2:
+            return None  # the free-page database has no fixed-size keys: not an LMDB we know
+        for i in range((lower - _PAGE_HEADER) // 2):
+            (at,) = struct.unpack_from("<H", page, _PAGE_HEADER + 2 * i)
+            lo, hi, nflags, ksize = _NODE.unpack_from(page, at)
+            if flags & _P_BRANCH:
+                todo.append(lo | hi << 16 | nflags << 32)
+                continue
+            data = at + _NODE.size + ksize
+            if nflags & _F_BIGDATA:  # the page list lives in overflow pages
+                (first,) = struct.unpack_from("<Q", page, data)
+                if first >= file_pages:
+                    return None
+                head = os.pread(fd, _PAGE.size, first * page_size)
+                count = _PAGE.unpack_from(head)[3] | _PAGE.unpack_from(head)[4] << 16
+                if first + count > file_pages:
+                    return None
+                ids = os.pread(fd, count * page_size - _PAGE_HEADER, first * page_size + _PAGE_HEADER)
+            else:
+                ids = page[data:data + (lo | hi << 16)]
+            n = struct.unpack_from("<Q", ids)[0]  # an id list: its length, then the pages
+            free.update(struct.unpack_from(f"<{n}Q", ids, 8))
+    return free
 
 
 def truncation(path: str) -> str | None:
     """Why the index at ``path`` cannot be mapped safely (its data file is shorter than
-    the pages it uses: reading those would be a SIGBUS), or None."""
-    sizes = mapped_size(path)
-    if sizes is not None and sizes[0] < sizes[1]:
-        return f"it is truncated ({sizes[0]} bytes where its pages need {sizes[1]})"
-    return None
+    the pages in use: reading those would be a SIGBUS), or None.
+
+    LMDB may end a file short of its last page number legitimately: a page allocated
+    and freed within one transaction is never written. Only pages missing from the file
+    that the free-page database does not list are damage."""
+    for attempt in range(2):
+        meta = _newest_meta(path)
+        if meta is None:
+            return None
+        size, page_size, last_pg, free_root = meta
+        needed = (last_pg + 1) * page_size
+        if size >= needed:
+            return None
+        file_pages = size // page_size
+        with open(data_file(path), "rb") as f:
+            # Read as no registered reader, the free-page tree may be rewritten by a
+            # writer meanwhile: a damaged-looking answer is asked for once more.
+            free = _free_pages(f.fileno(), page_size, free_root, file_pages)
+        if free is not None and all(p in free for p in range(file_pages, last_pg + 1)):
+            return None
+    return f"it is truncated ({size} bytes where its pages need {needed})"
 
 
 class Index:

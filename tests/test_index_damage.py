@@ -277,3 +277,43 @@ def test_repair_cannot_rebuild_a_directory_layer_without_its_entries(store_copy,
     for image in ("img:0", "img:1", "img:2"):
         assert _whole(store_copy, template, image)
     assert lf(store_copy, "fsck").returncode == 0
+
+
+def test_a_data_file_that_ends_in_free_pages_is_not_taken_for_a_truncated_one(tmp_path):
+    # LMDB leaves pages it allocated and freed within a transaction unwritten: the data
+    # file may end before the last page number, with only free pages missing. Seen under
+    # concurrent imports, commits and gc as a false "truncated". A cut into a page in
+    # use is still damage.
+    import lmdb
+
+    from layerfs.store import index
+
+    path = str(tmp_path / "db")
+    env = lmdb.open(path, map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        txn.put(b"keep", b"v")
+    with env.begin(write=True) as txn:
+        txn.put(b"big", b"x" * 100_000)  # overflow pages at the end of the file
+    with env.begin(write=True) as txn:
+        txn.delete(b"big")  # freed; later transactions move the tree into low pages
+    for i in range(4):
+        with env.begin(write=True) as txn:
+            txn.put(b"k%d" % i, b"v")
+    env.close()
+    size, page_size, last_pg, free_root = index._newest_meta(path)
+    with open(index.data_file(path), "rb") as f:
+        free = index._free_pages(f.fileno(), page_size, free_root, size // page_size)
+    used = [p for p in range(last_pg + 1) if p not in free]
+    assert used[-1] < last_pg - 2, f"no free pages at the end to cut: in use {used}"
+
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(path, damaged)
+    os.truncate(index.data_file(path), (used[-1] + 1) * page_size)  # only free pages go
+    assert index.truncation(path) is None
+    env = lmdb.open(path, map_size=1 << 30)
+    with env.begin() as txn:
+        assert [k for k, _ in txn.cursor()] == [b"k0", b"k1", b"k2", b"k3", b"keep"]
+    env.close()
+
+    os.truncate(index.data_file(damaged), used[-1] * page_size)  # a page in use goes too
+    assert "truncated" in index.truncation(damaged)
