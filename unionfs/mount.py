@@ -196,7 +196,7 @@ def spawn_until_ready(cmd: list[str], log) -> tuple[subprocess.Popen, str]:
 
 
 def _check_mountpoint(mountpoint: str) -> str:
-    """The mountpoint's absolute path, if a FUSE mount there can be tried at all."""
+    """The mountpoint's absolute path, if a mount there can be tried at all."""
     path = os.path.abspath(mountpoint)
     dead = MountError(f"mountpoint {mountpoint} is busy: a mount whose server died is still there "
                       f"(layerfs umount {mountpoint})")
