@@ -15,6 +15,7 @@ import time
 import pytest
 
 from helpers import make_tar
+from layerfs.store.index import truncation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Not source: never part of what is installed (as .gitignore says; /build/ only at the
@@ -130,7 +131,11 @@ def test_installed_package_mounts(installed, tmp_path):
 
     # fsck --repair reads a damaged index in a child (python -m layerfs.store.rebuild)
     data = os.path.join(env["LAYERFS_ROOT"], "index.lmdb", "data.mdb")
-    os.truncate(data, os.path.getsize(data) - 4096)
+    size = os.path.getsize(data)
+    while truncation(os.path.dirname(data)) is None:  # the last pages may be free ones: cut into a used one
+        assert size > 4096, "no page of the index is in use"
+        size -= 4096
+        os.truncate(data, size)
     proc = subprocess.run([exe, "fsck", "--repair"], capture_output=True, text=True, env=env, cwd="/", timeout=300)
     assert "REPAIRED" in proc.stdout and "could not be read" not in proc.stdout, proc.stdout + proc.stderr
     assert "app:1" in run("images")
