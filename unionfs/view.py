@@ -513,7 +513,7 @@ class UnionView:
         node = self.resolve(path)
         if not node.is_dir:
             raise _err(errno.ENOTDIR, path)
-        names: set[str] = set()
+        upper_names: set[str] = set()
         hidden: set[str] = set()
         if node.upper is not None:
             for name, _, whiteout in self.up.entries(node.upper):
@@ -523,17 +523,25 @@ class UnionView:
                 elif whiteout:
                     hidden.add(name)
                 else:
-                    names.add(name)
+                    upper_names.add(name)
+        # A name only the lower has is the lower entry its listing gave: looking it up
+        # again (as _child_at would, after finding no upper entry) reads the index twice.
+        lower_only: dict[str, LowerNode] = {}
         if node.merge_lower:
-            for name, _ in self.lower.listdir(node.lower_path):
-                if name not in hidden:
-                    names.add(name)
+            for name, low in self.lower.listdir(node.lower_path):
+                if name not in hidden and name not in upper_names:
+                    lower_only[name] = low
         parent = self.resolve(path.rpartition("/")[0]) if path else node
         out = [(".", self.attrs(node)), ("..", {"st_mode": stat.S_IFDIR, "st_ino": self.ino(parent)})]
         fd = self.up.open_dir(node.upper) if node.upper is not None else -1
         try:
-            for name in sorted(names):
-                child = self._child_at(node, fd, name)[0]
+            for name in sorted(upper_names | lower_only.keys()):
+                low = lower_only.get(name)
+                if low is not None:
+                    child = Node(_join(path, name), None, None, low, _join(node.lower_path, name),
+                                 low.entry.kind == Kind.DIR)
+                else:
+                    child = self._child_at(node, fd, name)[0]
                 if child is not None:
                     out.append((name, self.attrs(child)))
         finally:
