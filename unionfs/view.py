@@ -841,7 +841,12 @@ class UnionView:
                 self.wk.chown(tmp, uid, _group_in(parent, gid))
                 setgid = parent.st.st_mode & stat.S_ISGID  # inherited by new directories
                 self.wk.chmod(tmp, stat.S_IMODE(mode) | setgid)
+                st = self.wk.lstat(tmp)
                 self._publish(self.wk, tmp, parent, name)
+            # What resolve would find for it (an upper directory merging nothing: new, or
+            # opaque over a removed lower one), kept for the getattr libfuse sends next
+            # and for the lookups below it (mkdir -p).
+            self._keep_dir(path, Node(path, _join(parent.upper, name), st), self._dir_gen)
 
     def symlink(self, target: str, path: str, uid: int, gid: int) -> None:
         with self.lock:
