@@ -131,8 +131,8 @@ def _free_pages(fd: int, page_size: int, root: int, file_pages: int) -> set[int]
                 (first,) = struct.unpack_from("<Q", page, data)
                 if first >= file_pages:
                     return None
-                head = os.pread(fd, _PAGE.size, first * page_size)
-                count = _PAGE.unpack_from(head)[3] | _PAGE.unpack_from(head)[4] << 16
+                _, _, _, lo_pages, hi_pages = _PAGE.unpack(os.pread(fd, _PAGE.size, first * page_size))
+                count = lo_pages | hi_pages << 16  # an overflow page's page count
                 if first + count > file_pages:
                     return None
                 ids = os.pread(fd, count * page_size - _PAGE_HEADER, first * page_size + _PAGE_HEADER)

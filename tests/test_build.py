@@ -310,6 +310,23 @@ def test_volumes_stay_out_of_diff_and_commit(lf, base_root, tmp_path):
     no_leftovers(base_root)
 
 
+def test_a_volume_that_cannot_be_bound_undoes_the_mount(lf, base_root, tmp_path):
+    host = tmp_path / "gone"
+    host.mkdir()
+    cid = lf("create", "layerfs-demo", "-v", f"{host}:/data").stdout.decode().strip()
+    host.rmdir()  # the volume's host directory went away after create
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = lf("mount", cid, str(mnt), check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.decode().splitlines() == [proc.stderr.decode().strip()]
+    assert "cannot bind the volumes" in proc.stderr.decode()
+    assert not [line for line in open("/proc/self/mountinfo") if str(mnt) in line]
+    assert inspect(lf, cid)["state"] == "created"  # the container stays, unmounted
+    lf("rm", cid)
+    no_leftovers(base_root)
+
+
 def test_paths_stay_inside_the_image(lf, base_root, tmp_path):
     """A destination through a symlink to / or /etc, and a tar whose entries climb
     through a symlink, land in the image, never on the host."""

@@ -79,24 +79,6 @@ def mounted(root: str, ref: str, mnt: str):
         force_umount(root, mnt)
 
 
-@pytest.fixture
-def mounts(store_root):
-    """The mount helper of test_mount.py: everything mounted is unmounted at the end."""
-    made: list[str] = []
-
-    def mount(ref: str, mnt: str) -> str:
-        os.makedirs(mnt, exist_ok=True)
-        proc = cli(store_root, "mount", ref, mnt, check=False)
-        if proc.returncode == 0:
-            made.append(mnt)
-        assert proc.returncode == 0, proc.stderr.decode()
-        return proc.stdout.decode().strip()
-
-    yield mount
-    for mnt in made:
-        force_umount(store_root, mnt)
-
-
 # -- the base image --------------------------------------------------------------------
 
 BIG = hashlib.sha256(b"big").digest() * (300_000 // 32)

@@ -168,3 +168,62 @@ def test_upper_full_gives_enospc_and_stays_consistent(tmp_path, store):
             v.close()
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+# -- what a request costs: the shortcuts give the answers a full resolve gives ---------
+
+
+def _counting(monkeypatch, obj, name: str) -> list:
+    """Count the calls of ``obj.name`` (still made)."""
+    calls: list = []
+    real = getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counted)
+    return calls
+
+
+def test_a_listing_reads_each_lower_entry_from_the_index_once(view, monkeypatch):
+    view.mkdir("lib/made", 0o755, 0, 0)  # an upper name beside the lower ones
+    lookups = _counting(monkeypatch, view.lower.tree, "lookup_in_layer")
+    listing = dict(view.readdir("lib")[2:])
+    assert lookups == [], "lower-only names were looked up again after the lower listing"
+    monkeypatch.undo()
+    assert listing == {n: view.getattr(f"lib/{n}") for n in ("sub", "other", "made")}
+
+
+def test_a_created_file_answers_getattr_from_its_descriptor(view, monkeypatch):
+    from types import SimpleNamespace
+
+    from layerfs.unionfs.fuse_ops import UnionOperations
+
+    ops = UnionOperations(view)
+    monkeypatch.setattr(ops, "_ctx", lambda: (1000, 1000))  # no FUSE request to ask
+    fi = SimpleNamespace(flags=os.O_WRONLY, fh=0, keep_cache=0)
+    ops.create("/etc/new", 0o640, fi)
+    resolves = _counting(monkeypatch, view, "resolve")
+    attrs = ops.getattr("/etc/new", fi)  # what libfuse asks for the CREATE reply
+    assert resolves == []
+    assert attrs == view.getattr("etc/new")
+    assert (stat.S_IMODE(attrs["st_mode"]), attrs["st_uid"]) == (0o640, 1000)
+    ops.release("/etc/new", fi)
+    assert fi.fh not in ops._created  # a later open of the same fd number resolves again
+
+
+def test_a_known_directory_and_a_new_one_answer_getattr_with_one_lstat(view, monkeypatch):
+    with pytest.raises(FileNotFoundError):
+        view.getattr("etc/missing")  # etc is now a cached directory node (lower only)
+    view.mkdir("made", 0o750, 0, 0)  # and so is a directory made here
+    view.unlink("etc/conf")  # etc copied up: its cached node is dropped, then resolved again
+    with pytest.raises(FileNotFoundError):
+        view.getattr("etc/conf")
+    walks = _counting(monkeypatch, view, "_child_at")
+    got = {p: view.getattr(p) for p in ("etc", "made")}
+    assert walks == []
+    monkeypatch.undo()
+    fresh = {p: view.attrs(view.resolve(p)) for p in ("etc", "made")}
+    assert got == fresh
+    assert stat.S_IMODE(got["made"]["st_mode"]) == 0o750

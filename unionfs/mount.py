@@ -274,8 +274,9 @@ def _serving(store: Store, c: Container, made: bool, path: str, volumes: tuple[V
             attach_volumes(path, c.volumes + tuple(volumes))
         except OSError as e:
             umount(store, c.id)
-            if made and store.containers.find(c.id) is not None:
-                store.containers.remove(store.containers.get(c.id))
+            left = store.containers.find(c.id) if made else None  # --rm may have removed it
+            if left is not None:
+                store.containers.remove(left)
             raise MountError(f"cannot bind the volumes: {e.strerror or e}") from None
     if on_serving is not None:
         on_serving(c, made)
