@@ -36,6 +36,7 @@ import mmap
 import os
 import shutil
 import stat
+import struct
 import threading
 import time
 
@@ -241,6 +242,23 @@ def test_copy_up_of_metadata(pair):
         ("chown", "fifo", 9, 9), ("chmod", "fifo", 0o600), ("stat", "fifo"),
         ("utime", "e", 1_500_000_000), ("stat", "e"),
     ])
+
+
+# cap_net_bind_service=ep as the kernel stores it (struct vfs_cap_data, revision 2)
+CAP_NET_BIND = struct.pack("<5I", 0x02000000 | 1, 1 << 10, 0, 0, 0)
+
+
+def test_a_write_drops_file_capabilities(pair):
+    """The kernel asks for security.capability before each write and removes it when a
+    file has it; layerfs remembers the answer between writes, and must notice each change."""
+    caps = "security.capability"
+    run_ops(pair, [
+        ("write_at", "a", 0, "A"), ("getxattr", "a", caps), ("write_at", "a", 1, "B"),
+        ("setxattr", "a", caps, CAP_NET_BIND), ("getxattr", "a", caps),
+        ("write_at", "a", 2, "C"), ("getxattr", "a", caps), ("read", "a"),
+        ("setxattr", "big", caps, CAP_NET_BIND), ("rename", "big", "a"), ("getxattr", "a", caps),
+        ("append", "a", "tail"), ("getxattr", "a", caps), ("stat", "a"),
+    ], check_tree=False)
 
 
 def test_metadata_copy_up_copies_no_data(pair):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 import subprocess
 
 import pytest
@@ -227,3 +228,30 @@ def test_a_known_directory_and_a_new_one_answer_getattr_with_one_lstat(view, mon
     fresh = {p: view.attrs(view.resolve(p)) for p in ("etc", "made")}
     assert got == fresh
     assert stat.S_IMODE(got["made"]["st_mode"]) == 0o750
+
+
+def test_file_capabilities_are_remembered_until_a_change(view):
+    """The kernel asks for security.capability before every write: the answer is kept,
+    and every change made through the view (not a data write) forgets it."""
+    caps = "security.capability"
+    cap = struct.pack("<5I", 0x02000000 | 1, 1 << 10, 0, 0, 0)  # cap_net_bind_service=ep
+    fd = view.open("etc/conf", os.O_WRONLY)[0]
+    os.close(fd)
+    with pytest.raises(OSError) as e:
+        view.getxattr("etc/conf", caps)
+    assert e.value.errno == errno.ENODATA
+    # Behind the view's back (nothing does this to a mounted upper): the remembered answer
+    # shows that a write's getxattr reads nothing.
+    upper = os.path.join(view.upper, "etc/conf")
+    os.setxattr(upper, caps, cap)
+    with pytest.raises(OSError):
+        view.getxattr("etc/conf", caps)
+    os.removexattr(upper, caps)
+    view.setxattr("etc/conf", caps, cap)
+    assert view.getxattr("etc/conf", caps) == cap
+    view.removexattr("etc/conf", caps)
+    with pytest.raises(OSError):
+        view.getxattr("etc/conf", caps)
+    view.setxattr("lib/other", caps, cap)
+    view.rename("lib/other", "etc/conf")
+    assert view.getxattr("etc/conf", caps) == cap

@@ -50,6 +50,7 @@ from .realdir import RealDir
 __all__ = ["METACOPY", "REDIRECT", "Node", "PauseGate", "UnionView"]
 
 COPY_CHUNK = 1 << 20
+CAPABILITY = "security.capability"
 HIDDEN = re.compile(r"\.fuse_hidden[0-9a-f]{16}")  # libfuse's name for files unlinked while open
 _DIR_FD = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -82,6 +83,7 @@ class _ChangeLock:
 
     def __exit__(self, *exc) -> None:
         self._view.version += 1
+        self._view.changes += 1
         self._lock.release()
 
 
@@ -158,6 +160,8 @@ class UnionView:
         self.lock = _ChangeLock(self)  # namespace changes and copy-ups, one at a time
         self._ids_lock = threading.Lock()  # inode numbers and hard-link names
         self.version = 0  # bumped by every change; listings are cached per version
+        self.changes = 0  # bumped by every change made under self.lock (all but data writes)
+        self._caps: dict[str, tuple[int, bytes | None]] = {}  # see _capability()
         self._listings: dict[str, tuple[int, list[tuple[str, dict]]]] = {}  # oldest first
         self._listed = 0  # names in self._listings
         self.gate = PauseGate()  # closed while a commit reads the upper layer
@@ -560,6 +564,36 @@ class UnionView:
         return node.lower.entry.target
 
     def getxattr(self, path: str, name: str) -> bytes:
+        if name == CAPABILITY:
+            value = self._capability(path)
+            if value is None:
+                raise _err(errno.ENODATA, path)
+            return value
+        return self._getxattr(path, name)
+
+    def _capability(self, path: str) -> bytes | None:
+        """``path``'s file capabilities, None where it has none.
+
+        The kernel asks for them before every write to a file (a write must drop them), so
+        they are remembered, each with the count of changes it was read at: only a change
+        made under the lock (setxattr, removexattr, chown, rename, unlink, link, copy-up)
+        can alter them or what ``path`` names, and data writes never do."""
+        changes = self.changes
+        kept = self._caps.get(path)
+        if kept is not None and kept[0] == changes:
+            return kept[1]
+        try:
+            value: bytes | None = self._getxattr(path, CAPABILITY)
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                raise
+            value = None
+        if len(self._caps) >= 4096:
+            self._caps.clear()
+        self._caps[path] = (changes, value)
+        return value
+
+    def _getxattr(self, path: str, name: str) -> bytes:
         node = self.resolve(path)
         if name.startswith(self.markers.hidden_xattrs):
             raise _err(errno.ENODATA, path)
