@@ -103,6 +103,32 @@ def test_same_tree_as_the_kernel(layers):
     assert not os.path.exists(layers / "mnt/etc/b")
 
 
+def test_a_listing_opens_each_merged_directory_once(layers, monkeypatch):
+    """DirLower lists a directory through one descriptor per merged layer directory, and
+    shows what looking each name up on its own shows (whiteouts of every form, opaque)."""
+    from layerfs.unionfs.lower import DirLower
+    from layerfs.unionfs.realdir import RealDir
+
+    (layers / "l2/etc/.wh.gone").write_text("")  # an OCI whiteout of a name l1 lacks
+    (layers / "l1/etc/hidden").write_text("h\n")
+    (layers / "l2/etc/.wh.hidden").write_text("")  # an OCI whiteout of l1's etc/hidden
+    (layers / "l1/etc/xwh").write_text("x\n")
+    (layers / "l2/etc/xwh").write_text("")
+    os.setxattr(layers / "l2/etc/xwh", "trusted.overlay.whiteout", b"y")  # an xattr whiteout
+    os.mkdir(layers / "l1/etc/sub")
+    dirs = [str(layers / "l2"), str(layers / "l1")]
+    opened = []
+    real_at = RealDir.at
+    monkeypatch.setattr(RealDir, "at", lambda self, rel: opened.append(rel) or real_at(self, rel))
+    listed = {name: node.entry for name, node in DirLower(dirs).listdir("etc")}
+    below = [rel for rel in opened if rel.startswith("etc/")]  # "etc" itself is looked up
+    assert below == [], "a name of the listing was looked up through its own descriptor"
+    monkeypatch.undo()
+    one_by_one = DirLower(dirs)
+    assert listed == {n: one_by_one.lookup(f"etc/{n}").entry for n in ("a", "sub")}
+    assert one_by_one.lookup("etc/hidden") is None and one_by_one.lookup("etc/xwh") is None
+
+
 def test_upper_written_in_overlay_format_reads_back_in_the_kernel(layers):
     _fuse_layerfs(layers)
     m = layers / "mnt"
