@@ -48,7 +48,7 @@ from layerfs.store import Store
 from layerfs.unionfs import kernel as kernel_backend
 from unionrunner import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, KERNEL_OPTIONS, RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, C, D,
                          F, H, KernelOverlay, L, OverlayUnavailable, P, W, force_umount, as_user,
-                         assert_same_trees, make_layers, outcome, run_ops, snapshot,
+                         assert_same_trees, make_layers, norm_stat, outcome, run_ops, snapshot,
                          union_pair)
 
 # The image, bottom layer first. Layer 1 whites out `gone` (a file) and `gdir` (a directory)
@@ -259,6 +259,40 @@ def test_a_write_drops_file_capabilities(pair):
         ("setxattr", "big", caps, CAP_NET_BIND), ("rename", "big", "a"), ("getxattr", "a", caps),
         ("append", "a", "tail"), ("getxattr", "a", caps), ("stat", "a"),
     ], check_tree=False)
+
+
+def _changes_through_a_descriptor(root: str, name: str):
+    """fchmod, fchown, futimens and ftruncate of an open file, before and after it is
+    renamed and then unlinked; what stat shows after each step."""
+    path, moved = os.path.join(root, name), os.path.join(root, name + ".moved")
+    fd = os.open(path, os.O_RDWR)
+    seen = []
+    try:
+        os.fchmod(fd, 0o604)
+        os.fchown(fd, 7, -1)
+        os.utime(fd, ns=(1_000_000_000, 2_000_000_000))
+        seen.append(norm_stat(os.lstat(path)))
+        os.rename(path, moved)
+        os.fchmod(fd, 0o640)
+        os.ftruncate(fd, 3)
+        os.fchown(fd, -1, 9)
+        seen.append(norm_stat(os.lstat(moved)))
+        os.unlink(moved)
+        os.fchmod(fd, 0o600)
+        os.utime(fd, ns=(3_000_000_000, 4_000_000_000))
+        st = os.fstat(fd)
+        seen.append((stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns))
+    finally:
+        os.close(fd)
+    return seen
+
+
+def test_changes_through_a_descriptor(pair):
+    """A change made through an open descriptor reaches that file, wherever it went."""
+    for name in ("a", "big", "new"):
+        if name == "new":
+            both(pair, lambda root: open(os.path.join(root, "new"), "w").write("fresh"))
+        same(pair, _changes_through_a_descriptor, name)
 
 
 def test_metadata_copy_up_copies_no_data(pair):

@@ -255,3 +255,38 @@ def test_file_capabilities_are_remembered_until_a_change(view):
     view.setxattr("lib/other", caps, cap)
     view.rename("lib/other", "etc/conf")
     assert view.getxattr("etc/conf", caps) == cap
+
+
+def test_changes_through_a_descriptor_reach_the_open_file_without_a_path(view, monkeypatch):
+    """fchmod, fchown, futimens and ftruncate come with the file handle: an upper file open
+    here takes them through its descriptor (even after a rename); an open lower file's
+    descriptor is the store's blob, which a change never touches."""
+    from types import SimpleNamespace
+
+    from layerfs.unionfs.fuse_ops import UnionOperations
+
+    ops = UnionOperations(view)
+    monkeypatch.setattr(ops, "_ctx", lambda: (0, 0))
+    fi = SimpleNamespace(flags=os.O_RDWR, fh=0, keep_cache=0)
+    ops.create("/etc/made", 0o600, fi)
+    os.write(fi.fh, b"0123456789")
+    view.rename("etc/made", "etc/moved")
+    resolves = _counting(monkeypatch, view, "resolve")
+    ops.chmod("/etc/made", 0o640, fi)  # libfuse's path may be stale; the handle is not
+    ops.chown("/etc/made", 5, -1, fi)
+    ops.truncate("/etc/made", 4, fi)
+    ops.utimens("/etc/made", (1_000_000_000, 2_000_000_000), fi)
+    assert resolves == []
+    monkeypatch.undo()
+    ops.release("/etc/made", fi)
+    st = os.lstat(os.path.join(view.upper, "etc/moved"))
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 5, 0)
+    assert (st.st_atime_ns, st.st_mtime_ns, st.st_size) == (1_000_000_000, 2_000_000_000, 4)
+
+    low = SimpleNamespace(flags=os.O_RDONLY, fh=0, keep_cache=0, noflush=0)
+    ops.open("/etc/conf", low)
+    blob_mode = stat.S_IMODE(os.fstat(low.fh).st_mode)
+    ops.chmod("/etc/conf", 0o600, low)  # fchmod of a read-only descriptor: by path
+    assert stat.S_IMODE(os.fstat(low.fh).st_mode) == blob_mode
+    assert stat.S_IMODE(view.getattr("etc/conf")["st_mode"]) == 0o600
+    ops.release("/etc/conf", low)

@@ -102,6 +102,7 @@ class UnionOperations(mfusepy.Operations):
         self._dir_handles = itertools.count(1)
         self._written: set[int] = set()  # fds written since their last flush
         self._created: set[int] = set()  # fds of files made by create, until released
+        self._upper: set[int] = set()  # open fds of upper files (not lower data), until released
         self._listings: dict[int, list | None] = {}  # open directory handle -> its listing
         self._wire: dict[str, tuple[list, list]] = {}  # path -> (view listing, encoded)
 
@@ -239,6 +240,8 @@ class UnionOperations(mfusepy.Operations):
         fd, lower_backed, truncated = self.view.open(_rel(path), fi.flags)
         self._invalidate(truncated)  # the other names of a hard-linked file are now empty
         fi.fh = fd
+        if not lower_backed:
+            self._upper.add(fd)
         # Lower data never changes, and every change to upper data goes through this
         # mount, which drops what the kernel cached under a hard link's other names
         # (_invalidate): the kernel may keep the pages it cached across opens.
@@ -253,6 +256,7 @@ class UnionOperations(mfusepy.Operations):
         uid, gid = self._ctx()
         fi.fh = self.view.create(_rel(path), mode, fi.flags, uid, gid)
         self._created.add(fi.fh)
+        self._upper.add(fi.fh)
         fi.keep_cache = 1
         return 0
 
@@ -282,13 +286,22 @@ class UnionOperations(mfusepy.Operations):
     @_translate
     @_held
     def truncate(self, path, length, fh=None):
-        if fh is not None and getattr(fh, "fh", 0):
-            os.ftruncate(fh.fh, length)
-            self.view.version += 1
-            self._refresh_if_linked(fh.fh, path)
-        else:
+        if not self._change_open_file(fh, path, lambda fd: os.ftruncate(fd, length)):
             self._invalidate(self.view.truncate(_rel(path), length))
         return 0
+
+    def _change_open_file(self, fh, path: str | None, change) -> bool:
+        """Apply ``change`` (an ftruncate, fchmod, fchown or futimens) to the upper file
+        open as ``fh``, and refresh its other names; False where ``fh`` is no open upper
+        file, and the change must go by path.
+
+        The kernel sends the handle with a change made through a descriptor: it names
+        the file itself (wherever it was renamed since), with no path to resolve."""
+        if fh is None or fh.fh not in self._upper:
+            return False
+        self.view.change_open_file(fh.fh, change)
+        self._refresh_if_linked(fh.fh, path)
+        return True
 
     @_translate
     @_held
@@ -316,6 +329,7 @@ class UnionOperations(mfusepy.Operations):
     def release(self, path, fi):
         self._written.discard(fi.fh)
         self._created.discard(fi.fh)
+        self._upper.discard(fi.fh)
         os.close(fi.fh)
         return 0
 
@@ -376,13 +390,16 @@ class UnionOperations(mfusepy.Operations):
 
     @_translate
     @_held
-    def chmod(self, path, mode):
-        self._invalidate(self.view.chmod(_rel(path), mode))
+    def chmod(self, path, mode, fh=None):
+        if not self._change_open_file(fh, path, lambda fd: os.fchmod(fd, stat.S_IMODE(mode))):
+            self._invalidate(self.view.chmod(_rel(path), mode))
         return 0
 
     @_translate
     @_held
-    def chown(self, path, uid, gid):
+    def chown(self, path, uid, gid, fh=None):
+        if self._change_open_file(fh, path, lambda fd: os.fchown(fd, uid, gid)):  # -1: kept
+            return 0
         attrs = self.view.getattr(_rel(path))
         self._invalidate(self.view.chown(_rel(path), attrs["st_uid"] if uid == -1 else uid,
                                          attrs["st_gid"] if gid == -1 else gid))
@@ -390,14 +407,20 @@ class UnionOperations(mfusepy.Operations):
 
     @_translate
     @_held
-    def utimens(self, path, times=None):
+    def utimens(self, path, times=None, fh=None):
         now = time.time_ns()
-        attrs = self.view.getattr(_rel(path))
         atime, mtime = times if times is not None else (_UTIME_NOW, _UTIME_NOW)
 
         def pick(value: int, current: int) -> int:
             return now if value == _UTIME_NOW else current if value == _UTIME_OMIT else value
 
+        def set_times(fd: int) -> None:
+            st = os.fstat(fd)
+            os.utime(fd, ns=(pick(atime, st.st_atime_ns), pick(mtime, st.st_mtime_ns)))
+
+        if self._change_open_file(fh, path, set_times):
+            return 0
+        attrs = self.view.getattr(_rel(path))
         self._invalidate(self.view.utimens(_rel(path), pick(atime, attrs["st_atime"]),
                                            pick(mtime, attrs["st_mtime"])))
         return 0
@@ -555,6 +578,30 @@ class UnionFUSE(mfusepy.FUSE):
         if not getattr(_worker, "kept", False):
             _keep_thread_state()
         return super()._wrapper(func, *args, **kwargs)
+
+    # mfusepy drops the file handle of these four; a change made through a descriptor
+    # (ftruncate, fchmod, fchown, futimens) comes with one (see _change_open_file).
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip) -> int:
+        return self.operations.truncate(self._path(path), length, fip.contents if fip else None)
+
+    def chmod_fuse_3(self, path: bytes | None, mode: int, fip) -> int:
+        return self.operations.chmod(self._path(path), mode, fip.contents if fip else None)
+
+    def chown_fuse_3(self, path: bytes | None, uid: int, gid: int, fip) -> int:
+        uid = -1 if mfusepy.c_uid_t(uid + 1).value == 0 else uid  # (uid_t)-1: leave it
+        gid = -1 if mfusepy.c_gid_t(gid + 1).value == 0 else gid
+        return self.operations.chown(self._path(path), uid, gid, fip.contents if fip else None)
+
+    def utimens_fuse_3(self, path: bytes | None, buf, fip) -> int:
+        times = None
+        if buf:
+            times = (mfusepy.time_of_timespec(buf.contents.actime, use_ns=True),
+                     mfusepy.time_of_timespec(buf.contents.modtime, use_ns=True))
+        return self.operations.utimens(self._path(path), times, fip.contents if fip else None)
+
+    def _path(self, path: bytes | None) -> str | None:
+        return None if path is None else path.decode(self.encoding, self.errors)
 
     def getattr_fuse_3(self, path: bytes | None, buf, fip) -> int:
         attrs = self.operations.getattr(None if path is None else path.decode(self.encoding, self.errors),

@@ -33,7 +33,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 import dataclasses
 from dataclasses import dataclass
 
@@ -1143,6 +1143,13 @@ class UnionView:
             tree, rel, others = self._meta_target(path)
             tree.utime(rel, (atime_ns, mtime_ns))
             return others
+
+    def change_open_file(self, fd: int, change: Callable[[int], None]) -> None:
+        """Apply ``change`` (fchmod, fchown, futimens, ftruncate) to the upper file open as
+        ``fd``, as one change of the view."""
+        self._check_writable()
+        with self.lock:
+            change(fd)
 
     def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> list[str]:
         if name.startswith(self.markers.hidden_xattrs):
