@@ -129,6 +129,27 @@ def test_a_listing_opens_each_merged_directory_once(layers, monkeypatch):
     assert one_by_one.lookup("etc/hidden") is None and one_by_one.lookup("etc/xwh") is None
 
 
+def test_a_name_in_no_layer_is_looked_up_in_none(layers, monkeypatch):
+    """The names of a directory's layers are listed once; a name none of them holds is
+    absent without a probe of each layer, and every other name is found as before."""
+    from layerfs.unionfs.lower import DirLower
+    from layerfs.unionfs.realdir import RealDir
+
+    dirs = [str(layers / "l2"), str(layers / "l1")]
+    lower = DirLower(dirs)
+    assert lower.lookup("etc/a") is not None  # etc's names are listed by this lookup
+    probes = []
+    real_at = RealDir.at
+    monkeypatch.setattr(RealDir, "at", lambda self, rel: probes.append(rel) or real_at(self, rel))
+    assert [lower.lookup(f"etc/missing{i}") for i in range(5)] == [None] * 5
+    assert lower.lookup("etc/b") is None  # whited out in l2
+    assert probes == ["etc/b"], "a name in no layer was looked for in the layers"
+    monkeypatch.undo()
+    (layers / "l1/etc/late").write_text("added after the listing\n")
+    assert lower.lookup("etc/late") is None  # layers must not change while mounted
+    assert DirLower(dirs).lookup("etc/late") is not None
+
+
 def test_upper_written_in_overlay_format_reads_back_in_the_kernel(layers):
     _fuse_layerfs(layers)
     m = layers / "mnt"

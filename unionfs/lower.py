@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import os
 import stat
+import threading
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -124,10 +125,17 @@ class DirLower:
     on that promise.
     """
 
+    NAMES_MAX = 200_000  # names kept in _names, all directories together (~20 MB)
+
     def __init__(self, dirs: list[str]) -> None:
         self.dirs = [os.path.abspath(d) for d in dirs]
         self.layers = [RealDir(d) for d in self.dirs]
         self._cache: BoundedCache[str, _Found | None] = BoundedCache(65_536)
+        # directory -> every name its merged layer directories hold, oldest first: a name
+        # outside it is in no layer, and its lookup probes none (see _child_names)
+        self._names: dict[str, frozenset[str]] = {}
+        self._names_kept = 0
+        self._names_lock = threading.Lock()
         self._layer_of: dict[tuple[int, int], str] = {}  # hard-linked inode -> its layer
         self._groups: dict[str, dict[tuple[int, int], list[str]]] = {}  # layer -> hard-link groups
 
@@ -195,6 +203,8 @@ class DirLower:
 
     def _lookup_in(self, parent: _Found, path: str, name: str,
                    dir_fds: _DirFds | None = None) -> _Found | None:
+        if name not in self._child_names(path.rpartition("/")[0], parent):
+            return None  # in none of the layers: nothing to probe
         # As the kernel's ovl_lookup: walk the parent's merged layers top-down; a relative
         # redirect renames what is looked up in the layers below, an absolute one restarts
         # from the root of every layer below; a metacopy file's data is the first
@@ -261,6 +271,34 @@ class DirLower:
         found = self._resolve(path)
         return found.node if found else None
 
+    def _child_names(self, path: str, found: _Found) -> frozenset[str]:
+        """Every name in the layer directories merged at ``path`` (whiteouts left out),
+        listed once: the layers never change while mounted. Every child the union shows
+        is among them (a redirected child keeps its own name in its top layer)."""
+        names = self._names.get(path)
+        if names is None:
+            names = self._listed_names(found)
+            self._keep_names(path, names)
+        return names
+
+    def _listed_names(self, found: _Found) -> frozenset[str]:
+        names: set[str] = set()
+        for layer, rel in found.merged:
+            try:
+                names.update(n for n, _, _ in self.layers[layer].entries(rel) if not n.startswith(".wh."))
+            except OSError:
+                continue
+        return frozenset(names)
+
+    def _keep_names(self, path: str, names: frozenset[str]) -> None:
+        with self._names_lock:
+            if path in self._names or len(names) > self.NAMES_MAX // 4:
+                return
+            self._names[path] = names
+            self._names_kept += len(names)
+            while self._names_kept > self.NAMES_MAX:
+                self._names_kept -= len(self._names.pop(next(iter(self._names))))
+
     def _has_oci_whiteout(self, layer: int, dir_path: str, name: str, dir_fds: _DirFds | None) -> bool:
         fd = dir_fds.get((layer, dir_path)) if dir_fds is not None else None
         if fd is None:
@@ -275,7 +313,7 @@ class DirLower:
         found = self._resolve(path)
         if found is None or found.node.entry.kind != Kind.DIR:
             return
-        names: set[str] = set()
+        names = self._child_names(path, found)
         # Each merged directory is opened once for the whole listing, not once per name
         # and layer (a third of a first listing's time went to those opens).
         dir_fds: _DirFds = {}
@@ -283,7 +321,6 @@ class DirLower:
             for layer, rel in found.merged:
                 try:
                     dir_fds[(layer, rel)] = self.layers[layer].open_dir(rel)
-                    names.update(n for n, _, _ in self.layers[layer].entries(rel) if not n.startswith(".wh."))
                 except OSError:
                     continue
             children = []
