@@ -14,7 +14,6 @@ import json
 import os
 import stat
 import sys
-import tempfile
 import threading
 import time
 
@@ -1132,6 +1131,7 @@ def demo(store: Store) -> None:
     import hashlib
     import shutil
     import subprocess
+    import tempfile
 
     from layerfs.store.commit import diff as container_diff
     from layerfs.store.oci.loadsave import load as load_images, save as save_images

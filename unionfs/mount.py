@@ -26,7 +26,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -244,6 +243,8 @@ def fork_until_ready(serve: Callable[[Callable[[str], None]], int], log) -> tupl
             code = serve(_reporter(w))
         except BaseException:  # noqa: BLE001 - the log says why; the parent heard one line
             with contextlib.suppress(BaseException):
+                import traceback
+
                 traceback.print_exc()
                 sys.stderr.flush()
         finally:
