@@ -11,7 +11,6 @@ container (unionfs/kernel.py), and the same calls mount, list, unmount and commi
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import gc
@@ -19,7 +18,6 @@ import os
 import select
 import shutil
 import signal
-import socket
 import stat
 import struct
 import subprocess
@@ -633,6 +631,7 @@ def _control_address(container_id: str) -> str:
 
 def _control_server(container_id: str, view) -> None:
     """Serve pause requests: "pause" holds every change until "resume" or a hang-up."""
+    import socket
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(_control_address(container_id))
     srv.listen(4)
@@ -641,7 +640,9 @@ def _control_server(container_id: str, view) -> None:
         threading.Thread(target=_control_session, args=(conn, view), daemon=True).start()
 
 
-def _control_session(conn: socket.socket, view) -> None:
+def _control_session(conn, view) -> None:
+    import socket
+
     with conn:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _, uid, _ = struct.unpack("3i", creds)
@@ -664,6 +665,8 @@ def paused(c: Container):
     if state(c) != "mounted":
         yield
         return
+    import socket
+
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(_control_address(c.id))
@@ -710,6 +713,8 @@ def _serve(root: str, container_id: str, mountpoint: str, *, read_only: bool, vo
 
 
 def _main() -> None:
+    import argparse
+
     p = argparse.ArgumentParser(description="layerfs serving process (started by layerfs mount)")
     p.add_argument("--root", required=True)
     p.add_argument("--container", required=True)
