@@ -230,9 +230,7 @@ def fork_until_ready(serve: Callable[[Callable[[str], None]], int], log) -> tupl
     exit handlers, and never touches the caller's objects (an LMDB environment must not
     be used across fork: ``serve`` opens its own store)."""
     r, w = os.pipe()
-    for f in (sys.stdout, sys.stderr):  # or the child would write the parent's buffered output again
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            f.flush()
+    _flush_output()  # or the child would write the parent's buffered output again
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -244,8 +242,8 @@ def fork_until_ready(serve: Callable[[Callable[[str], None]], int], log) -> tupl
                 import traceback
 
                 traceback.print_exc()
-                sys.stderr.flush()
         finally:
+            _flush_output()
             os._exit(code)
     os.close(w)
     server = ForkedServer(pid)
@@ -253,6 +251,12 @@ def fork_until_ready(serve: Callable[[Callable[[str], None]], int], log) -> tupl
         return server, _wait_ready(r, server)
     finally:
         os.close(r)
+
+
+def _flush_output() -> None:
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            f.flush()
 
 
 def _become_server(log_fd: int, ready_fd: int) -> None:
@@ -542,7 +546,7 @@ def umount(store: Store, target: str) -> Container | None:
             if lazy.returncode != 0:
                 raise MountError(f"cannot unmount {mountpoint}: {res.stderr.strip() or lazy.stderr.strip()}")
     if c is not None:
-        if server_alive(c):
+        if c.pid and process_start(c.pid) == c.pid_start:  # running, or a zombie of this process's
             _reap(c.pid)  # it removes a --rm container itself as its mount ends
         _mount_ended(store, c)
         c = replace(c, mountpoint="", pid=0, pid_start=0)
