@@ -103,6 +103,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def layerfs_server_pid(root: str, mnt: str) -> int:
+    """The serving process of the ``layerfs mount`` at ``mnt``, as ``layerfs ps`` has it
+    (forked from the CLI, its command line is the CLI's: no marker to find it by)."""
+    for c in json.loads(run(layerfs_cmd() + ["ps", "--root", root, "--json"]).stdout):
+        if c["mountpoint"] and os.path.realpath(c["mountpoint"]) == os.path.realpath(mnt) and c["pid"]:
+            return c["pid"]
+    raise RuntimeError(f"no layerfs server found for {mnt}")
+
+
 def server_pid(mnt: str, marker: str) -> int:
     """The serving process of ``mnt`` (its command line names the mountpoint or ``marker``)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):

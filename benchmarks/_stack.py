@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from _common import layerfs_cmd, mountpoints_under, run, server_pid
+from _common import layerfs_cmd, layerfs_server_pid, mountpoints_under, run, server_pid
 
 BIG = "big.bin"
 BLOCK = 4 << 20
@@ -374,7 +374,7 @@ class Bench:
             if system == "layerfs-kernel":
                 return m
             try:
-                m.pid = server_pid(self.mnt, "unionfs.mount")
+                m.pid = layerfs_server_pid(self.store, self.mnt)
             except RuntimeError as e:
                 self.unmount(m)
                 raise NotAvailable(f"layerfs mount returned, but {e}") from None

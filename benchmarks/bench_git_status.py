@@ -47,8 +47,8 @@ import sys
 import tempfile
 import time
 
-from _common import (cpu_seconds, drop_caches, layerfs_cmd, loadavg, machine, median, mountpoints_under,
-                     print_table, run, server_pid, write_json)
+from _common import (cpu_seconds, drop_caches, layerfs_cmd, layerfs_server_pid, loadavg, machine, median,
+                     mountpoints_under, print_table, run, server_pid, write_json)
 
 SYSTEMS = ("plain", "kernel", "fuse-overlayfs", "layerfs", "fuse-layerfs")
 FUSE_LAYERFS = os.path.join(os.path.dirname(sys.executable), "fuse-layerfs")
@@ -108,9 +108,11 @@ class Container:
             run([FUSE_LAYERFS, "-o", opts, self.mnt])
         else:
             run(layerfs_cmd() + ["mount", "--root", store, "base", self.mnt])
-        marker = {"fuse-overlayfs": "fuse-overlayfs", "fuse-layerfs": "unionfs.compat",
-                  "layerfs": "unionfs.mount"}.get(system)
-        self.pid = server_pid(self.mnt, marker) if marker else 0
+        marker = {"fuse-overlayfs": "fuse-overlayfs", "fuse-layerfs": "unionfs.compat"}.get(system)
+        if system == "layerfs":
+            self.pid = layerfs_server_pid(store, self.mnt)
+        else:
+            self.pid = server_pid(self.mnt, marker) if marker else 0
         self.repo = os.path.join(self.mnt, "home", "repo")
 
     def unmount(self) -> None:

@@ -20,7 +20,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cpu_seconds, layerfs_cmd, loadavg, machine, print_table, run, server_pid, write_json  # noqa: E402
+from _common import cpu_seconds, layerfs_cmd, layerfs_server_pid, loadavg, machine, print_table, run, server_pid, write_json  # noqa: E402
 
 PER_DIR = 1000
 
@@ -98,7 +98,7 @@ def main() -> None:
     # layerfs: the store-backed mount of the image.
     run(lf + ["mount", "big:1", mnt], env=env)
     try:
-        pid = server_pid(mnt, "unionfs.mount")
+        pid = layerfs_server_pid(store, mnt)
         results["layerfs"] = walk(mnt, args.walks, pid)
     finally:
         run(lf + ["umount", mnt], env=env)

@@ -11,7 +11,7 @@ adds 2 and whites out 1. The same layer directories are
                      pass one page; more than 500 layers it refuses, and says so)
 * ``fuse-overlayfs`` /usr/bin/fuse-overlayfs, default options
 * ``layerfs``        imported into a layerfs store (one image per depth) and mounted with
-                     ``layerfs mount``; the server is ``python -m layerfs.unionfs.mount``
+                     ``layerfs mount``; the server is forked from the CLI (``layerfs ps`` has its pid)
 * ``fuse-layerfs``   the fuse-overlayfs-compatible mount program over the same layer
                      directories; the server is ``python -m layerfs.unionfs.compat -f``
 

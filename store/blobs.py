@@ -13,7 +13,6 @@ blob is byte-compared, and different bytes under the same hash get the next free
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import shutil
@@ -33,7 +32,8 @@ CHUNK = 1 << 20
 # Patched by the collision test to force every content onto one hash.
 new_hasher: Callable[[], "xxhash.xxh3_128"] = xxhash.xxh3_128
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The process's own libc (ctypes.util.find_library would run ldconfig at every start-up).
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def syncfs(path: str) -> None:

@@ -176,8 +176,12 @@ class Index:
     """
 
     def __init__(self, path: str, map_size: int | None = None, create: bool = True) -> None:
-        map_size = map_size or int(os.environ.get("LAYERFS_MAP_SIZE", DEFAULT_MAP_SIZE))
         self.path = path
+        self._map_size = map_size or int(os.environ.get("LAYERFS_MAP_SIZE", DEFAULT_MAP_SIZE))
+        self._open(create)
+
+    def _open(self, create: bool) -> None:
+        path, map_size = self.path, self._map_size
         try:
             size = os.path.getsize(data_file(path))
         except FileNotFoundError:
@@ -228,6 +232,17 @@ class Index:
 
     def close(self) -> None:
         self.env.close()
+
+    @contextmanager
+    def closed(self) -> Iterator[None]:
+        """The environment closed while the block runs, open again after it: a process
+        forks in the block (an LMDB environment must not cross a fork, and a child could
+        not open its own while it inherited one: py-lmdb refuses a second in a process)."""
+        self.env.close()
+        try:
+            yield
+        finally:
+            self._open(create=False)
 
     def store_id(self) -> str:
         """The random id given to the store when its index was made (the marker outside

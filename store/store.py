@@ -11,19 +11,16 @@ import stat
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import lmdb
 
 from . import images as imagesmod
 from .blobs import BlobStore, Ingest
-from .builder import PendingLayer, record_layers
 from .containers import Containers
-from .dirimport import read_dir
 from . import marker as markermod
 from .errors import (AmbiguousName, ImageNotFound, IndexDamaged, LayerNotFound, NoStore, NotAStore,
                      StoreError)
-from .export import export_to_path, layer_entries, write_layer
 from .index import Index, prefix_scan
 from .merged import MergedTree
 from .progress import SILENT, Progress
@@ -31,7 +28,12 @@ from .records import (Entry, ImageRecord, LayerBlob, LayerRecord, bytes_digest, 
                       layer_blob_key, merge_layer_blob, pack_image, pack_layer_blob, unpack_image,
                       unpack_layer, unpack_layer_blob)
 from .lock import StoreLock
-from .tarimport import open_input, read_tar
+
+if TYPE_CHECKING:
+    from .builder import PendingLayer
+
+# Importing, exporting and recording layers (builder, tarimport, dirimport, export, and
+# tarfile with them) are imported where used: a mount or a listing needs none of them.
 
 _STORE_DIRS = ("blobs", "tmp", "containers")
 
@@ -164,6 +166,8 @@ class Store:
         The config's created time is ``created_ns``, else SOURCE_DATE_EPOCH, else 1970:
         the same tar on the same parent gives the same image id.
         """
+        from .tarimport import open_input, read_tar
+
         tag = imagesmod.parse_reference(tag) if tag else None
         base = self.resolve_image(parent) if parent else None
         name = os.path.basename(path)
@@ -179,6 +183,8 @@ class Store:
                    created_ns: int | None = None, progress: Progress = SILENT) -> ImageRecord:
         """Import a directory tree as a new image on top of ``parent`` (created as in
         :meth:`import_tar`)."""
+        from .dirimport import read_dir
+
         tag = imagesmod.parse_reference(tag) if tag else None
         base = self.resolve_image(parent) if parent else None
         with self.blobs.ingest() as ingest:
@@ -206,6 +212,8 @@ class Store:
         """Record read layers (those not stored yet) and images made of stored and new
         layers, each with its tags (normalised NAME:TAG), and the compressed forms the
         layers came in, in one transaction."""
+        from .builder import record_layers
+
         def add_images(txn: lmdb.Transaction, layers: list[LayerRecord]) -> list[ImageRecord]:
             self._put_layer_blobs(txn, layer_blobs)
             for rec, tags in images:
@@ -376,6 +384,8 @@ class Store:
         return MergedTree.of(self.index, list(rec.layers), lambda: self.image_layers(rec))
 
     def layer_entries(self, layer: LayerRecord) -> dict[str, Entry]:
+        from .export import layer_entries
+
         return layer_entries(self.index, layer.num)
 
     def export_layer(self, ref: str, out: str | BinaryIO) -> int:
@@ -392,6 +402,8 @@ class Store:
             raise LayerNotFound(f"{ref} is an image, not a layer; its {len(image.layers)} "
                                 f"layer{'s' if len(image.layers) != 1 else ''}, bottom first: {ids} "
                                 "(layerfs export-layer LAYER, or layerfs save for the image)") from None
+        from .export import export_to_path, write_layer
+
         if isinstance(out, str):
             return export_to_path(self.index, self.blobs, layer, out)
         return write_layer(self.index, self.blobs, layer, out)

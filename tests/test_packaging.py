@@ -1,7 +1,7 @@
 """The installed distribution: one ``layerfs`` package (no generic top-level names), an
 SPDX license, ``pip install .`` from a read-only checkout into a fresh venv, and the
-serving processes (``python -m layerfs.unionfs.mount`` / ``.compat``) started from the
-installed, non-editable package."""
+serving processes (forked by ``layerfs mount``; ``python -m layerfs.unionfs.compat``)
+started from the installed, non-editable package."""
 
 from __future__ import annotations
 
@@ -107,8 +107,9 @@ def test_installed_package_mounts(installed, tmp_path):
         [c] = json.loads(run("ps", "--json"))
         with open(f"/proc/{c['pid']}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
-        assert argv[0] == os.path.join(installed, "bin", "python").encode()
-        assert argv[1:3] == [b"-m", b"layerfs.unionfs.mount"]
+        # forked from the installed layerfs command: its command line is that command's
+        assert os.path.dirname(argv[0]) == os.path.join(installed, "bin").encode()  # its python
+        assert argv[1:3] == [exe.encode(), b"mount"]
     finally:
         run("umount", mnt)
     assert not _fuse_mounted(mnt) and json.loads(run("ps", "--json")) == []

@@ -27,10 +27,17 @@ class FuseMissing(StoreError):
     """libfuse 3 or /dev/fuse is not available."""
 
 
+FUSE3_SONAME = "libfuse3.so.3"
+
+
 def load_mfusepy():
     """Import mfusepy bound to libfuse 3 (it would pick libfuse 2 when both exist)."""
     if "FUSE_LIBRARY_PATH" not in os.environ:
-        lib = ctypes.util.find_library("fuse3")
+        try:  # by its soname first: find_library runs ldconfig, a few ms of every mount
+            ctypes.CDLL(FUSE3_SONAME)
+            lib = FUSE3_SONAME
+        except OSError:
+            lib = ctypes.util.find_library("fuse3")
         if lib is None:
             raise FuseMissing("libfuse 3 is not installed: install the Debian package fuse3 "
                               "(apt-get install fuse3)")

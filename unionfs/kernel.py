@@ -39,11 +39,14 @@ import errno
 import os
 import re
 import shutil
+from typing import TYPE_CHECKING
 
 from layerfs.store import Store, StoreError
-from layerfs.store import metaimage
 from layerfs.store.blobs import syncfs
 from layerfs.store.containers import Container
+
+if TYPE_CHECKING:  # imported where used: a fuse mount never needs it
+    from layerfs.store.metaimage import MetaImage
 
 BACKENDS = ("fuse", "kernel", "auto")
 MIN_KERNEL = (6, 5)  # data-only lower layers ("::")
@@ -172,7 +175,9 @@ def _escape(path: str) -> str:
     return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
 
 
-def _meta_image(store: Store, c: Container) -> metaimage.MetaImage:
+def _meta_image(store: Store, c: Container) -> MetaImage:
+    from layerfs.store import metaimage
+
     return metaimage.ensure(store, store.resolve_image(c.image_id),
                             as_erofs=kernel_version() >= FILE_EROFS_KERNEL)
 
@@ -203,6 +208,8 @@ def mount_container(store: Store, c: Container, mountpoint: str, *, read_only: b
             if e.errno not in (errno.ENODEV, errno.ENOTBLK):
                 raise KernelMountError(f"cannot mount the metadata image {meta.path}: {e.strerror}") from None
             # This kernel has no EROFS, or none from files: the same tree as a directory.
+            from layerfs.store import metaimage
+
             meta = metaimage.ensure(store, store.resolve_image(c.image_id), as_erofs=False)
     data = (f"lowerdir={_escape(stage if staged else meta.path)}::{_escape(store.blobs.dir)},"
             f"upperdir={_escape(store.containers.upper(c))},workdir={_escape(store.containers.work(c))},"

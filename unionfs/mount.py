@@ -1,7 +1,9 @@
 """Mount lifecycle: start a serving process, wait until the mount serves, unmount.
 
-``mount`` starts ``python -m layerfs.unionfs.mount`` in its own session and returns only once
-the kernel has sent FUSE INIT (the child reports through a pipe). ``umount`` works also when the serving process was killed: the kernel
+``mount`` forks its serving process (it has everything imported already: no second Python
+start-up), in its own session, and returns only once the kernel has sent FUSE INIT (the
+child reports through a pipe); a caller with threads running cannot fork safely, and starts
+``python -m layerfs.unionfs.mount`` instead. ``umount`` works also when the serving process was killed: the kernel
 keeps a dead FUSE mount ("Transport endpoint is not connected") until it is unmounted.
 With ``backend="kernel"`` there is no serving process: the kernel's overlayfs serves the
 container (unionfs/kernel.py), and the same calls mount, list, unmount and commit it.
@@ -9,14 +11,13 @@ container (unionfs/kernel.py), and the same calls mount, list, unmount and commi
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
+import gc
 import os
 import select
 import shutil
 import signal
-import socket
 import stat
 import struct
 import subprocess
@@ -195,6 +196,109 @@ def spawn_until_ready(cmd: list[str], log) -> tuple[subprocess.Popen, str]:
         os.close(r)
 
 
+class ForkedServer:
+    """A forked serving process, with the calls of subprocess.Popen that mount makes."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+
+def can_fork() -> bool:
+    """Whether this process may fork a serving process: not with other threads running
+    (a lock one of them holds would stay held in the child forever)."""
+    return threading.active_count() == 1
+
+
+def fork_until_ready(serve: Callable[[Callable[[str], None]], int], log) -> tuple[ForkedServer, str]:
+    """Fork a serving process that runs ``serve(report)`` in its own session, its output
+    going to ``log``, and wait for its first report: ``ready``, or why it failed.
+
+    The child leaves with os._exit: it never returns into the caller, never runs its
+    exit handlers, and never touches the caller's objects (an LMDB environment must not
+    be used across fork: ``serve`` opens its own store)."""
+    r, w = os.pipe()
+    _flush_output()  # or the child would write the parent's buffered output again
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            _become_server(log.fileno(), w)
+            code = serve(_reporter(w))
+        except BaseException:  # noqa: BLE001 - the log says why; the parent heard one line
+            with contextlib.suppress(BaseException):
+                import traceback
+
+                traceback.print_exc()
+        finally:
+            _flush_output()
+            os._exit(code)
+    os.close(w)
+    server = ForkedServer(pid)
+    try:
+        return server, _wait_ready(r, server)
+    finally:
+        os.close(r)
+
+
+def _flush_output() -> None:
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            f.flush()
+
+
+def _become_server(log_fd: int, ready_fd: int) -> None:
+    """In a forked child: what exec'ing ``python -m layerfs.unionfs.mount`` from
+    subprocess would give it. Its own session, "/" as cwd, stdin from /dev/null, output
+    to the log, only the ready pipe open besides, Python's default signal handlers."""
+    os.setsid()
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    # The parent's files stay open in Python objects of its frames, which the child never
+    # unwinds; gc.freeze keeps the collector from ever closing one (its number may be
+    # another file's by then).
+    gc.freeze()
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != ready_fd:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    for sig in signal.valid_signals():  # a caller's handler (build's SIGTERM) is not the server's
+        handler = signal.getsignal(sig)
+        if callable(handler) and handler is not signal.default_int_handler:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+
+
+def _reporter(fd: int | None) -> Callable[[str], None]:
+    """``report(message)``: write the serving process's one line to its parent, once."""
+    def report(message: str) -> None:
+        nonlocal fd
+        if fd is not None:
+            try:
+                os.write(fd, (message + "\n").encode())
+                os.close(fd)
+            except OSError:
+                pass
+            fd = None
+    return report
+
+
 def _check_mountpoint(mountpoint: str) -> str:
     """The mountpoint's absolute path, if a mount there can be tried at all."""
     path = os.path.abspath(mountpoint)
@@ -235,9 +339,10 @@ def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
                           volatile=volatile)
         return _serving(store, c, made, path, volumes, on_serving)
     c = _claim(store, c, made, path)
+    read_only = read_only or c.read_only
     cmd = [sys.executable, "-m", "layerfs.unionfs.mount", "--root", store.root, "--container", c.id,
            "--mountpoint", path]
-    if read_only or c.read_only:
+    if read_only:
         cmd.append("--read-only")
     if volatile:
         cmd.append("--volatile")
@@ -246,7 +351,14 @@ def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
     log_path = os.path.join(store.containers.dir, c.id, "mount.log")
     try:
         with open(log_path, "ab") as log:
-            proc, message = spawn_until_ready(cmd, log)
+            if can_fork():
+                root, cid = store.root, c.id
+                with store.index.closed():
+                    proc, message = fork_until_ready(
+                        lambda report: _serve(root, cid, path, read_only=read_only, volatile=volatile,
+                                              options=dict(options or {}), report=report), log)
+            else:
+                proc, message = spawn_until_ready(cmd, log)
         if message != "ready":
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # it may still be starting: it must not mount later
@@ -372,7 +484,7 @@ def _mount_ended(store: Store, c: Container, remove: bool = False) -> None:
         store.containers.set_mount(c, "", 0)
 
 
-def _wait_ready(fd: int, proc: subprocess.Popen) -> str:
+def _wait_ready(fd: int, proc: subprocess.Popen | ForkedServer) -> str:
     deadline = time.monotonic() + READY_TIMEOUT
     buf = b""
     while time.monotonic() < deadline:
@@ -434,7 +546,7 @@ def umount(store: Store, target: str) -> Container | None:
             if lazy.returncode != 0:
                 raise MountError(f"cannot unmount {mountpoint}: {res.stderr.strip() or lazy.stderr.strip()}")
     if c is not None:
-        if server_alive(c):
+        if c.pid and process_start(c.pid) == c.pid_start:  # running, or a zombie of this process's
             _reap(c.pid)  # it removes a --rm container itself as its mount ends
         _mount_ended(store, c)
         c = replace(c, mountpoint="", pid=0, pid_start=0)
@@ -481,6 +593,8 @@ def _reap(pid: int, timeout: float = 10.0) -> None:
         time.sleep(0.02)
     if pid_alive(pid):
         os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):  # forked by this process: no zombie left
+        os.waitpid(pid, 0)
 
 
 def serve_container(store: Store, c: Container, mountpoint: str, *, read_only: bool,
@@ -521,6 +635,7 @@ def _control_address(container_id: str) -> str:
 
 def _control_server(container_id: str, view) -> None:
     """Serve pause requests: "pause" holds every change until "resume" or a hang-up."""
+    import socket
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(_control_address(container_id))
     srv.listen(4)
@@ -529,7 +644,9 @@ def _control_server(container_id: str, view) -> None:
         threading.Thread(target=_control_session, args=(conn, view), daemon=True).start()
 
 
-def _control_session(conn: socket.socket, view) -> None:
+def _control_session(conn, view) -> None:
+    import socket
+
     with conn:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _, uid, _ = struct.unpack("3i", creds)
@@ -552,6 +669,8 @@ def paused(c: Container):
     if state(c) != "mounted":
         yield
         return
+    import socket
+
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(_control_address(c.id))
@@ -569,7 +688,37 @@ def paused(c: Container):
             sock.sendall(b"resume\n")
 
 
+def _serve(root: str, container_id: str, mountpoint: str, *, read_only: bool, volatile: bool,
+           options: dict, report: Callable[[str], None]) -> int:
+    """The serving process: open the store, serve the container until unmounted, tell the
+    parent through ``report`` that the mount serves, or in one line why not; returns the
+    exit status."""
+    try:
+        with Store(root, create=False) as store:
+            c = store.containers.get(container_id)
+            served = threading.Event()
+
+            def ready() -> None:
+                served.set()
+                report("ready")
+
+            serve_container(store, c, mountpoint, read_only=read_only, volatile=volatile,
+                            options=options, on_ready=ready)
+            if served.is_set() and c.remove_at_umount:  # unmounted, by layerfs or not
+                _mount_ended(store, c)
+    except StoreError as e:
+        report(f"{e}")
+        return 1
+    except Exception as e:  # noqa: BLE001 - the parent must hear why, in one line
+        report(f"the mount failed: {e}")
+        raise
+    report("the mount ended before it served")
+    return 0
+
+
 def _main() -> None:
+    import argparse
+
     p = argparse.ArgumentParser(description="layerfs serving process (started by layerfs mount)")
     p.add_argument("--root", required=True)
     p.add_argument("--container", required=True)
@@ -579,39 +728,8 @@ def _main() -> None:
     p.add_argument("--volatile", action="store_true")
     p.add_argument("-o", action="append", default=[])
     args = p.parse_args()
-    fd = args.ready_fd
-
-    def report(message: str) -> None:
-        nonlocal fd
-        if fd is not None:
-            try:
-                os.write(fd, (message + "\n").encode())
-                os.close(fd)
-            except OSError:
-                pass
-            fd = None
-
-    options = parse_options(args.o)
-    try:
-        with Store(args.root, create=False) as store:
-            c = store.containers.get(args.container)
-            served = threading.Event()
-
-            def ready() -> None:
-                served.set()
-                report("ready")
-
-            serve_container(store, c, args.mountpoint, read_only=args.read_only,
-                            volatile=args.volatile, options=options, on_ready=ready)
-            if served.is_set() and c.remove_at_umount:  # unmounted, by layerfs or not
-                _mount_ended(store, c)
-    except StoreError as e:
-        report(f"{e}")
-        sys.exit(1)
-    except Exception as e:  # noqa: BLE001 - the parent must hear why, in one line
-        report(f"the mount failed: {e}")
-        raise
-    report("the mount ended before it served")
+    sys.exit(_serve(args.root, args.container, args.mountpoint, read_only=args.read_only,
+                    volatile=args.volatile, options=parse_options(args.o), report=_reporter(args.ready_fd)))
 
 
 if __name__ == "__main__":
