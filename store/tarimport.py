@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from .blobs import CHUNK, Ingest
+from .blobs import CHUNK, SMALL, Ingest
 from .builder import LayerBuilder, PendingLayer, clean_path, shown
 from .errors import BadArchive, HostileArchive, StoreError
 from .records import OPAQUE, Entry, Kind, Source
@@ -301,10 +301,13 @@ def _add_member(builder: LayerBuilder, ingest, stream: _TarStream, split: TarSpl
     if ti.isreg():
         if stream.pos != ti.offset_data:
             raise BadArchive(f"unexpected layout at {shown(ti.name)}")
-        writer = ingest.writer()
-        for chunk in stream.content(ti.size):
-            writer.write(chunk)
-        blob = writer.finish()
+        if ti.size <= SMALL:
+            blob = ingest.add(b"".join(stream.content(ti.size)), shown(ti.name))
+        else:
+            writer = ingest.writer()
+            for chunk in stream.content(ti.size):
+                writer.write(chunk)
+            blob = writer.finish()
         split.file(blob, ti.size)
         builder.add(path, _entry(ti, Kind.REG, xattrs, size=ti.size, blob=blob))
     elif ti.isdir():
