@@ -149,20 +149,39 @@ class _TarStream:
         self.raw_bytes = 0
         self.sha = hashlib.sha256()
         self.last = b""
+        # Bytes read ahead (hashed already) and how many of them were taken: a small
+        # file costs a slice, not a read from the decompressor and a hash update each.
+        self._buf = b""
+        self._off = 0
 
-    def _read(self, n: int) -> bytes:
-        parts, want = [], n
+    def _fill(self, n: int) -> bytes:
         try:
-            while want:
-                data = self.src.read(want)
-                if not data:
-                    break
-                parts.append(data)
-                want -= len(data)
+            data = self.src.read(n)
         except _DECODE_ERRORS as e:
             raise BadArchive(f"the {self.kind} stream is corrupt: {e}") from None
-        data = b"".join(parts)
         self.sha.update(data)
+        return data
+
+    def _read(self, n: int) -> bytes:
+        off = self._off
+        if len(self._buf) - off >= n:
+            self._off = off + n
+            data = self._buf[off:off + n]
+        else:
+            parts = [self._buf[off:]] if len(self._buf) > off else []
+            want = n - len(self._buf) + off
+            self._buf, self._off = b"", 0
+            while want > 0:
+                more = self._fill(max(want, CHUNK))
+                if not more:
+                    break
+                if len(more) > want:
+                    parts.append(more[:want])
+                    self._buf, self._off = more, want
+                    break
+                parts.append(more)
+                want -= len(more)
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.pos += len(data)
         return data
 
