@@ -272,7 +272,8 @@ class Ingest:
     def copy_file(self, src: int, what: str, size: int = -1) -> Iterator[bytes]:
         """Copy the open file ``src`` (from its start) into a new blob, then yield its
         bytes once for hashing; the generator's return value is the blob id. ``what``
-        names the file in errors; ``size``, if known, is what the file should hold.
+        names the file in errors; ``size``, if known, is what the file should hold (the
+        caller checks, after the copy, that the file was not changed meanwhile).
 
         The blob holds exactly the bytes that were hashed even if the source changes
         meanwhile: a small file is read once into memory, a larger one is copied in
@@ -280,7 +281,9 @@ class Ingest:
         """
         if 0 <= size <= SMALL:
             try:
-                data = _pread_all(src, size + 1)  # one more: a file that grew shows it
+                # Exactly ``size`` bytes: a file that grew or shrank meanwhile has a new
+                # size and mtime, which the caller's check after the read sees.
+                data = _pread_all(src, size)
             except OSError as e:
                 raise os_error(e, f"reading {what}") from None
             blob_id = self.add(data, what)
