@@ -716,3 +716,17 @@ def test_canonical_headers_on_both_sides_of_each_field_limit(field, limit):
                "size": ti.size}
         assert (ti.name, ti.mode, ti.mtime) == ("dir/file", 0o640, 1_700_000_000)
         assert got[field] == value, (field, value)
+
+
+def test_long_runs_of_headers_export_byte_identical(store, tmp_path, layerfs):
+    """Headers with no file contents between them (thousands of directories, a PAX
+    record over 1 MiB) are kept in tar-split records of bounded size, and come back as
+    the original bytes."""
+    members = [(f"d{i:05d}", "d") for i in range(4000)]  # about 2 MiB of headers
+    members += [("big-pax", "f", b"x", {"pax_headers": {"comment": "c" * (1 << 21)}}),
+                ("after", "f", b"after\n")]
+    t = make_tar(str(tmp_path / "headers.tar"), members)
+    img = store.import_tar(t)
+    out = _export(layerfs, img.layers[-1], tmp_path / "out.tar")
+    assert out == open(t, "rb").read()
+    assert "sha256:" + hashlib.sha256(out).hexdigest() == img.layers[-1]
