@@ -1,9 +1,13 @@
 """Content-addressed blobs: file contents named by xxh3-128, immutable once published.
 
 An ingest stages new contents in its own directory under ``tmp/`` and publishes them
-all at once: one ``syncfs`` makes the staged bytes durable, then each blob is linked
-into ``blobs/ab/cdef...`` (``link`` never replaces an existing name). A crash leaves
-only garbage in ``tmp/`` or unrecorded blob files, which gc removes.
+all at once: one ``syncfs`` makes the staged bytes durable, then each blob is moved
+into ``blobs/ab/cdef...`` by a rename that never replaces an existing name. A crash
+leaves only garbage in ``tmp/`` or unrecorded blob files, which gc removes.
+
+Small contents (up to SMALL bytes) are hashed in memory and written once, straight
+under their id; larger ones stream through a temporary name. Either way a staged file
+is created 0400, so it needs no chmod before it is published.
 
 xxh3 is not a cryptographic hash, so equal hashes are never trusted alone: a candidate
 blob is byte-compared, and different bytes under the same hash get the next free id
@@ -28,12 +32,49 @@ from . import crashpoints, leases
 from .index import Index
 
 CHUNK = 1 << 20
+# Contents up to this size are read into memory, hashed and written once (no temporary
+# name, no read back). Above it a copy goes through copy_file_range, which shares
+# extents (a reflink) on filesystems that can.
+SMALL = 64 << 10
 
 # Patched by the collision test to force every content onto one hash.
 new_hasher: Callable[[], "xxhash.xxh3_128"] = xxhash.xxh3_128
 
 # The process's own libc (ctypes.util.find_library would run ldconfig at every start-up).
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+_renameat2 = getattr(_libc, "renameat2", None)
+if _renameat2 is not None:
+    _renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Move ``src`` to ``dst`` unless ``dst`` exists (FileExistsError, ``src`` left in
+    place); a link and an unlink where the kernel or filesystem cannot do it in one."""
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), dst)
+    os.link(src, dst)
+    os.unlink(src)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (0o777, "assume the worst", where
+    /proc does not say)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o777
 
 
 def syncfs(path: str) -> None:
@@ -69,6 +110,12 @@ def _copy_fd(src: int, dst: int) -> None:
             return
 
 
+def holds(path: str, data: bytes) -> bool:
+    """True when the file at ``path`` holds exactly ``data`` (FileNotFoundError if none)."""
+    with open(path, "rb") as f:
+        return f.read(len(data) + 1) == data
+
+
 def same_content(a: str, b: str) -> bool:
     """True when two files hold the same bytes."""
     if os.path.getsize(a) != os.path.getsize(b):
@@ -93,7 +140,7 @@ class BlobStore:
         self._verified: set[tuple] = set()
 
     def path(self, blob_id: str) -> str:
-        return os.path.join(self.dir, self.name(blob_id))
+        return f"{self.dir}/{blob_id[:2]}/{blob_id[2:]}"  # self.name(), on a hot path
 
     @staticmethod
     def name(blob_id: str) -> str:
@@ -163,8 +210,12 @@ class Ingest:
         self.staged: dict[str, int] = {}  # blob id -> size, staged here
         self.held: dict[str, str] = {}  # blob id -> our own copy of a blob that already exists
         self.published: list[str] = []  # blob files this ingest added to blobs/
+        self.found: list[str] = []  # staged blobs that another ingest published first
         self.used: dict[str, int] = {}  # every blob id this ingest returned -> size
         self._n = 0
+        # A staged file is created 0400; only a umask that takes the owner's read bit
+        # away calls for a chmod as well.
+        self._fix_mode = bool(_umask() & 0o400)
 
     def __enter__(self) -> "Ingest":
         return self
@@ -172,25 +223,81 @@ class Ingest:
     def __exit__(self, *exc) -> None:
         self.abort()
 
+    def _new_name(self) -> str:
+        self._n += 1
+        return os.path.join(self.dir, f"new-{self._n}")
+
+    def create(self, path: str) -> int:
+        """Create a staging file, private and read-only once closed; return a descriptor
+        that writes it."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
+        if self._fix_mode:
+            os.fchmod(fd, 0o400)
+        return fd
+
+    def _write(self, path: str, data: bytes) -> None:
+        fd = self.create(path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+    def _write_new(self, data: bytes) -> str:
+        path = self._new_name()
+        self._write(path, data)
+        return path
+
     def writer(self) -> "BlobWriter":
         """A writer for one new blob: ``write`` chunks, then ``finish`` for its id."""
-        self._n += 1
-        return BlobWriter(self, os.path.join(self.dir, f"new-{self._n}"))
+        return BlobWriter(self, self._new_name())
 
-    def copy_file(self, src: int, what: str) -> Iterator[bytes]:
-        """Copy the open file ``src`` (from its start) into a new blob in the kernel (a
-        reflink where the filesystem can), then yield its bytes once for hashing; the
-        generator's return value is the blob id. ``what`` names the file in errors.
-
-        The copy is made first and read back, so the blob holds exactly the bytes that
-        were hashed even if the source changes meanwhile.
-        """
-        self._n += 1
-        tmp = os.path.join(self.dir, f"new-{self._n}")
+    def add(self, data: bytes, what: str = "a blob") -> str:
+        """Stage ``data`` as a blob (meant for small contents: they are compared in
+        memory); return its id ("" for no bytes). ``what`` names it in errors."""
+        if not data:
+            return ""
+        h = new_hasher()
+        h.update(data)
         try:
-            with open(tmp, "wb") as dst:
+            blob_id = self._place(h.hexdigest(), len(data), lambda p: holds(p, data),
+                                  lambda p: self._write(p, data), lambda: self._write_new(data),
+                                  lambda: None)
+        except OSError as e:
+            raise os_error(e, f"staging {what}") from None
+        self.used[blob_id] = len(data)
+        return blob_id
+
+    def copy_file(self, src: int, what: str, size: int = -1) -> Iterator[bytes]:
+        """Copy the open file ``src`` (from its start) into a new blob, then yield its
+        bytes once for hashing; the generator's return value is the blob id. ``what``
+        names the file in errors; ``size``, if known, is what the file should hold (the
+        caller checks, after the copy, that the file was not changed meanwhile).
+
+        The blob holds exactly the bytes that were hashed even if the source changes
+        meanwhile: a small file is read once into memory, a larger one is copied in
+        the kernel (a reflink where the filesystem can) and the copy is read back.
+        """
+        if 0 <= size <= SMALL:
+            try:
+                # Exactly ``size`` bytes: a file that grew or shrank meanwhile has a new
+                # size and mtime, which the caller's check after the read sees.
+                data = _pread_all(src, size)
+            except OSError as e:
+                raise os_error(e, f"reading {what}") from None
+            blob_id = self.add(data, what)
+            if data:
+                yield data
+            return blob_id
+        tmp = self._new_name()
+        try:
+            dst = self.create(tmp)
+            try:
                 os.lseek(src, 0, os.SEEK_SET)
-                _copy_fd(src, dst.fileno())
+                _copy_fd(src, dst)
+            finally:
+                os.close(dst)
             h = new_hasher()
             size = 0
             with open(tmp, "rb") as f:
@@ -203,36 +310,44 @@ class Ingest:
         if size == 0:
             os.unlink(tmp)
             return ""
-        blob_id = self._place(tmp, h.hexdigest(), size)
+        blob_id = self._place_file(tmp, h.hexdigest(), size)
         self.used[blob_id] = size
         return blob_id
 
-    def _place(self, tmp: str, digest: str, size: int) -> str:
+    def _place_file(self, tmp: str, digest: str, size: int) -> str:
+        """Give the staged file ``tmp`` its blob id (see :meth:`_place`)."""
+        return self._place(digest, size, lambda p: same_content(p, tmp), lambda p: os.rename(tmp, p),
+                           lambda: tmp, lambda: os.unlink(tmp))
+
+    def _place(self, digest: str, size: int, same_as: Callable[[str], bool],
+               stage_as: Callable[[str], None], hold: Callable[[], str],
+               drop: Callable[[], None]) -> str:
+        """The id of new contents: ``same_as(path)`` compares them with a file,
+        ``stage_as(path)`` stages them there, ``hold()`` keeps a copy of contents that
+        already have a blob and returns its path, ``drop()`` forgets them."""
         # Walk hex, hex-1, hex-2... until a candidate is free or holds these very bytes.
         for n in range(1 << 16):
             cand = digest if n == 0 else f"{digest}-{n}"
-            staged = os.path.join(self.dir, cand)
             if cand in self.staged:
-                if same_content(staged, tmp):
-                    os.unlink(tmp)
+                if same_as(os.path.join(self.dir, cand)):
+                    drop()
                     return cand
                 continue
-            final = self.blobs.path(cand)
             try:
-                same = same_content(final, tmp) if os.path.exists(final) else None
+                same = same_as(self.blobs.path(cand))
             except FileNotFoundError:
-                same = None  # collected by gc while we compared: the name is free
+                same = None  # no such blob (or collected by gc while we compared)
             if same is not None:
                 if same:
                     # Keep our copy until publish: gc may take an unreferenced blob
                     # before this ingest is recorded (publish checks, under the lock).
                     if cand in self.held:
-                        os.unlink(tmp)
+                        drop()
                     else:
-                        self.held[cand] = tmp
+                        self.held[cand] = hold()
                     return cand
                 continue
-            os.rename(tmp, staged)
+            stage_as(os.path.join(self.dir, cand))
             self.staged[cand] = size
             return cand
         raise StoreCorrupt(f"too many different contents share the hash {digest}")
@@ -252,15 +367,16 @@ class Ingest:
         self.held.clear()
         try:
             if self.staged:
-                for blob_id in self.staged:
-                    os.chmod(os.path.join(self.dir, blob_id), 0o400)  # immutable, private
                 syncfs(self.dir)
                 crashpoints.point("ingest-staged")
+                made: set[str] = set()
                 for blob_id in self.staged:
                     src, dst = os.path.join(self.dir, blob_id), self.blobs.path(blob_id)
-                    os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+                    if blob_id[:2] not in made:
+                        os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+                        made.add(blob_id[:2])
                     try:
-                        os.link(src, dst)
+                        rename_noreplace(src, dst)
                         self.published.append(dst)
                         crashpoints.point("ingest-linked")
                     except FileExistsError:
@@ -269,6 +385,7 @@ class Ingest:
                             raise StoreCorrupt(
                                 f"blob {blob_id} was published concurrently with different "
                                 "bytes; retry the import") from None
+                        self.found.append(blob_id)  # our copy stays, for ensure_published
                 syncfs(self.blobs.dir)
         except OSError as e:
             raise os_error(e, "publishing blobs") from None
@@ -305,8 +422,11 @@ class Ingest:
 
     def ensure_published(self) -> None:
         """Inside the recording transaction: put back any staged blob whose file a failed
-        import took back before this transaction (its unpublish saw no record yet)."""
-        for blob_id in self.staged:
+        import took back before this transaction (its unpublish saw no record yet).
+
+        Only a blob another ingest published first can be taken back so: the files this
+        ingest moved into place are in no other ingest's list."""
+        for blob_id in self.found:
             final = self.blobs.path(blob_id)
             if not os.path.exists(final):
                 os.link(os.path.join(self.dir, blob_id), final)
@@ -329,7 +449,7 @@ class BlobWriter:
         self.hasher = new_hasher()
         self.size = 0
         try:
-            self.file = open(tmp, "wb")
+            self.file = os.fdopen(ingest.create(tmp), "wb")
         except OSError as e:
             raise os_error(e, "staging a blob") from None
 
@@ -351,9 +471,21 @@ class BlobWriter:
         if self.size == 0:
             os.unlink(self.tmp)
             return ""
-        blob_id = self.ingest._place(self.tmp, self.hasher.hexdigest(), self.size)
+        blob_id = self.ingest._place_file(self.tmp, self.hasher.hexdigest(), self.size)
         self.ingest.used[blob_id] = self.size
         return blob_id
+
+
+def _pread_all(fd: int, n: int) -> bytes:
+    """Up to ``n`` bytes from the start of ``fd`` (fewer only at its end)."""
+    parts, got = [], 0
+    while got < n:
+        data = os.pread(fd, n - got, got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def blob_size_record(size: int) -> bytes:

@@ -207,7 +207,7 @@ def canonical_layer(ingest: Ingest, blobs: BlobStore, entries: dict[str, Entry],
         rel, scanned = files[path]
         fd = tree.open_file(rel, scanned)
         try:
-            blob_of[path] = yield from ingest.copy_file(fd, tree.where(rel))
+            blob_of[path] = yield from ingest.copy_file(fd, tree.where(rel), scanned.st_size)
             # Written to while it was copied: its bytes may not match its metadata.
             if not same_file(os.fstat(fd), scanned):
                 raise TreeChanged(f"{tree.where(rel)}: the file changed while it was read")

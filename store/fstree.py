@@ -69,11 +69,13 @@ class Tree:
         except OSError as e:
             raise StoreError(f"cannot read {root}: {e.strerror}") from None
         self._chain: list[tuple[str, int]] = []  # the open directories below the root
+        self._chain_rel: str | None = ""  # the directory the chain ends at
 
     def close(self) -> None:
         for _, fd in self._chain:
             os.close(fd)
         self._chain.clear()
+        self._chain_rel = ""
         os.close(self.root_fd)
 
     def __enter__(self) -> "Tree":
@@ -90,6 +92,9 @@ class Tree:
         """An fd of directory ``rel``, opened component by component without following
         symlinks; the last directories opened stay open, so a walk in tree order opens
         each directory once."""
+        if rel == self._chain_rel:  # the usual case: the files of one directory in turn
+            return self._chain[-1][1] if self._chain else self.root_fd
+        self._chain_rel = None  # until the chain is whole again (an open may fail)
         parts = rel.split("/") if rel else []
         keep = 0
         while keep < min(len(parts), len(self._chain)) and self._chain[keep][0] == parts[keep]:
@@ -107,6 +112,7 @@ class Tree:
                                       "was read") from None
                 raise
             self._chain.append((part, fd))
+        self._chain_rel = rel
         return self._chain[-1][1] if self._chain else self.root_fd
 
     def _parent(self, rel: str) -> tuple[int, str]:
@@ -116,6 +122,16 @@ class Tree:
     def listdir(self, rel: str) -> list[str]:
         """The names in directory ``rel``, sorted."""
         return sorted(os.listdir(self.dir_fd(rel)))
+
+    def listdir_typed(self, rel: str) -> list[tuple[str, bool]]:
+        """(name, plain) for each name in directory ``rel``, sorted by name; ``plain``
+        says the directory entry's type shows a directory, a regular file or a symlink,
+        so no lstat is needed to tell it from a device, a FIFO or a socket."""
+        with os.scandir(self.dir_fd(rel)) as it:
+            out = [(e.name, e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False)
+                    or e.is_symlink()) for e in it]
+        out.sort()
+        return out
 
     def lstat(self, rel: str) -> os.stat_result:
         if not rel:

@@ -43,8 +43,24 @@ def _pax_record(key: bytes, value: bytes) -> bytes:
     return str(n).encode() + body
 
 
+_MAX7 = 8 ** 7  # the numbers that fit 7 octal digits (an 8-byte field), and 11 below
+_MAX11 = 8 ** 11
+_MAGIC_UNAMES = b"ustar\x0000" + b"\0" * 64
+_PREFIX_PAD = b"\0" * (155 + 12)
+
+
 def _ustar(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
            typeflag: bytes, linkname: bytes = b"", major: int = 0, minor: int = 0) -> bytes:
+    if (0 <= mode < _MAX7 and 0 <= uid < _MAX7 and 0 <= gid < _MAX7 and 0 <= size < _MAX11
+            and 0 <= mtime < _MAX11 and 0 <= major < _MAX7 and 0 <= minor < _MAX7):
+        # Every number fits its field: the same bytes as below, in fewer steps (a
+        # commit makes two headers per file).
+        header = b"".join((
+            name.ljust(100, b"\0"),
+            b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode, uid, gid, size, mtime), b" " * 8,
+            typeflag, linkname.ljust(100, b"\0"), _MAGIC_UNAMES, b"%07o\0%07o\0" % (major, minor),
+            _PREFIX_PAD))
+        return header[:148] + b"%06o\0 " % sum(header) + header[156:]
     header = b"".join([
         name.ljust(100, b"\0"), _octal(mode, 8), _octal(uid, 8), _octal(gid, 8),
         _octal(size, 12), _octal(mtime, 12), b" " * 8, typeflag, linkname.ljust(100, b"\0"),

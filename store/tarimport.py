@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from .blobs import CHUNK, Ingest
+from .blobs import CHUNK, SMALL, Ingest
 from .builder import LayerBuilder, PendingLayer, clean_path, shown
 from .errors import BadArchive, HostileArchive, StoreError
 from .records import OPAQUE, Entry, Kind, Source
@@ -136,6 +136,57 @@ class _ZstdFrameCheck(io.RawIOBase):
             buf.clear()
 
 
+_POSIX_MAGIC = b"ustar\x0000"
+_PLAIN_TYPES = frozenset((tarfile.REGTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE,
+                          tarfile.BLKTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE, tarfile.XHDTYPE,
+                          tarfile.XGLTYPE))
+# (start, end) of mode, uid, gid, size, mtime, checksum, device major and minor
+_NUMBERS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (148, 156), (329, 337),
+            (337, 345))
+
+
+def _nts(field: bytes, encoding: str, errors: str) -> str:
+    return field.partition(b"\0")[0].decode(encoding, errors)
+
+
+class _PlainTarInfo(tarfile.TarInfo):
+    """A TarInfo whose header parse is short for the usual header: POSIX ustar, a plain
+    type, octal numbers, the unsigned checksum. Any other header, and any header this
+    cannot read, goes to tarfile's own parse, which gives the same result or error."""
+
+    __slots__ = ()
+
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+        if (len(buf) != tarfile.BLOCKSIZE or not buf[0] or buf[257:265] != _POSIX_MAGIC
+                or buf[156:157] not in _PLAIN_TYPES):
+            return super().frombuf(buf, encoding, errors)
+        try:
+            # tarfile.nti's reading of an octal field (a base-256 one goes the long way).
+            numbers = [int(buf[a:b].partition(b"\0")[0].decode("ascii").strip() or "0", 8)
+                       if buf[a] not in (0o200, 0o377) else None for a, b in _NUMBERS]
+        except ValueError:
+            return super().frombuf(buf, encoding, errors)
+        mode, uid, gid, size, mtime, chksum, devmajor, devminor = numbers
+        if None in numbers or chksum != 256 + sum(buf) - sum(buf[148:156]):
+            return super().frombuf(buf, encoding, errors)
+        obj = cls()
+        obj.name = _nts(buf[0:100], encoding, errors)
+        obj.mode, obj.uid, obj.gid, obj.size, obj.mtime = mode, uid, gid, size, mtime
+        obj.chksum = chksum
+        obj.type = buf[156:157]
+        obj.linkname = _nts(buf[157:257], encoding, errors)
+        obj.uname = _nts(buf[265:297], encoding, errors)
+        obj.gname = _nts(buf[297:329], encoding, errors)
+        obj.devmajor, obj.devminor = devmajor, devminor
+        prefix = _nts(buf[345:500], encoding, errors)
+        if obj.type == tarfile.DIRTYPE:
+            obj.name = obj.name.rstrip("/")
+        if prefix:
+            obj.name = prefix + "/" + obj.name
+        return obj
+
+
 class _TarStream:
     """The uncompressed tar, read forward only, hashed and split as it is read.
 
@@ -149,20 +200,39 @@ class _TarStream:
         self.raw_bytes = 0
         self.sha = hashlib.sha256()
         self.last = b""
+        # Bytes read ahead (hashed already) and how many of them were taken: a small
+        # file costs a slice, not a read from the decompressor and a hash update each.
+        self._buf = b""
+        self._off = 0
 
-    def _read(self, n: int) -> bytes:
-        parts, want = [], n
+    def _fill(self, n: int) -> bytes:
         try:
-            while want:
-                data = self.src.read(want)
-                if not data:
-                    break
-                parts.append(data)
-                want -= len(data)
+            data = self.src.read(n)
         except _DECODE_ERRORS as e:
             raise BadArchive(f"the {self.kind} stream is corrupt: {e}") from None
-        data = b"".join(parts)
         self.sha.update(data)
+        return data
+
+    def _read(self, n: int) -> bytes:
+        off = self._off
+        if len(self._buf) - off >= n:
+            self._off = off + n
+            data = self._buf[off:off + n]
+        else:
+            parts = [self._buf[off:]] if len(self._buf) > off else []
+            want = n - len(self._buf) + off
+            self._buf, self._off = b"", 0
+            while want > 0:
+                more = self._fill(max(want, CHUNK))
+                if not more:
+                    break
+                if len(more) > want:
+                    parts.append(more[:want])
+                    self._buf, self._off = more, want
+                    break
+                parts.append(more)
+                want -= len(more)
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.pos += len(data)
         return data
 
@@ -261,7 +331,8 @@ def read_tar(ingest: Ingest, src: BinaryIO, comment: str = "",
     stream = _TarStream(stream_src, kind, split)
     builder = LayerBuilder()
     try:
-        tf = tarfile.open(fileobj=stream, mode="r:", encoding="utf-8", errors="surrogateescape")
+        tf = tarfile.open(fileobj=stream, mode="r:", encoding="utf-8", errors="surrogateescape",
+                          tarinfo=_PlainTarInfo)
         while True:
             ti = tf.next()
             if ti is None:
@@ -301,10 +372,13 @@ def _add_member(builder: LayerBuilder, ingest, stream: _TarStream, split: TarSpl
     if ti.isreg():
         if stream.pos != ti.offset_data:
             raise BadArchive(f"unexpected layout at {shown(ti.name)}")
-        writer = ingest.writer()
-        for chunk in stream.content(ti.size):
-            writer.write(chunk)
-        blob = writer.finish()
+        if ti.size <= SMALL:
+            blob = ingest.add(b"".join(stream.content(ti.size)), shown(ti.name))
+        else:
+            writer = ingest.writer()
+            for chunk in stream.content(ti.size):
+                writer.write(chunk)
+            blob = writer.finish()
         split.file(blob, ti.size)
         builder.add(path, _entry(ti, Kind.REG, xattrs, size=ti.size, blob=blob))
     elif ti.isdir():

@@ -18,19 +18,33 @@ _RAW, _FILE = b"R", b"F"
 
 
 class TarSplitWriter:
-    """Collects segments in order; :meth:`chunks` gives the compressed records."""
+    """Collects segments in order; :meth:`chunks` gives the compressed records.
+
+    Raw bytes that follow each other (a file's padding, the next header) are kept as
+    one segment: fewer, larger segments to write and to read back.
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._raw = bytearray()  # raw bytes not yet made a segment
         self._chunks: list[bytes] = []
 
     def raw(self, data: bytes) -> None:
+        self._raw += data
+        if len(self._raw) >= CHUNK:
+            self._flush_raw()
+
+    def _flush_raw(self) -> None:
+        data = self._raw
         for i in range(0, len(data), CHUNK):
             piece = data[i:i + CHUNK]
             self._buf += _RAW + struct.pack("<I", len(piece)) + piece
             self._maybe_flush()
+        data.clear()
 
     def file(self, blob_id: str, size: int) -> None:
+        if self._raw:
+            self._flush_raw()
         b = blob_id.encode()
         self._buf += _FILE + struct.pack("<QH", size, len(b)) + b
         self._maybe_flush()
@@ -41,6 +55,7 @@ class TarSplitWriter:
             self._buf.clear()
 
     def chunks(self) -> list[bytes]:
+        self._flush_raw()
         self._maybe_flush(force=True)
         return self._chunks
 

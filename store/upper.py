@@ -25,7 +25,7 @@ import stat
 from dataclasses import dataclass
 
 from .builder import LayerBuilder
-from .dirimport import Files, add_file, primary_first, tree_entry
+from .dirimport import Files, add_file, make_entry, primary_first, tree_entry
 from .errors import StoreCorrupt
 from .fstree import Tree
 from .merged import MergedTree
@@ -123,8 +123,10 @@ class UpperReader:
     def _lower(self, path: str | None) -> Entry | None:
         return self.lower.lookup(path) if path is not None else None
 
-    def _xattr_text(self, rel: str, name: str) -> str | None:
-        value = self.tree.xattr(rel, name)
+    def _xattr_text(self, rel: str, name: str, xattrs: dict[str, bytes] | None = None) -> str | None:
+        """An xattr's value as text, from ``xattrs`` (all of the file's, read already)
+        when given."""
+        value = self.tree.xattr(rel, name) if xattrs is None else xattrs.get(name)
         return value.decode("utf-8", "surrogateescape") if value is not None else None
 
     def _is_opaque(self, rel: str) -> bool:
@@ -132,20 +134,22 @@ class UpperReader:
             return True
         return any(self.tree.xattr(rel, n) == b"y" for n in OVERLAY_OPAQUE)
 
-    def _dir_redirect(self, rel: str, parent_lower: str | None) -> str | None:
+    def _dir_redirect(self, rel: str, parent_lower: str | None,
+                      xattrs: dict[str, bytes] | None = None) -> str | None:
         """The lower path a renamed directory merges (either format), or None."""
-        value = self._xattr_text(rel, REDIRECT)
+        value = self._xattr_text(rel, REDIRECT, xattrs)
         if value is not None:
             return value
-        value = self._xattr_text(rel, KERNEL_REDIRECT)
+        value = self._xattr_text(rel, KERNEL_REDIRECT, xattrs)
         return None if value is None else kernel_redirect(self.tree.where(rel), value, parent_lower)
 
-    def _metacopy_origin(self, rel: str, parent_lower: str | None) -> str | None:
+    def _metacopy_origin(self, rel: str, parent_lower: str | None,
+                         xattrs: dict[str, bytes]) -> str | None:
         """For a file whose data is still below, the lower path of that data; else None."""
-        origin = self._xattr_text(rel, METACOPY)
-        if origin is not None or self._xattr_text(rel, KERNEL_METACOPY) is None:
+        origin = self._xattr_text(rel, METACOPY, xattrs)
+        if origin is not None or self._xattr_text(rel, KERNEL_METACOPY, xattrs) is None:
             return origin
-        value = self._xattr_text(rel, KERNEL_REDIRECT)
+        value = self._xattr_text(rel, KERNEL_REDIRECT, xattrs)
         if value is not None:
             origin = kernel_redirect(self.tree.where(rel), value, parent_lower)
         elif parent_lower is not None:
@@ -157,7 +161,7 @@ class UpperReader:
     def _listing(self, rel: str) -> tuple[list[str], set[str]]:
         """(names of real entries, names whited out) of an upper directory."""
         names, whiteouts = [], set()
-        for name in self.tree.listdir(rel):
+        for name, plain in self.tree.listdir_typed(rel):
             child = _join(rel, name)
             if name.startswith(WH):
                 st = self.tree.lstat(child)
@@ -166,7 +170,7 @@ class UpperReader:
                 if name != OPQ and not name.startswith(WH + WH):
                     whiteouts.add(name[len(WH):])
                 continue
-            if is_whiteout_st(self.tree.lstat(child)):
+            if not plain and is_whiteout_st(self.tree.lstat(child)):
                 whiteouts.add(name)
                 continue
             names.append(name)
@@ -211,7 +215,9 @@ class UpperReader:
                     self._copy_lower(builder, _join(rel, name), _join(lower_path, name), e)
         for name in names:
             path = _join(rel, name)
-            st, e = tree_entry(self.tree, path)
+            # The xattrs are read once: the entry's and the private ones asked below.
+            st, xattrs = self.tree.lstat(path), self.tree.xattrs(path)
+            e = make_entry(st, xattrs, lambda: self.tree.readlink(path))
             child_lower = _join(lower_path, name) if lower_path is not None else None
             if e is None:
                 self.left_out.append(("/" + path, left_out(st)))
@@ -221,7 +227,7 @@ class UpperReader:
                 continue
             e = _public(e)
             if e.kind == Kind.DIR:
-                redirect = self._dir_redirect(path, lower_path)
+                redirect = self._dir_redirect(path, lower_path, xattrs)
                 if redirect is not None:
                     builder.add(path, dataclasses.replace(e, flags=OPAQUE))
                     todo.append((path, redirect, True))
@@ -235,7 +241,7 @@ class UpperReader:
                     builder.add(path, e)
                     todo.append((path, child_lower, explicit))
             else:
-                origin = self._metacopy_origin(path, lower_path) if e.kind == Kind.REG else None
+                origin = self._metacopy_origin(path, lower_path, xattrs) if e.kind == Kind.REG else None
                 if origin is not None:
                     data = self.lower.lookup(origin)
                     if data is None or data.kind != Kind.REG:

@@ -102,6 +102,49 @@ def test_reimporting_a_layer_adds_nothing(layerfs, store_root, tmp_path):
     assert len(layers) == 1
 
 
+# -- (a2) how blobs are staged and published ------------------------------------------------------
+
+STAGED = {"small": b"small contents\n" * 3, "at-limit": b"s" * blobs_module.SMALL,
+          "above": b"b" * (blobs_module.SMALL + 1), "empty": b""}
+
+
+def _import_staged(store: Store, tmp_path, name: str):
+    t = make_tar(str(tmp_path / f"{name}.tar"), [(k, "f", v) for k, v in STAGED.items()])
+    img = store.import_tar(t, tag=f"{name}:1")
+    for k, v in STAGED.items():
+        assert read_back(store, img, "/" + k) == v
+    assert exported(store, img.layers[-1]) == tar_sha(t) == img.layers[-1]
+    return img
+
+
+def test_blobs_are_private_and_read_only_whatever_the_umask(store, store_root, tmp_path):
+    """Staged files are created 0400; a umask that takes the owner's read bit away does
+    not leave a blob nobody may read."""
+    old = os.umask(0o477)
+    try:
+        _import_staged(store, tmp_path, "umask")
+    finally:
+        os.umask(old)
+    files = blob_files(store_root)
+    assert len(files) == 3  # the empty file has no blob
+    assert {oct(os.stat(f).st_mode & 0o7777) for f in files} == {oct(0o400)}
+
+
+def test_blobs_are_published_without_renameat2(store, store_root, tmp_path, monkeypatch):
+    """Where the C library has no renameat2, a blob is published by link and unlink,
+    and an existing blob is never replaced."""
+    monkeypatch.setattr(blobs_module, "_renameat2", None)
+    img = _import_staged(store, tmp_path, "nort2")
+    files = blob_files(store_root)
+    assert len(files) == 3
+    before = {f: os.stat(f).st_ino for f in files}
+    _import_staged(store, tmp_path, "nort2-again")  # the same contents: nothing replaced
+    assert {f: os.stat(f).st_ino for f in blob_files(store_root)} == before
+    assert not os.listdir(os.path.join(store_root, "tmp"))  # nothing staged is left behind
+    assert store.fsck().clean
+    assert img.layers
+
+
 # -- (b) forced xxh3 collisions -------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import hashlib
+import io
 import json
 import lzma
 import os
@@ -691,3 +692,41 @@ def test_same_content_is_stored_once(store, tmp_path, layerfs):
     layerfs("import-layer", tar, "-t", "one-again", check=True)
     assert json.loads(layerfs("df", "--json", check=True).stdout)["blobs"] == 3
     assert json.loads(layerfs("df", "--json", check=True).stdout)["layers"] == 3
+
+
+@pytest.mark.parametrize("field,limit", [("uid", 8 ** 7), ("gid", 8 ** 7), ("rdev_major", 8 ** 7),
+                                         ("rdev_minor", 8 ** 7), ("size", 8 ** 11)])
+def test_canonical_headers_on_both_sides_of_each_field_limit(field, limit):
+    """Canonical headers are made by a short path when every number fits its field and
+    by the general one otherwise: on either side of each limit the header reads back
+    (with its checksum) as what the entry says, in the tar that tarfile reads."""
+    from layerfs.store.records import Entry
+    from layerfs.store.tarformat import END, header
+
+    kind = Kind.CHR if field.startswith("rdev") else Kind.REG
+    for value in (limit - 1, limit):
+        fields = {"uid": 1000, "gid": 1000, field: value}
+        entry = Entry(kind, mode=0o640, mtime_ns=1_700_000_000 * 10**9, **fields)
+        raw = header("dir/file", entry)
+        assert len(raw) % 512 == 0
+        # No data follows a file's header here: only the header is read.
+        with tarfile.open(fileobj=io.BytesIO(raw + END), mode="r:") as tf:
+            ti = tf.next()
+        got = {"uid": ti.uid, "gid": ti.gid, "rdev_major": ti.devmajor, "rdev_minor": ti.devminor,
+               "size": ti.size}
+        assert (ti.name, ti.mode, ti.mtime) == ("dir/file", 0o640, 1_700_000_000)
+        assert got[field] == value, (field, value)
+
+
+def test_long_runs_of_headers_export_byte_identical(store, tmp_path, layerfs):
+    """Headers with no file contents between them (thousands of directories, a PAX
+    record over 1 MiB) are kept in tar-split records of bounded size, and come back as
+    the original bytes."""
+    members = [(f"d{i:05d}", "d") for i in range(4000)]  # about 2 MiB of headers
+    members += [("big-pax", "f", b"x", {"pax_headers": {"comment": "c" * (1 << 21)}}),
+                ("after", "f", b"after\n")]
+    t = make_tar(str(tmp_path / "headers.tar"), members)
+    img = store.import_tar(t)
+    out = _export(layerfs, img.layers[-1], tmp_path / "out.tar")
+    assert out == open(t, "rb").read()
+    assert "sha256:" + hashlib.sha256(out).hexdigest() == img.layers[-1]
