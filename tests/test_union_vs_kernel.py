@@ -512,6 +512,19 @@ def test_inode_numbers_stable_across_copy_up(pair, change):
     run_ops(pair, [("stat", path), ("stat", "d")])
 
 
+def test_rename_onto_another_name_of_the_same_file(pair):
+    """rename(2) between two hard links of one file does nothing (POSIX), whether they are
+    a layer's hard links, copied up or not, or made through the mount; RENAME_NOREPLACE
+    still refuses."""
+    run_ops(pair, [
+        ("rename", "h2", "h1"), ("listdir", ""), ("stat", "h1"), ("stat", "h2"),
+        ("rename", "dh/l1", "ahard"), ("rename", "dh/l2", "dh/l1"), ("listdir", "dh"), ("stat", "ahard"),
+        ("append", "ahard", "+1"), ("rename", "ahard", "dh/l2"), ("read", "dh/l1"), ("stat", "dh/l2"),
+        ("rename", "h1", "h2", RENAME_NOREPLACE), ("rename", "h1", "h2", RENAME_EXCHANGE),
+        ("link", "a", "alink"), ("rename", "alink", "a"), ("stat", "alink"), ("read", "a"),
+    ])
+
+
 def test_hard_links_of_a_layer(pair):
     """Hard links inside a layer: one st_ino, the layer's st_nlink, also across directories;
     a write through one name is read through the others; they stay one file after

@@ -67,6 +67,16 @@ def _group_in(parent: "Node", gid: int) -> int:
     return parent.st.st_gid if parent.st.st_mode & stat.S_ISGID else gid
 
 
+def _same_file(a: "Node", b: "Node") -> bool:
+    """Whether two nodes are names of one file (hard links): one upper inode, or one
+    lower entry's hard-link group (a group is copied up whole, never in part)."""
+    if a.st is not None and b.st is not None:
+        return (a.st.st_dev, a.st.st_ino) == (b.st.st_dev, b.st.st_ino)
+    if a.st is None and b.st is None:
+        return a.lower.ident == b.lower.ident
+    return False
+
+
 def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
@@ -1017,6 +1027,11 @@ class UnionView:
                 raise _err(errno.EINVAL, new)  # into its own subtree
             if dst is not None and noreplace:
                 raise _err(errno.EEXIST, new)
+            if dst is not None and _same_file(src, dst):
+                # POSIX: renaming a hard link onto another name of its file does nothing.
+                # The kernel's VFS returns early for one inode; libfuse's high-level API
+                # gives each name an inode of its own, so the request reaches us.
+                return []
             if exchange:
                 if dst is None:
                     raise _err(errno.ENOENT, new)
