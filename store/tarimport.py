@@ -145,10 +145,6 @@ _NUMBERS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (148, 15
             (337, 345))
 
 
-def _nts(field: bytes, encoding: str, errors: str) -> str:
-    return field.partition(b"\0")[0].decode(encoding, errors)
-
-
 class _PlainTarInfo(tarfile.TarInfo):
     """A TarInfo whose header parse is short for the usual header: POSIX ustar, a plain
     type, octal numbers, the unsigned checksum. Any other header, and any header this
@@ -171,15 +167,15 @@ class _PlainTarInfo(tarfile.TarInfo):
         if None in numbers or chksum != 256 + sum(buf) - sum(buf[148:156]):
             return super().frombuf(buf, encoding, errors)
         obj = cls()
-        obj.name = _nts(buf[0:100], encoding, errors)
+        obj.name = tarfile.nts(buf[0:100], encoding, errors)
         obj.mode, obj.uid, obj.gid, obj.size, obj.mtime = mode, uid, gid, size, mtime
         obj.chksum = chksum
         obj.type = buf[156:157]
-        obj.linkname = _nts(buf[157:257], encoding, errors)
-        obj.uname = _nts(buf[265:297], encoding, errors)
-        obj.gname = _nts(buf[297:329], encoding, errors)
+        obj.linkname = tarfile.nts(buf[157:257], encoding, errors)
+        obj.uname = tarfile.nts(buf[265:297], encoding, errors)
+        obj.gname = tarfile.nts(buf[297:329], encoding, errors)
         obj.devmajor, obj.devminor = devmajor, devminor
-        prefix = _nts(buf[345:500], encoding, errors)
+        prefix = tarfile.nts(buf[345:500], encoding, errors)
         if obj.type == tarfile.DIRTYPE:
             obj.name = obj.name.rstrip("/")
         if prefix:

@@ -150,6 +150,23 @@ def test_a_name_in_no_layer_is_looked_up_in_none(layers, monkeypatch):
     assert DirLower(dirs).lookup("etc/late") is not None
 
 
+def test_a_directory_too_large_to_keep_is_listed_once_and_probed_by_name(layers, monkeypatch):
+    """Past the name budget a directory's names are not kept, and its lookups probe the
+    layers by name, as before; the directory is not listed again for every lookup."""
+    from layerfs.unionfs.lower import DirLower
+
+    monkeypatch.setattr(DirLower, "NAMES_MAX", 4)  # etc holds a, b (and l2's whiteout b)
+    lower = DirLower([str(layers / "l2"), str(layers / "l1")])
+    listings = []
+    real = lower._listed_names
+    monkeypatch.setattr(lower, "_listed_names", lambda found: listings.append(found) or real(found))
+    assert lower.lookup("etc/a").entry.kind.name == "REG"
+    assert lower.lookup("etc/b") is None and lower.lookup("etc/missing") is None
+    listed = [[rel for _, rel in found.merged] for found in listings]
+    assert listed == [["", ""], ["etc", "etc"]]  # the root, then etc: each once
+    assert [n for n, _ in lower.listdir("etc")] == ["a"]
+
+
 def test_upper_written_in_overlay_format_reads_back_in_the_kernel(layers):
     _fuse_layerfs(layers)
     m = layers / "mnt"

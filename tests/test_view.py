@@ -263,7 +263,11 @@ def test_changes_through_a_descriptor_reach_the_open_file_without_a_path(view, m
     descriptor is the store's blob, which a change never touches."""
     from types import SimpleNamespace
 
-    from layerfs.unionfs.fuse_ops import UnionOperations
+    import ctypes
+
+    import mfusepy
+
+    from layerfs.unionfs.fuse_ops import UnionFUSE, UnionOperations
 
     ops = UnionOperations(view)
     monkeypatch.setattr(ops, "_ctx", lambda: (0, 0))
@@ -276,6 +280,13 @@ def test_changes_through_a_descriptor_reach_the_open_file_without_a_path(view, m
     ops.chown("/etc/made", 5, -1, fi)
     ops.truncate("/etc/made", 4, fi)
     ops.utimens("/etc/made", (1_000_000_000, 2_000_000_000), fi)
+    # libfuse's callbacks pass the handle on (mfusepy's own drop it): chown as libfuse
+    # calls it, with a struct fuse_file_info, and (uid_t)-1 for "keep"
+    fuse = object.__new__(UnionFUSE)
+    fuse.operations, fuse.encoding, fuse.errors = ops, "utf-8", "surrogateescape"
+    llfi = mfusepy.fuse_file_info()
+    llfi.fh = fi.fh
+    fuse.chown_fuse_3(b"/etc/made", 5, (1 << 32) - 1, ctypes.pointer(llfi))
     assert resolves == []
     monkeypatch.undo()
     ops.release("/etc/made", fi)

@@ -135,6 +135,7 @@ class DirLower:
         # outside it is in no layer, and its lookup probes none (see _child_names)
         self._names: dict[str, frozenset[str]] = {}
         self._names_kept = 0
+        self._unkept: set[str] = set()  # directories too large for _names: probed by name
         self._names_lock = threading.Lock()
         self._layer_of: dict[tuple[int, int], str] = {}  # hard-linked inode -> its layer
         self._groups: dict[str, dict[tuple[int, int], list[str]]] = {}  # layer -> hard-link groups
@@ -203,7 +204,8 @@ class DirLower:
 
     def _lookup_in(self, parent: _Found, path: str, name: str,
                    dir_fds: _DirFds | None = None) -> _Found | None:
-        if name not in self._child_names(path.rpartition("/")[0], parent):
+        names = self._child_names(path.rpartition("/")[0], parent)
+        if names is not None and name not in names:
             return None  # in none of the layers: nothing to probe
         # As the kernel's ovl_lookup: walk the parent's merged layers top-down; a relative
         # redirect renames what is looked up in the layers below, an absolute one restarts
@@ -271,14 +273,19 @@ class DirLower:
         found = self._resolve(path)
         return found.node if found else None
 
-    def _child_names(self, path: str, found: _Found) -> frozenset[str]:
+    def _child_names(self, path: str, found: _Found) -> frozenset[str] | None:
         """Every name in the layer directories merged at ``path`` (whiteouts left out),
         listed once: the layers never change while mounted. Every child the union shows
-        is among them (a redirected child keeps its own name in its top layer)."""
+        is among them (a redirected child keeps its own name in its top layer). None for
+        a directory too large to keep them: its names are looked up one by one."""
         names = self._names.get(path)
         if names is None:
+            if path in self._unkept:
+                return None
             names = self._listed_names(found)
-            self._keep_names(path, names)
+            if not self._keep_names(path, names):
+                self._unkept.add(path)
+                return None
         return names
 
     def _listed_names(self, found: _Found) -> frozenset[str]:
@@ -290,14 +297,18 @@ class DirLower:
                 continue
         return frozenset(names)
 
-    def _keep_names(self, path: str, names: frozenset[str]) -> None:
+    def _keep_names(self, path: str, names: frozenset[str]) -> bool:
+        """Keep ``names`` for ``path``; False if there are too many to keep."""
         with self._names_lock:
-            if path in self._names or len(names) > self.NAMES_MAX // 4:
-                return
+            if len(names) > self.NAMES_MAX // 4:
+                return False
+            if path in self._names:
+                return True
             self._names[path] = names
             self._names_kept += len(names)
             while self._names_kept > self.NAMES_MAX:
                 self._names_kept -= len(self._names.pop(next(iter(self._names))))
+            return True
 
     def _has_oci_whiteout(self, layer: int, dir_path: str, name: str, dir_fds: _DirFds | None) -> bool:
         fd = dir_fds.get((layer, dir_path)) if dir_fds is not None else None
@@ -314,6 +325,8 @@ class DirLower:
         if found is None or found.node.entry.kind != Kind.DIR:
             return
         names = self._child_names(path, found)
+        if names is None:
+            names = self._listed_names(found)
         # Each merged directory is opened once for the whole listing, not once per name
         # and layer (a third of a first listing's time went to those opens).
         dir_fds: _DirFds = {}
