@@ -8,7 +8,6 @@ explicit (flagged IMPLICIT), and a later duplicate replacing an earlier one.
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 import time
 from collections.abc import Callable
@@ -123,7 +122,7 @@ class LayerBuilder:
                     raise HostileArchive(f"{path!r} passes through the symlink {parent!r}")
                 if e.kind == Kind.WHITEOUT:
                     # Content under a whited-out name: the name becomes a new, opaque dir.
-                    self.entries[parent] = dataclasses.replace(_IMPLICIT_DIR, flags=IMPLICIT | OPAQUE)
+                    self.entries[parent] = _IMPLICIT_DIR._replace(flags=IMPLICIT | OPAQUE)
                     break
                 raise BadArchive(f"{path!r} is inside {parent!r}, which is not a directory")
             missing.append(parent)
@@ -139,7 +138,7 @@ class LayerBuilder:
             if entry.kind != Kind.DIR:
                 raise BadArchive("the layer's root is not a directory")
             old = self.entries.get("")
-            self.entries[""] = dataclasses.replace(entry, flags=entry.flags | (old.flags & OPAQUE if old else 0))
+            self.entries[""] = entry._replace(flags=entry.flags | (old.flags & OPAQUE if old else 0))
             return
         self._parent_dir(path)
         old = self.entries.get(path)
@@ -148,9 +147,9 @@ class LayerBuilder:
         if old is not None:
             if old.kind == Kind.DIR and entry.kind == Kind.DIR:
                 # A directory described twice (or after its opaque marker) keeps its flag.
-                entry = dataclasses.replace(entry, flags=entry.flags | (old.flags & OPAQUE))
+                entry = entry._replace(flags=entry.flags | (old.flags & OPAQUE))
             elif old.kind == Kind.WHITEOUT and entry.kind == Kind.DIR:
-                entry = dataclasses.replace(entry, flags=entry.flags | OPAQUE)
+                entry = entry._replace(flags=entry.flags | OPAQUE)
             elif old.kind == Kind.DIR:
                 self._drop_descendants(path)
         self.entries[path] = entry
@@ -160,7 +159,7 @@ class LayerBuilder:
         others = [p for p, e in self.entries.items() if e.hardlink == group and p != path]
         if group == path and others:
             for p in others:
-                self.entries[p] = dataclasses.replace(self.entries[p], hardlink=others[0])
+                self.entries[p] = self.entries[p]._replace(hardlink=others[0])
 
     def _drop_descendants(self, path: str) -> None:
         prefix = path + "/"
@@ -175,7 +174,7 @@ class LayerBuilder:
         if old is None:
             self.entries[path] = Entry(Kind.WHITEOUT, mode=0)
         elif old.kind == Kind.DIR:
-            self.entries[path] = dataclasses.replace(old, flags=old.flags | OPAQUE)
+            self.entries[path] = old._replace(flags=old.flags | OPAQUE)
 
     def opaque(self, dir_path: str) -> None:
         """Make ``dir_path`` opaque: nothing of the layers below shows through it."""
@@ -184,9 +183,9 @@ class LayerBuilder:
             self._parent_dir(dir_path)
         old = self.entries.get(dir_path)
         if old is None or old.kind == Kind.WHITEOUT:
-            self.entries[dir_path] = dataclasses.replace(_IMPLICIT_DIR, flags=IMPLICIT | OPAQUE)
+            self.entries[dir_path] = _IMPLICIT_DIR._replace(flags=IMPLICIT | OPAQUE)
         elif old.kind == Kind.DIR:
-            self.entries[dir_path] = dataclasses.replace(old, flags=old.flags | OPAQUE)
+            self.entries[dir_path] = old._replace(flags=old.flags | OPAQUE)
         else:
             raise BadArchive(f"opaque marker inside {dir_path!r}, which is not a directory")
 
@@ -199,8 +198,8 @@ class LayerBuilder:
                 "file of this layer")
         group = t.hardlink or target
         if not t.hardlink:
-            self.entries[target] = dataclasses.replace(t, hardlink=group)
-        self.add(path, dataclasses.replace(t, hardlink=group))
+            self.entries[target] = t._replace(hardlink=group)
+        self.add(path, t._replace(hardlink=group))
 
     def finish(self, canonical: bool) -> dict[str, Entry]:
         """Final entries: link counts filled in; for canonical layers, redundant
@@ -213,7 +212,7 @@ class LayerBuilder:
         for path, e in self.entries.items():
             if e.hardlink:
                 n = counts[e.hardlink]
-                e = dataclasses.replace(e, nlink=n, hardlink=e.hardlink if n > 1 else "")
+                e = e._replace(nlink=n, hardlink=e.hardlink if n > 1 else "")
             if canonical and e.kind == Kind.WHITEOUT and self._under_opaque(path):
                 continue
             out[path] = e

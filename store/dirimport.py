@@ -9,7 +9,6 @@ read into blobs, so each file is read once.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import stat
@@ -83,7 +82,7 @@ def dir_entry(path: str) -> Entry:
     if e is None or e.kind != Kind.DIR:
         raise StoreError(f"{path} is not a directory")
     if os.path.lexists(os.path.join(path, OPAQUE_MARKER)):
-        e = dataclasses.replace(e, flags=e.flags | OPAQUE)
+        e = e._replace(flags=e.flags | OPAQUE)
     return e
 
 
@@ -120,7 +119,7 @@ def scan_dir(tree: Tree) -> tuple[dict[str, Entry], Files]:
             if e.kind == Kind.WHITEOUT:
                 builder.whiteout(path)
             elif e.kind == Kind.DIR:
-                builder.add(path, dataclasses.replace(e, flags=0))
+                builder.add(path, e._replace(flags=0))
                 if e.opaque:
                     builder.opaque(path)
                 stack.append(path)
@@ -139,7 +138,7 @@ def add_file(builder: LayerBuilder, files: Files, first_name: dict[tuple[int, in
         return
     if st.st_nlink > 1:
         first_name[key] = path
-        e = dataclasses.replace(e, hardlink=path)
+        e = e._replace(hardlink=path)
     builder.add(path, e)
     if e.kind == Kind.REG:
         files[path] = (path, st)
@@ -157,7 +156,7 @@ def primary_first(entries: dict[str, Entry], files: Files) -> tuple[dict[str, En
     for p, e in entries.items():
         if e.hardlink and p in files:
             new_files[primary[e.hardlink]] = files[p]
-    return ({p: dataclasses.replace(e, hardlink=primary[e.hardlink]) if e.hardlink else e
+    return ({p: e._replace(hardlink=primary[e.hardlink]) if e.hardlink else e
              for p, e in entries.items()}, new_files)
 
 
@@ -221,6 +220,6 @@ def canonical_layer(ingest: Ingest, blobs: BlobStore, entries: dict[str, Entry],
     for path, e in entries.items():
         key = e.hardlink or path
         if e.kind == Kind.REG and e.size and key in blob_of:
-            e = dataclasses.replace(e, blob=blob_of[key])
+            e = e._replace(blob=blob_of[key])
         final[path] = e
     return PendingLayer("sha256:" + sha.hexdigest(), size, final, source, comment)

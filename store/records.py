@@ -1,6 +1,8 @@
 """Records kept in the index, and their compact ``struct`` packing.
 
-A record is a frozen dataclass; ``pack``/``unpack`` are the only places that know the
+A record is a frozen dataclass, except ``Entry``, which is a ``NamedTuple``: every index
+read makes one (thousands per directory listed), and a frozen dataclass takes 1.5 us to
+build against 0.3 us for a tuple. ``pack``/``unpack`` are the only places that know the
 byte layout, so a schema change touches one file (and bumps ``index.SCHEMA_VERSION``).
 """
 
@@ -9,7 +11,8 @@ from __future__ import annotations
 import enum
 import stat
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class Kind(enum.IntEnum):
@@ -38,9 +41,8 @@ _S_IFMT = {
 }
 
 
-@dataclass(slots=True, frozen=True)
-class Entry:
-    """One name in one layer: metadata, and where its bytes are."""
+class Entry(NamedTuple):
+    """One name in one layer: metadata, and where its bytes are (``_replace`` for a changed copy)."""
 
     kind: Kind
     mode: int = 0o644  # permission bits only (incl. setuid/setgid/sticky)
@@ -55,7 +57,7 @@ class Entry:
     rdev_major: int = 0
     rdev_minor: int = 0
     flags: int = 0
-    xattrs: tuple[tuple[str, bytes], ...] = field(default=())
+    xattrs: tuple[tuple[str, bytes], ...] = ()
 
     @property
     def st_mode(self) -> int:
@@ -119,6 +121,9 @@ def entry_is_dir(buf: bytes) -> bool:
     return buf[0] == Kind.DIR
 
 
+_KINDS = {k.value: k for k in Kind}  # Kind(n) costs 0.3 us, a dict lookup 0.02
+
+
 def unpack_entry(buf: bytes) -> Entry:
     """Inverse of :func:`pack_entry`."""
     (kind, flags, mode, uid, gid, secs, nsec, size, nlink, major, minor,
@@ -134,7 +139,7 @@ def unpack_entry(buf: bytes) -> Entry:
         pos += 6
         name = _s(buf[pos:pos + ln]); pos += ln
         xattrs.append((name, bytes(buf[pos:pos + lv]))); pos += lv
-    return Entry(Kind(kind), mode, uid, gid, mtime_ns, size, blob, target, hardlink,
+    return Entry(_KINDS[kind], mode, uid, gid, mtime_ns, size, blob, target, hardlink,
                  nlink, major, minor, flags, tuple(xattrs))
 
 

@@ -19,7 +19,6 @@ under its new name as an opaque directory, again with the lower blobs reused.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import stat
 from dataclasses import dataclass
@@ -189,7 +188,7 @@ class UpperReader:
         root = _public(tree_entry(self.tree, "")[1])
         below = self.lower.lookup("")
         if below is None or (root.mode, root.uid, root.gid) != (below.mode, below.uid, below.gid):
-            builder.add("", dataclasses.replace(root, flags=0))  # chmod/chown of "/"
+            builder.add("", root._replace(flags=0))  # chmod/chown of "/"
         opaque_root = self._is_opaque("")
         if opaque_root:
             builder.opaque("")
@@ -229,10 +228,10 @@ class UpperReader:
             if e.kind == Kind.DIR:
                 redirect = self._dir_redirect(path, lower_path, xattrs)
                 if redirect is not None:
-                    builder.add(path, dataclasses.replace(e, flags=OPAQUE))
+                    builder.add(path, e._replace(flags=OPAQUE))
                     todo.append((path, redirect, True))
                 elif self._is_opaque(path):
-                    builder.add(path, dataclasses.replace(e, flags=OPAQUE))
+                    builder.add(path, e._replace(flags=OPAQUE))
                     todo.append((path, None, False))
                 else:
                     below = self._lower(child_lower)
@@ -246,7 +245,7 @@ class UpperReader:
                     data = self.lower.lookup(origin)
                     if data is None or data.kind != Kind.REG:
                         raise_damaged(self.tree.where(path), "its metacopy xattr names no lower file")
-                    builder.add(path, dataclasses.replace(e, size=data.size, blob=data.blob))
+                    builder.add(path, e._replace(size=data.size, blob=data.blob))
                     continue
                 add_file(builder, files, first_name, path, st, e)
 
@@ -262,9 +261,9 @@ class UpperReader:
                     builder.hardlink(path, first, path)
                     continue
                 self._copied_groups[e.hardlink] = path
-                builder.add(path, dataclasses.replace(e, hardlink=path, nlink=1, flags=0))
+                builder.add(path, e._replace(hardlink=path, nlink=1, flags=0))
                 continue
-            builder.add(path, dataclasses.replace(e, nlink=1, flags=0))
+            builder.add(path, e._replace(nlink=1, flags=0))
             if e.kind == Kind.DIR:
                 todo += [(_join(path, name), _join(lower_path, name), child)
                          for name, child in self.lower.listdir(lower_path)]
@@ -334,7 +333,7 @@ class UpperReader:
 def _public(e: Entry) -> Entry:
     """The entry without layerfs's private xattrs."""
     if any(n.startswith(PRIVATE_PREFIX) for n, _ in e.xattrs):
-        return dataclasses.replace(e, xattrs=tuple((n, v) for n, v in e.xattrs
+        return e._replace(xattrs=tuple((n, v) for n, v in e.xattrs
                                                    if not n.startswith(PRIVATE_PREFIX)))
     return e
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import os
 import shutil
 import stat
@@ -224,7 +223,7 @@ def test_a_layers_own_overlay_xattrs_are_escaped(store_image, tmp_path):
     crafted = [("trusted.overlay.redirect", store.blobs.path(target.blob)[len(store.blobs.dir):].encode()),
                ("trusted.overlay.metacopy", b"")]
     key = entry_key(struct.pack(">I", layer_num), "etc/more")
-    hostile = pack_entry(dataclasses.replace(entry, xattrs=tuple(crafted)))
+    hostile = pack_entry(entry._replace(xattrs=tuple(crafted)))
     store.index.write(lambda txn: txn.put(key, hostile, db=store.index.db("entries")))
     meta = metaimage.ensure(store, image, as_erofs=True)
     with mounted_erofs(meta.path, str(tmp_path / "mnt")) as mnt:

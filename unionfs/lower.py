@@ -8,13 +8,12 @@ the fuse-overlayfs compatible mount program.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import stat
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from layerfs.store.blobs import BlobStore
 from layerfs.store.errors import StoreError
@@ -29,12 +28,14 @@ from .markers import OVERLAY_PREFIXES, checked_lower_path
 from .realdir import RealDir
 
 
-@dataclass(slots=True, frozen=True)
-class LowerNode:
-    """A visible lower entry and what identifies its inode (shared by hard links)."""
+class LowerNode(NamedTuple):
+    """A visible lower entry and what identifies its inode (shared by hard links).
+
+    A NamedTuple, as ``Entry`` is: a listing makes one per name.
+    """
 
     entry: Entry
-    ident: Hashable
+    ident: tuple[str, int, str | int]  # (kind of lower, a number, a name or a number)
 
 
 class Lower(Protocol):
@@ -169,7 +170,7 @@ class DirLower:
                 redirect = raw.decode("utf-8", "surrogateescape") if raw is not None else None
                 if e.kind == Kind.DIR:
                     if not e.opaque and os.path.lexists(f"{full}/{OPQ}"):
-                        e = dataclasses.replace(e, flags=e.flags | OPAQUE)
+                        e = e._replace(flags=e.flags | OPAQUE)
                     return st, e, redirect, False
                 metacopy = any(p + "metacopy" in xattrs for p in OVERLAY_PREFIXES)
                 return st, e, redirect, metacopy
@@ -239,7 +240,7 @@ class DirLower:
         if st.st_nlink > 1 and e.kind != Kind.DIR:
             # A hard link within its layer: the union counts and copies up the group's
             # names (hardlink_names), as the kernel's overlayfs does with index=on.
-            e = dataclasses.replace(e, nlink=st.st_nlink, hardlink=path)
+            e = e._replace(nlink=st.st_nlink, hardlink=path)
             self._layer_of[(st.st_dev, st.st_ino)] = self.dirs[top_layer]
         return _Found(LowerNode(e, ("D", st.st_dev, st.st_ino)), merged, data)
 

@@ -33,7 +33,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator
 import dataclasses
 from dataclasses import dataclass
 
@@ -367,11 +367,13 @@ class UnionView:
             return self._UPPER_TAG | (node.st.st_ino & self._MASK)
         return self._lower_ino(node.lower.ident)
 
-    def _lower_ino(self, ident: Hashable) -> int:
-        return self._LOWER_TAG | (xxhash.xxh3_64_intdigest(repr(ident).encode("utf-8", "surrogateescape"))
-                                  & self._MASK)
+    def _lower_ino(self, ident: tuple[str, int, str | int]) -> int:
+        # Deterministic, so a remount gives a file the number it had (git's index keeps
+        # it); the format string is half the cost of repr().
+        key = ("%s\0%s\0%s" % ident).encode("utf-8", "surrogateescape")
+        return self._LOWER_TAG | (xxhash.xxh3_64_intdigest(key) & self._MASK)
 
-    def _alias(self, st: os.stat_result, ident: Hashable) -> None:
+    def _alias(self, st: os.stat_result, ident: tuple[str, int, str | int]) -> None:
         """Let a new upper inode keep the number of the lower entry it was copied from."""
         with self._ids_lock:
             self._inos[(st.st_dev, st.st_ino)] = self._lower_ino(ident)
@@ -392,20 +394,27 @@ class UnionView:
             out = {k: getattr(st, k) for k in ("st_mode", "st_nlink", "st_uid", "st_gid",
                                                 "st_size", "st_rdev", "st_blocks")}
             out.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
-        else:
-            e = node.lower.entry
-            nlink = 2 if e.kind == Kind.DIR else e.nlink
-            if e.hardlink and e.nlink > 1:
-                nlink = len(self.lower_link_names(node))  # names removed in the union don't count
-            out = {"st_mode": _KIND_MODE[e.kind] | e.mode, "st_nlink": nlink,
-                   "st_uid": e.uid, "st_gid": e.gid,
-                   "st_size": e.size if e.kind == Kind.REG else len(e.target.encode("utf-8", "surrogateescape")) if e.kind == Kind.SYMLINK else 0,
-                   "st_rdev": os.makedev(e.rdev_major, e.rdev_minor),
-                   "st_blocks": (e.size + 511) // 512,
-                   "st_atime": e.mtime_ns, "st_mtime": e.mtime_ns, "st_ctime": e.mtime_ns}
-        out["st_ino"] = self.ino(node)
-        out["st_blksize"] = 4096
-        return out
+            out["st_ino"] = self.ino(node)
+            out["st_blksize"] = 4096
+            return out
+        return self._lower_attrs(node.lower, node, 1 if node.path == "" else 0)
+
+    def _lower_attrs(self, low: LowerNode, node: Node | None = None, ino: int = 0) -> dict:
+        """``attrs`` of a name that shows ``low`` (a listing passes no Node: it costs one
+        per entry); ``node`` is needed only for a hard-linked file."""
+        e = low.entry
+        kind = e.kind
+        nlink = 2 if kind == Kind.DIR else e.nlink
+        if e.hardlink and e.nlink > 1:
+            nlink = len(self.lower_link_names(node))  # names removed in the union don't count
+        mtime = e.mtime_ns
+        return {"st_mode": _KIND_MODE[kind] | e.mode, "st_nlink": nlink,
+                "st_uid": e.uid, "st_gid": e.gid,
+                "st_size": e.size if kind == Kind.REG else len(e.target.encode("utf-8", "surrogateescape")) if kind == Kind.SYMLINK else 0,
+                "st_rdev": os.makedev(e.rdev_major, e.rdev_minor) if e.rdev_major or e.rdev_minor else 0,
+                "st_blocks": (e.size + 511) // 512,
+                "st_atime": mtime, "st_mtime": mtime, "st_ctime": mtime,
+                "st_ino": ino or self._lower_ino(low.ident), "st_blksize": 4096}
 
     def _redirects(self) -> dict[str, str]:
         """Renamed lower directories: union path -> lower path (read from the upper once)."""
@@ -551,13 +560,14 @@ class UnionView:
         try:
             for name in sorted(upper_names | lower_only.keys()):
                 low = lower_only.get(name)
-                if low is not None:
-                    child = Node(_join(path, name), None, None, low, _join(node.lower_path, name),
-                                 low.entry.kind == Kind.DIR)
-                else:
+                if low is None:
                     child = self._child_at(node, fd, name)[0]
-                if child is not None:
-                    out.append((name, self.attrs(child)))
+                    if child is not None:
+                        out.append((name, self.attrs(child)))
+                elif low.entry.hardlink and low.entry.nlink > 1:
+                    out.append((name, self._lower_attrs(low, Node(_join(path, name), lower=low))))
+                else:
+                    out.append((name, self._lower_attrs(low)))
         finally:
             if fd >= 0:
                 os.close(fd)
