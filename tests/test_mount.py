@@ -269,3 +269,62 @@ def test_the_kernel_keeps_directory_listings(tmp_path, layerfs, image, store_roo
         assert sorted(os.listdir(os.path.join(mnt, "etc"))) == sorted((set(before) | {"behind"}) - {"seed"})
     finally:
         layerfs("umount", mnt)
+
+
+def test_a_listing_in_pieces_gives_every_name_its_own_inode_type_and_attributes(tmp_path, layerfs, mounts):
+    """A directory too big for one reply is read in pieces: the first piece (and any after
+    a lookup in the directory) as readdirplus, whose full attributes the kernel keeps, the
+    others plain, with inode numbers and types only. Every piece must describe its own
+    names: in a directory of lower names only, and in one with upper names merged in."""
+    kinds = ["f", "d", "l", "h", "p"]  # n(5k+3) is a hard link of the file n(5k)
+    members = [("big", "d"), ("mixed", "d")]
+    expected: dict[str, tuple] = {}  # name -> (file type, permissions, uid, size); None: not checked
+    for d in ("big", "mixed"):
+        for i in range(1500):
+            kind, name, perm = kinds[i % 5], f"{d}/n{i:04d}", 0o600 + i % 64
+            if kind == "h":
+                members.append((name, "h", f"{d}/n{i - 3:04d}"))
+                expected[name] = expected[f"{d}/n{i - 3:04d}"]
+                continue
+            data = {"f": "x" * (i % 97), "d": b"", "l": f"target{i}", "p": b""}[kind]
+            members.append((name, kind, data, {"mode": perm, "uid": i}))
+            expected[name] = {"f": (stat.S_IFREG, perm, i, i % 97), "d": (stat.S_IFDIR, perm, i, None),
+                              "l": (stat.S_IFLNK, None, i, len(data)), "p": (stat.S_IFIFO, perm, i, 0)}[kind]
+    layerfs("import-layer", make_tar(str(tmp_path / "big.tar"), members), "-t", "big:1", check=True)
+    mnt = str(tmp_path / "mnt")
+    mounts("big:1", mnt)
+    m = lambda name: os.path.join(mnt, name)  # noqa: E731
+    # mixed/ gets upper names: copied-up files (with their hard links), a new file and
+    # directory, and a whiteout.
+    os.chmod(m("mixed/n0000"), 0o640)
+    expected["mixed/n0000"] = expected["mixed/n0003"] = (stat.S_IFREG, 0o640, 0, 0)
+    os.chown(m("mixed/n0005"), 7, 7)
+    expected["mixed/n0005"] = expected["mixed/n0008"] = (stat.S_IFREG, 0o605, 7, 5)
+    os.close(os.open(m("mixed/new"), os.O_CREAT | os.O_WRONLY, 0o600))
+    expected["mixed/new"] = (stat.S_IFREG, 0o600, 0, 0)
+    os.mkdir(m("mixed/newdir"), 0o700)
+    expected["mixed/newdir"] = (stat.S_IFDIR, 0o700, 0, None)
+    os.unlink(m("mixed/n0010"))
+    del expected["mixed/n0010"]
+    for d in ("big", "mixed"):
+        for stat_while_listing in (False, True):  # lookups make the later pieces readdirplus
+            seen = {}
+            with os.scandir(m(d)) as it:
+                for entry in it:
+                    if stat_while_listing:
+                        os.lstat(entry.path)
+                    seen[f"{d}/{entry.name}"] = (entry.inode(), entry.is_dir(follow_symlinks=False),
+                                                 entry.is_symlink(), entry.is_file(follow_symlinks=False))
+            assert sorted(seen) == sorted(n for n in expected if n.startswith(d + "/"))
+            for name, (ino, is_dir, is_link, is_file) in seen.items():
+                st = os.lstat(m(name))
+                fmt, perm, uid, size = expected[name]
+                assert (stat.S_IFMT(st.st_mode), st.st_uid) == (fmt, uid), name
+                assert perm is None or stat.S_IMODE(st.st_mode) == perm, name
+                assert size is None or st.st_size == size, name
+                assert ino == st.st_ino, f"{name}: the listing gave another inode number"
+                assert (is_dir, is_link, is_file) == (fmt == stat.S_IFDIR, fmt == stat.S_IFLNK,
+                                                      fmt == stat.S_IFREG), name
+            for i in range(3, 1500, 5):  # a hard link is listed with its file's inode number
+                if f"{d}/n{i:04d}" in seen and f"{d}/n{i - 3:04d}" in seen:
+                    assert seen[f"{d}/n{i:04d}"][0] == seen[f"{d}/n{i - 3:04d}"][0], (d, i)

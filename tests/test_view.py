@@ -43,7 +43,7 @@ def read(view: UnionView, path: str) -> bytes:
 
 
 def names(view: UnionView, path: str) -> list[str]:
-    return [n for n, _ in view.readdir(path)][2:]
+    return [e.name for e in view.readdir(path)][2:]
 
 
 def test_chmod_copies_metadata_only_and_first_write_copies_data(view):
@@ -190,7 +190,7 @@ def _counting(monkeypatch, obj, name: str) -> list:
 def test_a_listing_reads_each_lower_entry_from_the_index_once(view, monkeypatch):
     view.mkdir("lib/made", 0o755, 0, 0)  # an upper name beside the lower ones
     lookups = _counting(monkeypatch, view.lower.tree, "lookup_in_layer")
-    listing = dict(view.readdir("lib")[2:])
+    listing = {e.name: view.listed_attrs("lib", e) for e in view.readdir("lib")[2:]}
     assert lookups == [], "lower-only names were looked up again after the lower listing"
     monkeypatch.undo()
     assert listing == {n: view.getattr(f"lib/{n}") for n in ("sub", "other", "made")}

@@ -18,6 +18,7 @@ import stat
 import struct
 import threading
 import time
+from dataclasses import dataclass
 
 from layerfs.store.errors import StoreError
 
@@ -54,7 +55,7 @@ def load_mfusepy():
 
 mfusepy = load_mfusepy()
 
-from .view import UnionView  # noqa: E402  (after libfuse is chosen)
+from .view import Listed, UnionView  # noqa: E402  (after libfuse is chosen)
 
 
 # utimensat(2)'s special tv_nsec values, as mfusepy passes them (seconds 0).
@@ -111,8 +112,8 @@ class UnionOperations(mfusepy.Operations):
         self._written: set[int] = set()  # fds written since their last flush
         self._created: set[int] = set()  # fds of files made by create, until released
         self._upper: set[int] = set()  # open fds of upper files (not lower data), until released
-        self._listings: dict[int, list | None] = {}  # open directory handle -> its listing
-        self._wire: dict[str, tuple[list, list]] = {}  # path -> (view listing, encoded)
+        self._listings: dict[int, WireListing | None] = {}  # open directory handle -> its listing
+        self._wire: dict[str, tuple[list, WireListing]] = {}  # path -> (view listing, encoded)
 
     def _refresh_links(self, st: os.stat_result, path: str | None) -> None:
         """Make the kernel forget what it cached for the other names of a hard-linked file."""
@@ -179,9 +180,9 @@ class UnionOperations(mfusepy.Operations):
         return 0
 
     @_translate
-    def readdir(self, path: str, fh: int, offset: int = 0) -> list[tuple[bytes, bytes]]:
-        """The listing of the open directory ``fh`` as libfuse takes it (encoded names,
-        packed ``struct stat``s); made anew when read from offset 0."""
+    def readdir(self, path: str, fh: int, offset: int = 0) -> WireListing:
+        """The listing of the open directory ``fh`` as libfuse takes it; made anew when
+        read from offset 0."""
         with self._dir_lock:
             listing = self._listings.get(fh)
         if listing is None or offset == 0:
@@ -191,19 +192,27 @@ class UnionOperations(mfusepy.Operations):
                     self._listings[fh] = listing
         return listing
 
-    def _wire_listing(self, path: str) -> list[tuple[bytes, bytes]]:
+    def _wire_listing(self, path: str) -> WireListing:
         # The view keeps a listing until a change outdates it; its encoded form is kept
         # beside it, for the directories read last, so a repeated readdir packs nothing.
         listing = self.view.readdir(path)
         cached = self._wire.get(path)
         if cached is not None and cached[0] is listing:
             return cached[1]
-        wire = [(name.encode("utf-8", "surrogateescape"), packed_stat(attrs)) for name, attrs in listing]
+        wire = WireListing(path, [e.name.encode("utf-8", "surrogateescape") for e in listing], listing, {})
         with self._dir_lock:
             if len(self._wire) >= 64:
                 self._wire.pop(next(iter(self._wire)))
             self._wire[path] = (listing, wire)
         return wire
+
+    def packed_attrs(self, wire: WireListing, i: int) -> bytes:
+        """The full ``struct stat`` of entry ``i`` of ``wire``, packed (and kept) when
+        readdirplus first asks for it."""
+        packed = wire.full.get(i)
+        if packed is None:
+            packed = wire.full[i] = packed_stat(self.view.listed_attrs(wire.path, wire.entries[i]))
+        return packed
 
     @_translate
     def readlink(self, path):
@@ -492,6 +501,18 @@ def packed_stat(a: dict) -> bytes:
 
 _FUSE_READDIR_PLUS = 1
 _FUSE_FILL_DIR_PLUS = 2
+
+
+@dataclass(slots=True)
+class WireListing:
+    """A directory's listing as libfuse takes it: encoded names beside the view's
+    entries, and the full stats packed so far (by index) for readdirplus."""
+
+    path: str
+    names: list[bytes]
+    entries: list[Listed]
+    full: dict[int, bytes]
+
 # libfuse's fuse_fill_dir_t, with the stat passed as the bytes packed_stat() makes: a
 # c_stat built from them for every entry cost a third of what packing them did.
 _fill_dir_packed = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p,
@@ -637,18 +658,26 @@ class UnionFUSE(mfusepy.FUSE):
     def readdir_fuse_3(self, path: bytes, buf, filler, offset: int, fip, flags: int) -> int:
         # Offsets (i + 1) rather than mfusepy's 0: in offset mode libfuse passes the full
         # stat of each entry on to the kernel (readdirplus), which then needs no lookup per
-        # entry. The listing is served in pieces from the handle's snapshot.
+        # entry. The listing is served in pieces from the handle's snapshot. The kernel
+        # asks for readdirplus on the first piece and after lookups in the directory; a
+        # plain piece takes only each name's inode number and type, so the rest of an
+        # entry's attributes are made only when a readdirplus asks for them.
         try:
-            listing = self.operations.readdir(path.decode(self.encoding, self.errors),
-                                              fip.contents.fh, offset)
+            wire = self.operations.readdir(path.decode(self.encoding, self.errors), fip.contents.fh, offset)
         except mfusepy.FuseOSError as e:
             return -e.errno
-        plus = _FUSE_FILL_DIR_PLUS if flags & _FUSE_READDIR_PLUS else 0
         fill = ctypes.cast(filler, _fill_dir_packed)
-        for i in range(offset, len(listing)):
-            name, st = listing[i]
-            if fill(buf, name, st, i + 1, plus if i > 1 else 0):  # "." and ".." first, plain
-                break
+        names, entries, pack = wire.names, wire.entries, _STAT.pack
+        first_plus = 2 if flags & _FUSE_READDIR_PLUS else len(names)  # "." and ".." go plain
+        for i in range(offset, len(names)):
+            if i >= first_plus:
+                if fill(buf, names[i], self.operations.packed_attrs(wire, i), i + 1, _FUSE_FILL_DIR_PLUS):
+                    break
+            else:
+                e = entries[i]
+                st = pack(0, e.ino, 0, e.mode, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)  # ino and type only
+                if fill(buf, names[i], st, i + 1, 0):
+                    break
         return 0
 
 

@@ -34,6 +34,7 @@ import re
 import stat
 import threading
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 import dataclasses
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ from .lower import Lower, LowerNode
 from .markers import OciMarkers, is_whiteout_st
 from .realdir import RealDir
 
-__all__ = ["METACOPY", "REDIRECT", "Node", "PauseGate", "UnionView"]
+__all__ = ["METACOPY", "REDIRECT", "Listed", "Node", "PauseGate", "UnionView"]
 
 COPY_CHUNK = 1 << 20
 CAPABILITY = "security.capability"
@@ -129,6 +130,16 @@ class PauseGate:
         with self._cond:
             self._paused = False
             self._cond.notify_all()
+
+
+class Listed(NamedTuple):
+    """One name of a directory listing: what a plain readdir gives (its inode number and
+    type), and where ``UnionView.listed_attrs`` finds the rest."""
+
+    name: str
+    ino: int
+    mode: int  # st_mode; its type bits at least
+    source: Node | LowerNode | None  # None for ".."
 
 
 @dataclass(slots=True)
@@ -508,8 +519,9 @@ class UnionView:
 
     LISTINGS_MAX_ENTRIES = 50_000  # names kept in cached listings, all directories together (~30 MB)
 
-    def readdir(self, path: str) -> list[tuple[str, dict]]:
-        """The names in a directory with their attributes ("." and ".." first).
+    def readdir(self, path: str) -> list[Listed]:
+        """The names in a directory ("." and ".." first), each with its inode number and
+        type; ``listed_attrs`` gives the rest of an entry's attributes.
 
         Listings are cached until the next change made through the view (libfuse 3.14
         does not let the kernel cache them), so a repeated walk costs no lookups; the
@@ -532,7 +544,19 @@ class UnionView:
                 self._listed += len(listing)
         return listing
 
-    def _readdir(self, path: str) -> list[tuple[str, dict]]:
+    def listed_attrs(self, path: str, entry: Listed) -> dict:
+        """``getattr`` of ``entry``, a name the listing of directory ``path`` gave, as it
+        was when listed."""
+        source = entry.source
+        if source is None:
+            return {"st_mode": entry.mode, "st_ino": entry.ino}
+        if isinstance(source, Node):
+            return self.attrs(source)
+        if source.entry.hardlink and source.entry.nlink > 1:
+            return self._lower_attrs(source, Node(_join(path, entry.name), lower=source), entry.ino)
+        return self._lower_attrs(source, None, entry.ino)
+
+    def _readdir(self, path: str) -> list[Listed]:
         node = self.resolve(path)
         if not node.is_dir:
             raise _err(errno.ENOTDIR, path)
@@ -547,27 +571,30 @@ class UnionView:
                     hidden.add(name)
                 else:
                     upper_names.add(name)
+        parent = self.resolve(path.rpartition("/")[0]) if path else node
+        out = [Listed(".", self.ino(node), stat.S_IFDIR, node), Listed("..", self.ino(parent), stat.S_IFDIR, None)]
+        lower = self.lower.listdir(node.lower_path) if node.merge_lower else iter(())
+        # Most directories a first walk lists have no upper entries: their lower listing,
+        # in name order already, is the listing. Only what a plain readdir needs (the
+        # inode number and type) is worked out here; most entries get no more.
+        lower_ino = self._lower_ino
+        if not upper_names and not hidden:
+            out.extend(Listed(name, lower_ino(low.ident), _KIND_MODE[low.entry.kind], low) for name, low in lower)
+            return out
         # A name only the lower has is the lower entry its listing gave: looking it up
         # again (as _child_at would, after finding no upper entry) reads the index twice.
-        lower_only: dict[str, LowerNode] = {}
-        if node.merge_lower:
-            for name, low in self.lower.listdir(node.lower_path):
-                if name not in hidden and name not in upper_names:
-                    lower_only[name] = low
-        parent = self.resolve(path.rpartition("/")[0]) if path else node
-        out = [(".", self.attrs(node)), ("..", {"st_mode": stat.S_IFDIR, "st_ino": self.ino(parent)})]
+        lower_only = {name: low for name, low in lower if name not in hidden and name not in upper_names}
         fd = self.up.open_dir(node.upper) if node.upper is not None else -1
         try:
             for name in sorted(upper_names | lower_only.keys()):
                 low = lower_only.get(name)
-                if low is None:
-                    child = self._child_at(node, fd, name)[0]
-                    if child is not None:
-                        out.append((name, self.attrs(child)))
-                elif low.entry.hardlink and low.entry.nlink > 1:
-                    out.append((name, self._lower_attrs(low, Node(_join(path, name), lower=low))))
-                else:
-                    out.append((name, self._lower_attrs(low)))
+                if low is not None:
+                    out.append(Listed(name, lower_ino(low.ident), _KIND_MODE[low.entry.kind], low))
+                    continue
+                child = self._child_at(node, fd, name)[0]
+                if child is not None:
+                    mode = child.st.st_mode if child.st is not None else _KIND_MODE[child.lower.entry.kind]
+                    out.append(Listed(name, self.ino(child), mode, child))
         finally:
             if fd >= 0:
                 os.close(fd)
