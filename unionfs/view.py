@@ -853,12 +853,16 @@ class UnionView:
             raise _err(errno.EINVAL, path)  # overlay markers cannot be created through the mount
         if len(name.encode("utf-8", "surrogateescape")) > 255:
             raise _err(errno.ENAMETOOLONG, path)
-        parent = self.resolve(parent_path)
-        if not parent.is_dir:
-            raise _err(errno.ENOTDIR, path)
+        # The parent's place and what it merges come from the directory cache (a create
+        # in a directory is the common case: tar -x, dpkg, git checkout); its attributes,
+        # which the cache does not keep, are read afresh (its group and setgid bit pass
+        # to the new object).
+        parent = self._dir_node(parent_path, path)
         if self._child(parent, name) is not None:
             raise _err(errno.EEXIST, path)
-        return (parent if parent.upper is not None else self._upper_dir(parent_path)), name
+        if parent.upper is None:
+            return self._upper_dir(parent_path), name
+        return dataclasses.replace(parent, st=self.up.lstat(parent.upper)), name
 
     def _whiteout(self, parent: Node, name: str) -> None:
         """Hide the lower ``name`` of ``parent`` (only if the lower has it)."""
