@@ -246,9 +246,13 @@ def test_relative_paths_in_the_background(layers):
     assert res.returncode == 0, res.stderr
     assert _mounted(str(layers / "mnt"))
     assert open(layers / "mnt/etc/a").read() == "a from l2\n"
-    with open(f"/proc/{fuse_layerfs_pids(str(layers / 'mnt'))[0]}/cwd/.probe", "w"):
+    [pid] = fuse_layerfs_pids(str(layers / "mnt"))
+    with open(f"/proc/{pid}/cwd/.probe", "w"):
         pass  # the server does not keep the caller's directory busy
     os.unlink("/.probe")
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert argv[1].endswith(b"/fuse-layerfs"), argv  # forked by the command: no second Python
 
 
 def test_empty_and_repeated_options(layers):
