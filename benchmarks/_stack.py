@@ -349,7 +349,7 @@ class Bench:
             p = subprocess.run(cmd + ["-o", opts, self.mnt], stdin=subprocess.DEVNULL, capture_output=True)
             m.seconds = time.perf_counter() - t0
             try:
-                m.pid = server_pid(self.mnt, "unionfs.compat") if p.returncode == 0 else None
+                m.pid = server_pid(self.mnt, "fuse-layerfs") if p.returncode == 0 else None
             except RuntimeError:
                 pass
             if m.pid is None:

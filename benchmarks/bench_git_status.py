@@ -108,7 +108,7 @@ class Container:
             run([FUSE_LAYERFS, "-o", opts, self.mnt])
         else:
             run(layerfs_cmd() + ["mount", "--root", store, "base", self.mnt])
-        marker = {"fuse-overlayfs": "fuse-overlayfs", "fuse-layerfs": "unionfs.compat"}.get(system)
+        marker = {"fuse-overlayfs": "fuse-overlayfs", "fuse-layerfs": "fuse-layerfs"}.get(system)
         if system == "layerfs":
             self.pid = layerfs_server_pid(store, self.mnt)
         else:

@@ -13,7 +13,7 @@ adds 2 and whites out 1. The same layer directories are
 * ``layerfs``        imported into a layerfs store (one image per depth) and mounted with
                      ``layerfs mount``; the server is forked from the CLI (``layerfs ps`` has its pid)
 * ``fuse-layerfs``   the fuse-overlayfs-compatible mount program over the same layer
-                     directories; the server is ``python -m layerfs.unionfs.compat -f``
+                     directories; the server is forked by the ``fuse-layerfs`` command
 
 Every group of workloads runs on a fresh mount with an empty upper; the systems take
 turns within each group (their order rotates with each repetition), and each group is

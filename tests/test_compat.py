@@ -103,6 +103,70 @@ def test_same_tree_as_the_kernel(layers):
     assert not os.path.exists(layers / "mnt/etc/b")
 
 
+def test_a_listing_opens_each_merged_directory_once(layers, monkeypatch):
+    """DirLower lists a directory through one descriptor per merged layer directory, and
+    shows what looking each name up on its own shows (whiteouts of every form, opaque)."""
+    from layerfs.unionfs.lower import DirLower
+    from layerfs.unionfs.realdir import RealDir
+
+    (layers / "l2/etc/.wh.gone").write_text("")  # an OCI whiteout of a name l1 lacks
+    (layers / "l1/etc/hidden").write_text("h\n")
+    (layers / "l2/etc/.wh.hidden").write_text("")  # an OCI whiteout of l1's etc/hidden
+    (layers / "l1/etc/xwh").write_text("x\n")
+    (layers / "l2/etc/xwh").write_text("")
+    os.setxattr(layers / "l2/etc/xwh", "trusted.overlay.whiteout", b"y")  # an xattr whiteout
+    os.mkdir(layers / "l1/etc/sub")
+    dirs = [str(layers / "l2"), str(layers / "l1")]
+    opened = []
+    real_at = RealDir.at
+    monkeypatch.setattr(RealDir, "at", lambda self, rel: opened.append(rel) or real_at(self, rel))
+    listed = {name: node.entry for name, node in DirLower(dirs).listdir("etc")}
+    below = [rel for rel in opened if rel.startswith("etc/")]  # "etc" itself is looked up
+    assert below == [], "a name of the listing was looked up through its own descriptor"
+    monkeypatch.undo()
+    one_by_one = DirLower(dirs)
+    assert listed == {n: one_by_one.lookup(f"etc/{n}").entry for n in ("a", "sub")}
+    assert one_by_one.lookup("etc/hidden") is None and one_by_one.lookup("etc/xwh") is None
+
+
+def test_a_name_in_no_layer_is_looked_up_in_none(layers, monkeypatch):
+    """The names of a directory's layers are listed once; a name none of them holds is
+    absent without a probe of each layer, and every other name is found as before."""
+    from layerfs.unionfs.lower import DirLower
+    from layerfs.unionfs.realdir import RealDir
+
+    dirs = [str(layers / "l2"), str(layers / "l1")]
+    lower = DirLower(dirs)
+    assert lower.lookup("etc/a") is not None  # etc's names are listed by this lookup
+    probes = []
+    real_at = RealDir.at
+    monkeypatch.setattr(RealDir, "at", lambda self, rel: probes.append(rel) or real_at(self, rel))
+    assert [lower.lookup(f"etc/missing{i}") for i in range(5)] == [None] * 5
+    assert lower.lookup("etc/b") is None  # whited out in l2
+    assert probes == ["etc/b"], "a name in no layer was looked for in the layers"
+    monkeypatch.undo()
+    (layers / "l1/etc/late").write_text("added after the listing\n")
+    assert lower.lookup("etc/late") is None  # layers must not change while mounted
+    assert DirLower(dirs).lookup("etc/late") is not None
+
+
+def test_a_directory_too_large_to_keep_is_listed_once_and_probed_by_name(layers, monkeypatch):
+    """Past the name budget a directory's names are not kept, and its lookups probe the
+    layers by name, as before; the directory is not listed again for every lookup."""
+    from layerfs.unionfs.lower import DirLower
+
+    monkeypatch.setattr(DirLower, "NAMES_MAX", 4)  # etc holds a, b (and l2's whiteout b)
+    lower = DirLower([str(layers / "l2"), str(layers / "l1")])
+    listings = []
+    real = lower._listed_names
+    monkeypatch.setattr(lower, "_listed_names", lambda found: listings.append(found) or real(found))
+    assert lower.lookup("etc/a").entry.kind.name == "REG"
+    assert lower.lookup("etc/b") is None and lower.lookup("etc/missing") is None
+    listed = [[rel for _, rel in found.merged] for found in listings]
+    assert listed == [["", ""], ["etc", "etc"]]  # the root, then etc: each once
+    assert [n for n, _ in lower.listdir("etc")] == ["a"]
+
+
 def test_upper_written_in_overlay_format_reads_back_in_the_kernel(layers):
     _fuse_layerfs(layers)
     m = layers / "mnt"
@@ -182,9 +246,13 @@ def test_relative_paths_in_the_background(layers):
     assert res.returncode == 0, res.stderr
     assert _mounted(str(layers / "mnt"))
     assert open(layers / "mnt/etc/a").read() == "a from l2\n"
-    with open(f"/proc/{fuse_layerfs_pids(str(layers / 'mnt'))[0]}/cwd/.probe", "w"):
+    [pid] = fuse_layerfs_pids(str(layers / "mnt"))
+    with open(f"/proc/{pid}/cwd/.probe", "w"):
         pass  # the server does not keep the caller's directory busy
     os.unlink("/.probe")
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert argv[1].endswith(b"/fuse-layerfs"), argv  # forked by the command: no second Python
 
 
 def test_empty_and_repeated_options(layers):

@@ -1,6 +1,6 @@
 """The installed distribution: one ``layerfs`` package (no generic top-level names), an
 SPDX license, ``pip install .`` from a read-only checkout into a fresh venv, and the
-serving processes (forked by ``layerfs mount``; ``python -m layerfs.unionfs.compat``)
+serving processes (forked by ``layerfs mount`` and by ``fuse-layerfs``)
 started from the installed, non-editable package."""
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def test_installed_package_mounts(installed, tmp_path):
         run("umount", mnt)
     assert not _fuse_mounted(mnt) and json.loads(run("ps", "--json")) == []
 
-    # fuse-layerfs, the same way (python -m layerfs.unionfs.compat)
+    # fuse-layerfs, the same way (it forks its server too)
     for d in ("lower/etc", "upper", "work", "mnt2"):
         os.makedirs(tmp_path / d)
     (tmp_path / "lower/etc/motd").write_text("from a directory\n")

@@ -282,7 +282,8 @@ FUSE_LAYERFS = os.path.join(os.path.dirname(sys.executable), "fuse-layerfs")
 
 
 def fuse_layerfs_pids(mnt: str) -> list[int]:
-    """Running fuse-layerfs servers of ``mnt`` (their command line names it)."""
+    """Running fuse-layerfs servers of ``mnt`` (their command line names it): forked by the
+    fuse-layerfs command, or started as ``python -m layerfs.unionfs.compat``."""
     out = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -290,7 +291,11 @@ def fuse_layerfs_pids(mnt: str) -> list[int]:
                 args = f.read().split(b"\0")
         except OSError:
             continue
-        if b"layerfs.unionfs.compat" in args and os.fsencode(mnt) in args:
+        forked = any(a == b"fuse-layerfs" or a.endswith(b"/fuse-layerfs") for a in args)
+        # a forked server has its caller's command line, where the mountpoint may be relative
+        target = os.fsencode(mnt)
+        names_it = any(a == target or (a and not a.startswith(b"/") and target.endswith(b"/" + a)) for a in args)
+        if (forked or b"layerfs.unionfs.compat" in args) and names_it:
             out.append(int(pid))
     return out
 

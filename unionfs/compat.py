@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from .fusecheck import MountError, serve_or_explain
-from .mount import parse_options, spawn_until_ready
+from .mount import can_fork, fork_until_ready, parse_options, reporter, spawn_until_ready
 
 # How each option is handled. mount(8) and mount.fuse3 add generic ones (rw, dev, suid,
 # atime flags), containers/storage adds ``volatile`` and the ID-mapping ones, users copy
@@ -210,22 +210,15 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.f or args.d):
         _start_in_background(config)
         return
-    _serve(config, args.ready_fd, args.d)
+    sys.exit(_serve(config, reporter(args.ready_fd), args.d))
 
 
-def _serve(config: MountConfig, ready_fd: int | None, debug: bool) -> None:
-    """Serve ``config`` in this process until unmounted."""
+def _serve(config: MountConfig, report, debug: bool) -> int:
+    """Serve ``config`` in this process until unmounted; ``report(message)`` tells the
+    waiting parent "ready", or in one line why not. Returns the exit status."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s fuse-layerfs[%(process)d] %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("layerfs.compat")
-
-    def report(message: str) -> None:
-        nonlocal ready_fd
-        if ready_fd is not None:
-            os.write(ready_fd, message.encode() + b"\n")
-            os.close(ready_fd)
-            ready_fd = None
-
     scratch = None
     try:
         from layerfs.store.fstree import raise_open_file_limit
@@ -258,20 +251,21 @@ def _serve(config: MountConfig, ready_fd: int | None, debug: bool) -> None:
     except MountError as e:  # why, in one line (libfuse's own lines are in it)
         log.error("the mount of %s failed: %s", config.mountpoint, e)
         report(str(e))
-        raise SystemExit(1) from None
+        return 1
     except Exception as e:  # noqa: BLE001 - the waiting parent prints it as one line
         log.exception("the mount of %s failed", config.mountpoint)
         report(str(e) or type(e).__name__)
-        raise SystemExit(1) from None
+        return 1
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
     report("the mount ended before it served")
+    return 0
 
 
 def _start_in_background(config: MountConfig) -> None:
-    """Run ourselves with -f in a new session, logging to a file, and return once the
-    mount serves."""
+    """Fork the server (or, with threads running, run ourselves with -f) in a new
+    session, logging to a file, and return once the mount serves."""
     log_path = config.log_path()
     if log_path is None:
         fd, log_path = tempfile.mkstemp(prefix="fuse-layerfs-", suffix=".log")
@@ -280,8 +274,11 @@ def _start_in_background(config: MountConfig) -> None:
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "ab") as log:
-        proc, message = spawn_until_ready([sys.executable, "-m", "layerfs.unionfs.compat", "-f", *config.to_argv()],
-                                          log)
+        if can_fork():
+            proc, message = fork_until_ready(lambda report: _serve(config, report, False), log)
+        else:
+            proc, message = spawn_until_ready(
+                [sys.executable, "-m", "layerfs.unionfs.compat", "-f", *config.to_argv()], log)
     if message != "ready":
         if proc.poll() is None:
             proc.kill()  # it may still be starting: it must not mount later

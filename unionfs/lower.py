@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -100,6 +101,9 @@ class StoreLower:
         return list(groups.get(group, [group]))
 
 
+_DirFds = dict[tuple[int, str], int]  # (layer, directory) -> an open descriptor of it
+
+
 @dataclass(slots=True)
 class _Found:
     """A name of a :class:`DirLower`, as the layers show it."""
@@ -122,10 +126,18 @@ class DirLower:
     on that promise.
     """
 
+    NAMES_MAX = 200_000  # names kept in _names, all directories together (~20 MB)
+
     def __init__(self, dirs: list[str]) -> None:
         self.dirs = [os.path.abspath(d) for d in dirs]
         self.layers = [RealDir(d) for d in self.dirs]
         self._cache: BoundedCache[str, _Found | None] = BoundedCache(65_536)
+        # directory -> every name its merged layer directories hold, oldest first: a name
+        # outside it is in no layer, and its lookup probes none (see _child_names)
+        self._names: dict[str, frozenset[str]] = {}
+        self._names_kept = 0
+        self._unkept: set[str] = set()  # directories too large for _names: probed by name
+        self._names_lock = threading.Lock()
         self._layer_of: dict[tuple[int, int], str] = {}  # hard-linked inode -> its layer
         self._groups: dict[str, dict[tuple[int, int], list[str]]] = {}  # layer -> hard-link groups
 
@@ -152,28 +164,18 @@ class DirLower:
         st = os.lstat(self.dirs[0])
         return _Found(LowerNode(dir_entry(self.dirs[0]), ("D", st.st_dev, st.st_ino)), merged, None)
 
-    def _entry(self, layer: int, rel: str) -> tuple[os.stat_result, Entry | None, str | None, bool]:
+    def _entry(self, layer: int, rel: str, dir_fds: _DirFds | None = None
+               ) -> tuple[os.stat_result, Entry | None, str | None, bool]:
         """(lstat, entry, redirect, is a metacopy) of ``rel`` in a layer; FileNotFoundError
-        where the layer has no such name (or a component of it is not a directory)."""
+        where the layer has no such name (or a component of it is not a directory).
+        ``dir_fds`` holds descriptors of directories already open (see listdir)."""
         try:
+            parent, _, name = rel.rpartition("/")
+            fd = dir_fds.get((layer, parent)) if dir_fds is not None else None
+            if fd is not None:
+                return self._entry_at(fd, name)
             with self.layers[layer].at(rel) as (fd, name):
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                # /proc/self/fd/N/NAME: the entry itself, reached without following anything.
-                full = f"/proc/self/fd/{fd}/{name}"
-                # One listxattr and a read of each xattr it names (most files have none):
-                # the entry, the redirect and the metacopy mark all come from it.
-                xattrs = read_xattrs(full)
-                e = make_entry(st, xattrs, lambda: os.readlink(full))
-                if e is None or e.kind not in (Kind.DIR, Kind.REG):
-                    return st, e, None, False
-                raw = next((v for p in OVERLAY_PREFIXES if (v := xattrs.get(p + "redirect")) is not None), None)
-                redirect = raw.decode("utf-8", "surrogateescape") if raw is not None else None
-                if e.kind == Kind.DIR:
-                    if not e.opaque and os.path.lexists(f"{full}/{OPQ}"):
-                        e = e._replace(flags=e.flags | OPAQUE)
-                    return st, e, redirect, False
-                metacopy = any(p + "metacopy" in xattrs for p in OVERLAY_PREFIXES)
-                return st, e, redirect, metacopy
+                return self._entry_at(fd, name)
         except (NotADirectoryError, FileNotFoundError):
             raise FileNotFoundError(errno.ENOENT, "not in this layer", rel) from None
         except OSError as e:
@@ -181,7 +183,31 @@ class DirLower:
                 raise FileNotFoundError(errno.ENOENT, "not in this layer", rel) from None
             raise
 
-    def _lookup_in(self, parent: _Found, path: str, name: str) -> _Found | None:
+    @staticmethod
+    def _entry_at(fd: int, name: str) -> tuple[os.stat_result, Entry | None, str | None, bool]:
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        # /proc/self/fd/N/NAME: the entry itself, reached without following anything.
+        full = f"/proc/self/fd/{fd}/{name}"
+        # One listxattr and a read of each xattr it names (most files have none):
+        # the entry, the redirect and the metacopy mark all come from it.
+        xattrs = read_xattrs(full)
+        e = make_entry(st, xattrs, lambda: os.readlink(full))
+        if e is None or e.kind not in (Kind.DIR, Kind.REG):
+            return st, e, None, False
+        raw = next((v for p in OVERLAY_PREFIXES if (v := xattrs.get(p + "redirect")) is not None), None)
+        redirect = raw.decode("utf-8", "surrogateescape") if raw is not None else None
+        if e.kind == Kind.DIR:
+            if not e.opaque and os.path.lexists(f"{full}/{OPQ}"):
+                e = e._replace(flags=e.flags | OPAQUE)
+            return st, e, redirect, False
+        metacopy = any(p + "metacopy" in xattrs for p in OVERLAY_PREFIXES)
+        return st, e, redirect, metacopy
+
+    def _lookup_in(self, parent: _Found, path: str, name: str,
+                   dir_fds: _DirFds | None = None) -> _Found | None:
+        names = self._child_names(path.rpartition("/")[0], parent)
+        if names is not None and name not in names:
+            return None  # in none of the layers: nothing to probe
         # As the kernel's ovl_lookup: walk the parent's merged layers top-down; a relative
         # redirect renames what is looked up in the layers below, an absolute one restarts
         # from the root of every layer below; a metacopy file's data is the first
@@ -197,10 +223,10 @@ class DirLower:
             i += 1
             rel = absolute if absolute is not None else _join(dir_path, current)
             try:
-                st, e, redirect, metacopy = self._entry(layer, rel)
+                st, e, redirect, metacopy = self._entry(layer, rel, dir_fds)
             except FileNotFoundError:
                 if absolute is None and len(current) <= 251 \
-                        and self.layers[layer].lexists(_join(dir_path, ".wh." + current)):
+                        and self._has_oci_whiteout(layer, dir_path, current, dir_fds):
                     break  # an OCI whiteout in this layer hides the name below
                 continue
             if e is None or e.kind == Kind.WHITEOUT:
@@ -248,20 +274,82 @@ class DirLower:
         found = self._resolve(path)
         return found.node if found else None
 
-    def listdir(self, path: str) -> Iterator[tuple[str, LowerNode]]:
-        found = self._resolve(path)
-        if found is None or found.node.entry.kind != Kind.DIR:
-            return
+    def _child_names(self, path: str, found: _Found) -> frozenset[str] | None:
+        """Every name in the layer directories merged at ``path`` (whiteouts left out),
+        listed once: the layers never change while mounted. Every child the union shows
+        is among them (a redirected child keeps its own name in its top layer). None for
+        a directory too large to keep them: its names are looked up one by one."""
+        names = self._names.get(path)
+        if names is None:
+            if path in self._unkept:
+                return None
+            names = self._listed_names(found)
+            if not self._keep_names(path, names):
+                self._unkept.add(path)
+                return None
+        return names
+
+    def _listed_names(self, found: _Found) -> frozenset[str]:
         names: set[str] = set()
         for layer, rel in found.merged:
             try:
                 names.update(n for n, _, _ in self.layers[layer].entries(rel) if not n.startswith(".wh."))
             except OSError:
                 continue
-        for name in sorted(names):
-            child = self.lookup(_join(path, name))
-            if child is not None:
-                yield name, child
+        return frozenset(names)
+
+    def _keep_names(self, path: str, names: frozenset[str]) -> bool:
+        """Keep ``names`` for ``path``; False if there are too many to keep."""
+        with self._names_lock:
+            if len(names) > self.NAMES_MAX // 4:
+                return False
+            if path in self._names:
+                return True
+            self._names[path] = names
+            self._names_kept += len(names)
+            while self._names_kept > self.NAMES_MAX:
+                self._names_kept -= len(self._names.pop(next(iter(self._names))))
+            return True
+
+    def _has_oci_whiteout(self, layer: int, dir_path: str, name: str, dir_fds: _DirFds | None) -> bool:
+        fd = dir_fds.get((layer, dir_path)) if dir_fds is not None else None
+        if fd is None:
+            return self.layers[layer].lexists(_join(dir_path, ".wh." + name))
+        try:
+            os.stat(".wh." + name, dir_fd=fd, follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def listdir(self, path: str) -> Iterator[tuple[str, LowerNode]]:
+        found = self._resolve(path)
+        if found is None or found.node.entry.kind != Kind.DIR:
+            return
+        names = self._child_names(path, found)
+        if names is None:
+            names = self._listed_names(found)
+        # Each merged directory is opened once for the whole listing, not once per name
+        # and layer (a third of a first listing's time went to those opens).
+        dir_fds: _DirFds = {}
+        try:
+            for layer, rel in found.merged:
+                try:
+                    dir_fds[(layer, rel)] = self.layers[layer].open_dir(rel)
+                except OSError:
+                    continue
+            children = []
+            for name in sorted(names):
+                child_path = _join(path, name)
+                if child_path in self._cache:
+                    child = self._cache[child_path]
+                else:
+                    child = self._cache[child_path] = self._lookup_in(found, child_path, name, dir_fds)
+                if child is not None:
+                    children.append((name, child.node))
+        finally:
+            for fd in dir_fds.values():
+                os.close(fd)
+        yield from children
 
     def open(self, path: str, node: LowerNode) -> int:
         found = self._resolve(path)

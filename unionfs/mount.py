@@ -197,7 +197,7 @@ def spawn_until_ready(cmd: list[str], log) -> tuple[subprocess.Popen, str]:
 
 
 class ForkedServer:
-    """A forked serving process, with the calls of subprocess.Popen that mount makes."""
+    """A forked serving process, with the calls of subprocess.Popen that its starters make."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -214,6 +214,10 @@ class ForkedServer:
         if self.returncode is None:
             self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
         return self.returncode
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
 
 
 def can_fork() -> bool:
@@ -236,7 +240,7 @@ def fork_until_ready(serve: Callable[[Callable[[str], None]], int], log) -> tupl
         code = 1
         try:
             _become_server(log.fileno(), w)
-            code = serve(_reporter(w))
+            code = serve(reporter(w))
         except BaseException:  # noqa: BLE001 - the log says why; the parent heard one line
             with contextlib.suppress(BaseException):
                 import traceback
@@ -285,7 +289,7 @@ def _become_server(log_fd: int, ready_fd: int) -> None:
     signal.set_wakeup_fd(-1)
 
 
-def _reporter(fd: int | None) -> Callable[[str], None]:
+def reporter(fd: int | None) -> Callable[[str], None]:
     """``report(message)``: write the serving process's one line to its parent, once."""
     def report(message: str) -> None:
         nonlocal fd
@@ -729,7 +733,7 @@ def _main() -> None:
     p.add_argument("-o", action="append", default=[])
     args = p.parse_args()
     sys.exit(_serve(args.root, args.container, args.mountpoint, read_only=args.read_only,
-                    volatile=args.volatile, options=parse_options(args.o), report=_reporter(args.ready_fd)))
+                    volatile=args.volatile, options=parse_options(args.o), report=reporter(args.ready_fd)))
 
 
 if __name__ == "__main__":
