@@ -513,6 +513,7 @@ class WireListing:
     entries: list[Listed]
     full: dict[int, bytes]
 
+
 # libfuse's fuse_fill_dir_t, with the stat passed as the bytes packed_stat() makes: a
 # c_stat built from them for every entry cost a third of what packing them did.
 _fill_dir_packed = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p,
