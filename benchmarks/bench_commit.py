@@ -1,4 +1,5 @@
-"""Commit cost: ``layerfs commit`` of a container, next to ``tar -c`` of its upper directory.
+"""Commit cost: ``layerfs commit`` of a container, next to ``tar -c`` of its upper directory
+(and ``cp -a`` of it: a store that keeps a blob per file creates as many files as cp -a).
 
 Workloads (built in a temporary directory, removed at the end):
 
@@ -14,7 +15,8 @@ Workloads (built in a temporary directory, removed at the end):
 For ``small``, ``big`` and ``chmod`` every timed commit runs on a fresh copy of a template
 store (``cp -a``, untimed, then sync), so no run finds blobs a previous run stored. ``tar
 -c -f FILE -C UPPER .`` of the same upper directory (STORE/containers/<id>/upper) runs
-right after each commit, into a new file on the same filesystem. ``scale`` commits the
+right after each commit, into a new file on the same filesystem, then ``cp -a UPPER COPY``
+(neither syncs; the commit does, twice). ``scale`` commits the
 two containers alternately in one store (a commit of the same upper records nothing new,
 but does the same reading and hashing). Times are wall clock of the whole command, including
 interpreter start-up for layerfs; each figure is the median of --repeat runs.
@@ -207,9 +209,9 @@ def fresh_copy(template: str, dest: str) -> None:
 
 
 def run_vs_tar(tmp: str, tpl: dict, repeat: int) -> dict:
-    """Commit on a fresh copy of the template store, then tar -c of the same upper."""
+    """Commit on a fresh copy of the template store, then tar -c and cp -a of the same upper."""
     work = os.path.join(tmp, "run")
-    commit_s, tar_s = [], []
+    commit_s, tar_s, cp_s = [], [], []
     layer = None
     for i in range(repeat + 1):  # one untimed warm-up first
         fresh_copy(tpl["root"], work)
@@ -222,12 +224,17 @@ def run_vs_tar(tmp: str, tpl: dict, repeat: int) -> dict:
         t_tar, _ = timed(["tar", "-c", "-f", out_tar, "-C", upper, "."])
         tar_bytes = os.path.getsize(out_tar)
         os.unlink(out_tar)
+        copy = os.path.join(tmp, "upper-copy")
+        quiesce()
+        t_cp, _ = timed(["cp", "-a", upper, copy])
+        rmtree(copy)
         if i:
             commit_s.append(t)
             tar_s.append(t_tar)
+            cp_s.append(t_cp)
     info = json.loads(Layerfs(work)("inspect", layer))
     rmtree(work)
-    return {"commit_s": commit_s, "tar_s": tar_s, "layer_tar_bytes": info["size"],
+    return {"commit_s": commit_s, "tar_s": tar_s, "cp_s": cp_s, "layer_tar_bytes": info["size"],
             "layer_entries": info["entries"], "tar_c_bytes": tar_bytes}
 
 
@@ -294,7 +301,7 @@ def main() -> None:
     startup = median([timed(layerfs_cmd() + ["--help"])[0] for _ in range(3)])
     result["cli_startup_s"] = startup
     print(f"layerfs start-up (layerfs --help): {startup:.3f} s\n")
-    rows = [["workload", "layerfs commit s", "tar -c s", "ratio", "notes"]]
+    rows = [["workload", "layerfs commit s", "tar -c s", "ratio", "cp -a s", "notes"]]
     try:
         if "small" in only:
             tpl = template_small(tmp, args.files)
@@ -303,6 +310,7 @@ def main() -> None:
             result["workloads"]["small"] = r
             c, t = median(r["commit_s"]), median(r["tar_s"])
             rows.append([f"{args.files} small files (new)", f"{c:.2f}", f"{t:.2f}", f"{c / t:.2f}x",
+                         f"{median(r['cp_s']):.2f}",
                          f"{args.files / c:,.0f} files/s, {r['content_bytes'] / c / 1e6:.0f} MB/s"])
             rmtree(tpl["root"])
         if "big" in only:
@@ -312,7 +320,7 @@ def main() -> None:
             result["workloads"]["big"] = r
             c, t = median(r["commit_s"]), median(r["tar_s"])
             rows.append([f"1 file of {args.big_mib} MiB (new)", f"{c:.2f}", f"{t:.2f}", f"{c / t:.2f}x",
-                         f"{big / c / 1e6:.0f} MB/s"])
+                         f"{median(r['cp_s']):.2f}", f"{big / c / 1e6:.0f} MB/s"])
             rmtree(tpl["root"])
         if "chmod" in only:
             tpl = template_chmod(tmp, big)
@@ -321,7 +329,7 @@ def main() -> None:
             r["sha256_only_s"] = sha256_rate(big)
             result["workloads"]["chmod"] = r
             c = median(r["commit_s"])
-            rows.append([f"chmod of a {args.big_mib} MiB lower file", f"{c:.2f}", "-", "-",
+            rows.append([f"chmod of a {args.big_mib} MiB lower file", f"{c:.2f}", "-", "-", "-",
                          f"blobs/ +{max(r['blob_bytes_written'])} B in {max(r['blob_files_written'])} files; "
                          f"layer tar {r['layer_tar_bytes']} B; sha256 alone {r['sha256_only_s']:.2f} s"])
             rmtree(tpl["root"])
@@ -333,7 +341,7 @@ def main() -> None:
             for n in (args.scale_small, args.scale_large):
                 c = median(r[str(n)]["commit_s"])
                 rows.append([f"10-file change, image of {n:,} files", f"{c:.2f}", "-",
-                             f"{c / small_c:.2f}x", f"vs the {args.scale_small:,}-file image"])
+                             f"{c / small_c:.2f}x", "-", f"vs the {args.scale_small:,}-file image"])
     finally:
         for name in os.listdir(tmp):
             if name.startswith("mnt-"):

@@ -680,7 +680,8 @@ def store_ops(groups: list[str], args, tmp: str) -> dict:
             w = r["workloads"]["small"]
             out["commit"] = {"label": f"commit of {args.commit_files} new small files", "peer": "tar -c",
                              "layerfs_s": median(w["commit_s"]), "peer_s": median(w["tar_s"]),
-                             "runs": {"layerfs": w["commit_s"], "tar": w["tar_s"]}}
+                             "cp_a_s": median(w["cp_s"]),
+                             "runs": {"layerfs": w["commit_s"], "tar": w["tar_s"], "cp -a": w["cp_s"]}}
         except (RuntimeError, OSError, KeyError, ValueError) as e:
             out["commit"] = {"label": f"commit of {args.commit_files} new small files", "error": str(e)}
         out["commit"]["loadavg"] = [load0, loadavg()]
@@ -713,6 +714,11 @@ def print_store_ops(ops: dict, repeat: int) -> None:
             rows.append([r["label"], fmt(r["layerfs_s"]), fmt(r["peer_s"]), ratio(r["ratio"]),
                          f"<=2x {r['peer']}", " -> ".join(r["loadavg"])])
     print_table(rows)
+    commit = ops.get("commit", {})
+    if "cp_a_s" in commit:
+        # One blob per file: a commit creates as many files as a copy of the upper does.
+        print(f"  commit: cp -a of the same upper took {fmt(commit['cp_a_s'])} s "
+              f"(layerfs {commit['layerfs_s'] / commit['cp_a_s']:.2f}x cp -a)")
 
 
 def main() -> int:

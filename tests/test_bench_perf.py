@@ -68,8 +68,10 @@ def test_every_row_for_every_system_with_server_cpu(tmp_path):
         assert d["loadavg_start"] and d["loadavg_end"]
     for op in ("commit", "import"):
         assert r["store_ops"][op]["layerfs_s"] > 0 and r["store_ops"][op]["ratio"] > 0
+    assert r["store_ops"]["commit"]["cp_a_s"] > 0
     for title in ("\n1 layer:", "\n3 layers:", "layerfs / fuse-overlayfs:", "fuse-layerfs / fuse-overlayfs:",
-                  "fio 4k randread, warm, IOPS", "commit of 20 new small files", "load average at start"):
+                  "fio 4k randread, warm, IOPS", "commit of 20 new small files", "cp -a of the same upper",
+                  "load average at start"):
         assert title in stdout
 
 
