@@ -43,29 +43,24 @@ class LowerNode(NamedTuple):
         return self.entry.kind
 
 
-class ListedNode:
+class ListedNode(NamedTuple):
     """A name of a :class:`DirLower` listing: what a plain readdir needs (its identity
     and kind) from one lstat; the full entry (xattrs, markers, the layers below) is
-    looked up when first asked for, by readdirplus or a lookup."""
+    looked up when asked for, by readdirplus or a lookup. A NamedTuple: a listing
+    makes one per name."""
 
-    __slots__ = ("ident", "kind", "_lower", "_path", "_entry")
-
-    def __init__(self, lower: "DirLower", path: str, kind: Kind, ident: tuple[str, int, int]) -> None:
-        self.ident = ident
-        self.kind = kind
-        self._lower = lower
-        self._path = path
-        self._entry: Entry | None = None
+    ident: tuple[str, int, int]
+    kind: Kind
+    lower: "DirLower"
+    path: str
 
     @property
     def entry(self) -> Entry:
         """The entry a lookup of the name gives (EIO if that lookup finds none)."""
-        if self._entry is None:
-            node = self._lower.lookup(self._path)
-            if node is None:
-                raise OSError(errno.EIO, "a listed name is gone from the layers", self._path)
-            self._entry = node.entry
-        return self._entry
+        node = self.lower.lookup(self.path)
+        if node is None:
+            raise OSError(errno.EIO, "a listed name is gone from the layers", self.path)
+        return node.entry
 
 
 Listing = LowerNode | ListedNode  # what a listing gives for a name: ident, kind and entry
@@ -385,17 +380,10 @@ class DirLower:
                 if path not in self._unkept and not self._keep_names(path, names):
                     self._unkept.add(path)
             children = []
-            cache = self._cache
+            prefix = f"{path}/" if path else ""
             for name in sorted(names):
-                child_path = f"{path}/{name}" if path else name
-                if child_path in cache:
-                    child = cache[child_path]
-                    if child is not None:
-                        children.append((name, child.node))
-                    continue
                 held = names[name]
-                top = (held & -held).bit_length() - 1
-                listed = self._listed(fds[top], name, child_path)
+                listed = self._listed(fds[(held & -held).bit_length() - 1], name, prefix + name)
                 if listed is not None:
                     children.append((name, listed))
         finally:
@@ -412,7 +400,7 @@ class DirLower:
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             return None  # the layer has only NAME's .wh. file: an OCI whiteout
-        kind = _LISTED_KIND.get(stat.S_IFMT(st.st_mode))
+        kind = _LISTED_KIND.get(st.st_mode & 0o170000)  # S_IFMT
         if kind is None or (kind == Kind.CHR and st.st_rdev == 0):
             return None  # a socket, skipped as lookups skip it; an overlay whiteout
         if kind == Kind.REG and st.st_size == 0:
@@ -420,7 +408,7 @@ class DirLower:
             e = make_entry(st, read_xattrs(f"/proc/self/fd/{fd}/{name}"), str)
             if e is None or e.kind == Kind.WHITEOUT:
                 return None
-        return ListedNode(self, path, kind, ("D", st.st_dev, st.st_ino))
+        return ListedNode(("D", st.st_dev, st.st_ino), kind, self, path)
 
     def open(self, path: str, node: Listing) -> int:
         found = self._resolve(path)
