@@ -120,12 +120,14 @@ def test_a_listing_opens_each_merged_directory_once(layers, monkeypatch):
     opened = []
     real_at = RealDir.at
     monkeypatch.setattr(RealDir, "at", lambda self, rel: opened.append(rel) or real_at(self, rel))
-    listed = {name: node.entry for name, node in DirLower(dirs).listdir("etc")}
+    listed = dict(DirLower(dirs).listdir("etc"))
     below = [rel for rel in opened if rel.startswith("etc/")]  # "etc" itself is looked up
     assert below == [], "a name of the listing was looked up through its own descriptor"
     monkeypatch.undo()
     one_by_one = DirLower(dirs)
-    assert listed == {n: one_by_one.lookup(f"etc/{n}").entry for n in ("a", "sub")}
+    assert sorted(listed) == ["a", "sub"]
+    for n, node in listed.items():  # the full entry, made when asked for, is the lookup's
+        assert (node.entry, node.ident) == one_by_one.lookup(f"etc/{n}")
     assert one_by_one.lookup("etc/hidden") is None and one_by_one.lookup("etc/xwh") is None
 
 
@@ -159,7 +161,7 @@ def test_a_directory_too_large_to_keep_is_listed_once_and_probed_by_name(layers,
     lower = DirLower([str(layers / "l2"), str(layers / "l1")])
     listings = []
     real = lower._listed_names
-    monkeypatch.setattr(lower, "_listed_names", lambda found: listings.append(found) or real(found))
+    monkeypatch.setattr(lower, "_listed_names", lambda found, *fds: listings.append(found) or real(found, *fds))
     assert lower.lookup("etc/a").entry.kind.name == "REG"
     assert lower.lookup("etc/b") is None and lower.lookup("etc/missing") is None
     listed = [[rel for _, rel in found.merged] for found in listings]
@@ -437,3 +439,120 @@ def test_upper_rotated_into_the_lowers(layers, reader):
         out = m
     assert tree(str(out)) == expected
     assert {p: os.lstat(out / p).st_uid for p in owners} == owners
+
+
+def test_a_listing_in_pieces_gives_every_name_its_own_inode_type_and_attributes(tmp_path):
+    """As test_mount's test of the same name, for fuse-layerfs over three lower layers: a
+    listing too big for one reply comes in pieces, readdirplus (full attributes) and plain
+    (inode numbers and types only). Every name shows its top layer's file, whiteouts of
+    every form hide what is below, and each listed inode number is what lstat gives."""
+    ls = [tmp_path / f"l{i}" for i in (1, 2, 3)]  # bottom first
+    for d in ls:
+        (d / "big").mkdir(parents=True)
+    for d in ("upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    expected: dict[str, tuple] = {}  # name -> (file type, permissions, uid, size)
+
+    def put(layer, name, kind, i, size=0):
+        p = ls[layer] / "big" / name
+        if kind == "f":
+            p.write_bytes(b"x" * size)
+        elif kind == "d":
+            p.mkdir()
+            (p / "inside").write_text(name)
+        elif kind == "l":
+            os.symlink(f"t{i}", p)
+        elif kind == "p":
+            os.mkfifo(p)
+        perm = 0o600 + i % 64 + 64 * layer
+        if kind != "l":
+            os.chmod(p, perm)
+        os.chown(p, i, layer, follow_symlinks=False)
+        fmt = {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK, "p": stat.S_IFIFO}[kind]
+        expected[name] = (fmt, None if kind == "l" else perm, i, size if kind == "f" else len(f"t{i}") if kind == "l" else None)
+
+    for i in range(1500):
+        name, kind = f"n{i:04d}", i % 10
+        if kind in (0, 5, 6, 7, 8):
+            put(0, name, "f", i, i % 97)  # l1's file; 5-8: changed or hidden above
+        elif kind in (1, 2, 4):
+            put(0, name, "dlp"[(1, 2, 4).index(kind)], i)
+        elif kind == 3:  # a hard link of n(i-3), listed with its inode number
+            os.link(ls[0] / f"big/n{i - 3:04d}", ls[0] / "big" / name)
+            expected[name] = expected[f"n{i - 3:04d}"]
+        if kind == 5:
+            put(1, name, "f", i + 1, i % 13)  # l2's file over l1's
+        elif kind == 6:
+            os.mknod(ls[1] / "big" / name, stat.S_IFCHR, 0)  # an overlay whiteout in l2
+            del expected[name]
+            if i % 20 == 6:
+                put(2, name, "l", i)  # l3 brings the name back, as a symlink
+        elif kind == 7:
+            (ls[2] / f"big/.wh.{name}").write_text("")  # an OCI whiteout in l3
+            del expected[name]
+        elif kind == 8:
+            (ls[1] / "big" / name).write_text("")  # an xattr whiteout in l2
+            os.setxattr(ls[1] / "big" / name, "trusted.overlay.whiteout", b"")
+            del expected[name]
+        elif kind == 9:
+            if i % 20 == 19:  # a directory of l1 under an opaque one of l2
+                put(0, name, "d", i)
+                put(1, name, "d", i + 2)
+                os.setxattr(ls[1] / "big" / name, "trusted.overlay.opaque", b"y")
+            else:
+                put(2, name, "f", i, 3)  # a name only l3 has
+    # l3: a metacopy file whose data is l1's, and a renamed directory (a redirect).
+    put(0, "meta", "f", 7, 40)
+    put(2, "meta", "f", 8)
+    os.truncate(ls[2] / "big/meta", 40)  # sparse: no data of its own
+    os.setxattr(ls[2] / "big/meta", "trusted.overlay.metacopy", b"")
+    expected["meta"] = (stat.S_IFREG, 0o600 + 8 + 128, 8, 40)
+    put(2, "moved", "d", 11)
+    os.unlink(ls[2] / "big/moved/inside")
+    os.setxattr(ls[2] / "big/moved", "trusted.overlay.redirect", b"n0001")
+    lowers = ":".join(str(d) for d in reversed(ls))
+    opts = f"lowerdir={lowers},upperdir={tmp_path / 'upper'},workdir={tmp_path / 'work'}"
+    mnt = tmp_path / "mnt"
+    res = subprocess.run([os.path.join(BIN, "fuse-layerfs"), "-o", opts, str(mnt)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    try:
+        assert (mnt / "big/meta").read_bytes() == b"x" * 40  # the metacopy file's data: l1's
+        assert sorted(os.listdir(mnt / "big/moved")) == ["inside"]
+        assert (mnt / "big/moved/inside").read_text() == "n0001"  # l1's n0001, merged below
+        for changes in (False, True):
+            if changes:  # upper names merged in: copy-ups (with a hard link), new names, a removal
+                os.chmod(mnt / "big/n0010", 0o640)
+                expected["n0010"] = expected["n0013"] = (stat.S_IFREG, 0o640, 10, 10 % 97)
+                os.chown(mnt / "big/n0015", 7, 7)
+                expected["n0015"] = (stat.S_IFREG, 0o600 + 16 % 64 + 64, 7, 15 % 13)
+                (mnt / "big/new").write_text("")
+                expected["new"] = (stat.S_IFREG, 0o644, 0, 0)
+                os.mkdir(mnt / "big/newdir", 0o700)
+                expected["newdir"] = (stat.S_IFDIR, 0o700, 0, None)
+                os.unlink(mnt / "big/n0020")
+                del expected["n0020"]
+            for stat_while_listing in (False, True):  # lookups make the later pieces readdirplus
+                seen = {}
+                with os.scandir(mnt / "big") as it:
+                    for entry in it:
+                        if stat_while_listing:
+                            os.lstat(entry.path)
+                        seen[entry.name] = (entry.inode(), entry.is_dir(follow_symlinks=False),
+                                            entry.is_symlink(), entry.is_file(follow_symlinks=False))
+                assert sorted(seen) == sorted(expected)
+                for name, (ino, is_dir, is_link, is_file) in seen.items():
+                    st = os.lstat(mnt / "big" / name)
+                    fmt, perm, uid, size = expected[name]
+                    assert (stat.S_IFMT(st.st_mode), st.st_uid) == (fmt, uid), name
+                    assert perm is None or stat.S_IMODE(st.st_mode) == perm, name
+                    assert size is None or st.st_size == size, name
+                    assert ino == st.st_ino, f"{name}: the listing gave another inode number"
+                    assert (is_dir, is_link, is_file) == (fmt == stat.S_IFDIR, fmt == stat.S_IFLNK,
+                                                          fmt == stat.S_IFREG), name
+                for i in range(3, 1500, 10):  # a hard link is listed with its file's inode number
+                    linked = f"n{i - 3:04d}" in seen  # unless that name was removed
+                    assert not linked or seen[f"n{i:04d}"][0] == seen[f"n{i - 3:04d}"][0], i
+                    assert os.lstat(mnt / f"big/n{i:04d}").st_nlink == (2 if linked else 1), i
+    finally:
+        _umount(str(mnt))

@@ -38,15 +38,42 @@ class LowerNode(NamedTuple):
     entry: Entry
     ident: tuple[str, int, str | int]  # (kind of lower, a number, a name or a number)
 
+    @property
+    def kind(self) -> Kind:
+        return self.entry.kind
+
+
+class ListedNode(NamedTuple):
+    """A name of a :class:`DirLower` listing: what a plain readdir needs (its identity
+    and kind) from one lstat; the full entry (xattrs, markers, the layers below) is
+    looked up when asked for, by readdirplus or a lookup. A NamedTuple: a listing
+    makes one per name."""
+
+    ident: tuple[str, int, int]
+    kind: Kind
+    lower: "DirLower"
+    path: str
+
+    @property
+    def entry(self) -> Entry:
+        """The entry a lookup of the name gives (EIO if that lookup finds none)."""
+        node = self.lower.lookup(self.path)
+        if node is None:
+            raise OSError(errno.EIO, "a listed name is gone from the layers", self.path)
+        return node.entry
+
+
+Listing = LowerNode | ListedNode  # what a listing gives for a name: ident, kind and entry
+
 
 class Lower(Protocol):
     def lookup(self, path: str) -> LowerNode | None: ...
 
-    def listdir(self, path: str) -> Iterator[tuple[str, LowerNode]]: ...
+    def listdir(self, path: str) -> Iterator[tuple[str, Listing]]: ...
 
-    def open(self, path: str, node: LowerNode) -> int: ...
+    def open(self, path: str, node: Listing) -> int: ...
 
-    def hardlink_names(self, node: LowerNode) -> list[str]: ...
+    def hardlink_names(self, node: Listing) -> list[str]: ...
 
 
 def _join(parent: str, name: str) -> str:
@@ -101,7 +128,10 @@ class StoreLower:
         return list(groups.get(group, [group]))
 
 
-_DirFds = dict[tuple[int, str], int]  # (layer, directory) -> an open descriptor of it
+# name -> the merged layer directories (bit i: merged[i]) that hold it or its ".wh." file
+_Names = dict[str, int]
+_LISTED_KIND = {stat.S_IFREG: Kind.REG, stat.S_IFDIR: Kind.DIR, stat.S_IFLNK: Kind.SYMLINK,
+                stat.S_IFCHR: Kind.CHR, stat.S_IFBLK: Kind.BLK, stat.S_IFIFO: Kind.FIFO}
 
 
 @dataclass(slots=True)
@@ -132,9 +162,9 @@ class DirLower:
         self.dirs = [os.path.abspath(d) for d in dirs]
         self.layers = [RealDir(d) for d in self.dirs]
         self._cache: BoundedCache[str, _Found | None] = BoundedCache(65_536)
-        # directory -> every name its merged layer directories hold, oldest first: a name
-        # outside it is in no layer, and its lookup probes none (see _child_names)
-        self._names: dict[str, frozenset[str]] = {}
+        # directory -> every name its merged layer directories hold (see _child_names),
+        # oldest first: a name outside it is in no layer, and its lookup probes none
+        self._names: dict[str, _Names] = {}
         self._names_kept = 0
         self._unkept: set[str] = set()  # directories too large for _names: probed by name
         self._names_lock = threading.Lock()
@@ -164,16 +194,10 @@ class DirLower:
         st = os.lstat(self.dirs[0])
         return _Found(LowerNode(dir_entry(self.dirs[0]), ("D", st.st_dev, st.st_ino)), merged, None)
 
-    def _entry(self, layer: int, rel: str, dir_fds: _DirFds | None = None
-               ) -> tuple[os.stat_result, Entry | None, str | None, bool]:
+    def _entry(self, layer: int, rel: str) -> tuple[os.stat_result, Entry | None, str | None, bool]:
         """(lstat, entry, redirect, is a metacopy) of ``rel`` in a layer; FileNotFoundError
-        where the layer has no such name (or a component of it is not a directory).
-        ``dir_fds`` holds descriptors of directories already open (see listdir)."""
+        where the layer has no such name (or a component of it is not a directory)."""
         try:
-            parent, _, name = rel.rpartition("/")
-            fd = dir_fds.get((layer, parent)) if dir_fds is not None else None
-            if fd is not None:
-                return self._entry_at(fd, name)
             with self.layers[layer].at(rel) as (fd, name):
                 return self._entry_at(fd, name)
         except (NotADirectoryError, FileNotFoundError):
@@ -203,16 +227,18 @@ class DirLower:
         metacopy = any(p + "metacopy" in xattrs for p in OVERLAY_PREFIXES)
         return st, e, redirect, metacopy
 
-    def _lookup_in(self, parent: _Found, path: str, name: str,
-                   dir_fds: _DirFds | None = None) -> _Found | None:
+    def _lookup_in(self, parent: _Found, path: str, name: str) -> _Found | None:
         names = self._child_names(path.rpartition("/")[0], parent)
-        if names is not None and name not in names:
-            return None  # in none of the layers: nothing to probe
+        held = -1  # the layers of parent.merged that hold the name (or its .wh. file)
+        if names is not None:
+            held = names.get(name, 0)
+            if not held:
+                return None  # in none of the layers: nothing to probe
         # As the kernel's ovl_lookup: walk the parent's merged layers top-down; a relative
         # redirect renames what is looked up in the layers below, an absolute one restarts
         # from the root of every layer below; a metacopy file's data is the first
         # non-metacopy file further down.
-        plan = list(parent.merged)
+        plan = parent.merged  # replaced (never changed) by an absolute redirect
         current, absolute = name, None
         top: tuple[Entry, os.stat_result, bool, int] | None = None
         merged: list[tuple[int, str]] = []
@@ -221,12 +247,14 @@ class DirLower:
         while i < len(plan):
             layer, dir_path = plan[i]
             i += 1
+            if plan is parent.merged and current is name and not held >> (i - 1) & 1:
+                continue  # the listing of this layer directory has neither name nor .wh. file
             rel = absolute if absolute is not None else _join(dir_path, current)
             try:
-                st, e, redirect, metacopy = self._entry(layer, rel, dir_fds)
+                st, e, redirect, metacopy = self._entry(layer, rel)
             except FileNotFoundError:
                 if absolute is None and len(current) <= 251 \
-                        and self._has_oci_whiteout(layer, dir_path, current, dir_fds):
+                        and self.layers[layer].lexists(_join(dir_path, ".wh." + current)):
                     break  # an OCI whiteout in this layer hides the name below
                 continue
             if e is None or e.kind == Kind.WHITEOUT:
@@ -274,11 +302,12 @@ class DirLower:
         found = self._resolve(path)
         return found.node if found else None
 
-    def _child_names(self, path: str, found: _Found) -> frozenset[str] | None:
-        """Every name in the layer directories merged at ``path`` (whiteouts left out),
-        listed once: the layers never change while mounted. Every child the union shows
-        is among them (a redirected child keeps its own name in its top layer). None for
-        a directory too large to keep them: its names are looked up one by one."""
+    def _child_names(self, path: str, found: _Found) -> _Names | None:
+        """Every name in the layer directories merged at ``path`` (a ``.wh.NAME`` file
+        counted as NAME), with the layers that hold it, listed once: the layers never
+        change while mounted. Every child the union shows is among them (a redirected
+        child keeps its own name in its top layer). None for a directory too large to
+        keep them: its names are looked up one by one."""
         names = self._names.get(path)
         if names is None:
             if path in self._unkept:
@@ -289,16 +318,35 @@ class DirLower:
                 return None
         return names
 
-    def _listed_names(self, found: _Found) -> frozenset[str]:
-        names: set[str] = set()
-        for layer, rel in found.merged:
+    def _listed_names(self, found: _Found, fds: list[int] | None = None) -> _Names:
+        """:meth:`_child_names` listed afresh, through ``fds`` (descriptors of
+        ``found.merged``, -1 where one could not be opened) if given."""
+        names: _Names = {}
+        for i, (layer, rel) in enumerate(found.merged):
+            bit = 1 << i
             try:
-                names.update(n for n, _, _ in self.layers[layer].entries(rel) if not n.startswith(".wh."))
+                if fds is None:
+                    fd = self.layers[layer].open_dir(rel, os.O_RDONLY)
+                    try:
+                        listed = os.listdir(fd)
+                    finally:
+                        os.close(fd)
+                elif fds[i] >= 0:
+                    listed = os.listdir(fds[i])
+                else:
+                    continue
             except OSError:
                 continue
-        return frozenset(names)
+            get = names.get
+            for n in listed:
+                if n.startswith(".wh."):
+                    if n == OPQ:
+                        continue
+                    n = n[4:]
+                names[n] = get(n, 0) | bit
+        return names
 
-    def _keep_names(self, path: str, names: frozenset[str]) -> bool:
+    def _keep_names(self, path: str, names: _Names) -> bool:
         """Keep ``names`` for ``path``; False if there are too many to keep."""
         with self._names_lock:
             if len(names) > self.NAMES_MAX // 4:
@@ -311,56 +359,68 @@ class DirLower:
                 self._names_kept -= len(self._names.pop(next(iter(self._names))))
             return True
 
-    def _has_oci_whiteout(self, layer: int, dir_path: str, name: str, dir_fds: _DirFds | None) -> bool:
-        fd = dir_fds.get((layer, dir_path)) if dir_fds is not None else None
-        if fd is None:
-            return self.layers[layer].lexists(_join(dir_path, ".wh." + name))
-        try:
-            os.stat(".wh." + name, dir_fd=fd, follow_symlinks=False)
-            return True
-        except FileNotFoundError:
-            return False
-
-    def listdir(self, path: str) -> Iterator[tuple[str, LowerNode]]:
+    def listdir(self, path: str) -> Iterator[tuple[str, Listing]]:
+        """The names the union shows below ``path``, each from one lstat in its top
+        layer (a whiteout hides it); their full entries are looked up when asked for."""
         found = self._resolve(path)
         if found is None or found.node.entry.kind != Kind.DIR:
             return
-        names = self._child_names(path, found)
-        if names is None:
-            names = self._listed_names(found)
         # Each merged directory is opened once for the whole listing, not once per name
         # and layer (a third of a first listing's time went to those opens).
-        dir_fds: _DirFds = {}
+        fds: list[int] = []
         try:
             for layer, rel in found.merged:
                 try:
-                    dir_fds[(layer, rel)] = self.layers[layer].open_dir(rel)
+                    fds.append(self.layers[layer].open_dir(rel, os.O_RDONLY))
                 except OSError:
-                    continue
+                    fds.append(-1)
+            names = self._names.get(path)
+            if names is None:
+                names = self._listed_names(found, fds)
+                if path not in self._unkept and not self._keep_names(path, names):
+                    self._unkept.add(path)
             children = []
+            prefix = f"{path}/" if path else ""
             for name in sorted(names):
-                child_path = _join(path, name)
-                if child_path in self._cache:
-                    child = self._cache[child_path]
-                else:
-                    child = self._cache[child_path] = self._lookup_in(found, child_path, name, dir_fds)
-                if child is not None:
-                    children.append((name, child.node))
+                held = names[name]
+                listed = self._listed(fds[(held & -held).bit_length() - 1], name, prefix + name)
+                if listed is not None:
+                    children.append((name, listed))
         finally:
-            for fd in dir_fds.values():
-                os.close(fd)
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
         yield from children
 
-    def open(self, path: str, node: LowerNode) -> int:
+    def _listed(self, fd: int, name: str, path: str) -> ListedNode | None:
+        """The name as its top layer directory (``fd``) shows it; None where a whiteout
+        of any form is all that layer has. Only the layer that holds the name (or its
+        ``.wh.`` file) first is read: a lookup of the name stops there too (see _lookup_in)."""
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None  # the layer has only NAME's .wh. file: an OCI whiteout
+        kind = _LISTED_KIND.get(st.st_mode & 0o170000)  # S_IFMT
+        if kind is None or (kind == Kind.CHR and st.st_rdev == 0):
+            return None  # a socket, skipped as lookups skip it; an overlay whiteout
+        if kind == Kind.REG and st.st_size == 0:
+            # Only an empty file can be an xattr whiteout.
+            e = make_entry(st, read_xattrs(f"/proc/self/fd/{fd}/{name}"), str)
+            if e is None or e.kind == Kind.WHITEOUT:
+                return None
+        return ListedNode(("D", st.st_dev, st.st_ino), kind, self, path)
+
+    def open(self, path: str, node: Listing) -> int:
         found = self._resolve(path)
         if found is None or found.data is None:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         layer, rel = found.data
         return self.layers[layer].open(rel, os.O_RDONLY)
 
-    def hardlink_names(self, node: LowerNode) -> list[str]:
+    def hardlink_names(self, node: Listing) -> list[str]:
         """Every path of the node's layer that names the same file (one walk of the layer,
         the first time one of its hard links is asked about)."""
+        hardlink = node.entry.hardlink  # a listed name's lookup finds its layer (_layer_of)
         key = node.ident[1:]
         layer = self._layer_of.get(key)
         if layer is None:
@@ -368,7 +428,7 @@ class DirLower:
         groups = self._groups.get(layer)
         if groups is None:
             groups = self._groups[layer] = _hardlink_groups(layer)
-        return list(groups.get(key) or [node.entry.hardlink])  # linked after the walk: itself
+        return list(groups.get(key) or [hardlink])  # linked after the walk: itself
 
 
 def _hardlink_groups(root: str) -> dict[tuple[int, int], list[str]]:

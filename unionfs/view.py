@@ -44,7 +44,7 @@ from layerfs.store.records import Entry, Kind
 from layerfs.store.upper import METACOPY, OPQ, REDIRECT, WH
 
 from .cache import BoundedCache
-from .lower import Lower, LowerNode
+from .lower import Listing, Lower, LowerNode
 from .markers import OciMarkers, is_whiteout_st
 from .realdir import RealDir
 
@@ -139,7 +139,7 @@ class Listed(NamedTuple):
     name: str
     ino: int
     mode: int  # st_mode; its type bits at least
-    source: Node | LowerNode | None  # None for ".."
+    source: Node | Listing | None  # None for ".."
 
 
 @dataclass(slots=True)
@@ -149,7 +149,7 @@ class Node:
     path: str
     upper: str | None = None  # its path in the upper directory
     st: os.stat_result | None = None  # lstat of ``upper``
-    lower: LowerNode | None = None  # the lower entry merged here, or the data of a metacopy file
+    lower: Listing | None = None  # the lower entry merged here, or the data of a metacopy file
     lower_path: str | None = None  # that entry's path in the lower tree
     merge_lower: bool = False  # a directory whose lower children show through
 
@@ -410,7 +410,7 @@ class UnionView:
             return out
         return self._lower_attrs(node.lower, node, 1 if node.path == "" else 0)
 
-    def _lower_attrs(self, low: LowerNode, node: Node | None = None, ino: int = 0) -> dict:
+    def _lower_attrs(self, low: Listing, node: Node | None = None, ino: int = 0) -> dict:
         """``attrs`` of a name that shows ``low`` (a listing passes no Node: it costs one
         per entry); ``node`` is needed only for a hard-linked file."""
         e = low.entry
@@ -579,7 +579,7 @@ class UnionView:
         # inode number and type) is worked out here; most entries get no more.
         lower_ino = self._lower_ino
         if not upper_names and not hidden:
-            out.extend(Listed(name, lower_ino(low.ident), _KIND_MODE[low.entry.kind], low) for name, low in lower)
+            out.extend(Listed(name, lower_ino(low.ident), _KIND_MODE[low.kind], low) for name, low in lower)
             return out
         # A name only the lower has is the lower entry its listing gave: looking it up
         # again (as _child_at would, after finding no upper entry) reads the index twice.
@@ -589,7 +589,7 @@ class UnionView:
             for name in sorted(upper_names | lower_only.keys()):
                 low = lower_only.get(name)
                 if low is not None:
-                    out.append(Listed(name, lower_ino(low.ident), _KIND_MODE[low.entry.kind], low))
+                    out.append(Listed(name, lower_ino(low.ident), _KIND_MODE[low.kind], low))
                     continue
                 child = self._child_at(node, fd, name)[0]
                 if child is not None:
