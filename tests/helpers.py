@@ -298,3 +298,32 @@ def on_terminal(argv: list[str], env: dict | None = None, stdin=subprocess.DEVNU
     os.close(master)
     out = proc.stdout.read()
     return proc.wait(60), out, seen.decode(errors="replace")
+
+
+def listed_names(directory: str, stat_while_listing: bool) -> dict[str, tuple[int, bool, bool, bool]]:
+    """name -> (inode number, is a directory, a symlink, a regular file) as a listing of
+    ``directory`` gives them; with ``stat_while_listing`` each name is lstat'ed as it
+    comes, and those lookups make the kernel ask for the later pieces as readdirplus."""
+    seen = {}
+    with os.scandir(directory) as it:
+        for entry in it:
+            if stat_while_listing:
+                os.lstat(entry.path)
+            seen[entry.name] = (entry.inode(), entry.is_dir(follow_symlinks=False),
+                                entry.is_symlink(), entry.is_file(follow_symlinks=False))
+    return seen
+
+
+def assert_listing_agrees_with_lstat(directory: str, seen: dict, expected: dict) -> None:
+    """Every name ``listed_names`` gave has the inode number and type lstat then gives,
+    and lstat's attributes are ``expected``'s: name -> (file type, permission bits, uid,
+    size), a None not checked."""
+    assert sorted(seen) == sorted(expected)
+    for name, (ino, is_dir, is_link, is_file) in seen.items():
+        st = os.lstat(os.path.join(directory, name))
+        fmt, perm, uid, size = expected[name]
+        assert (stat.S_IFMT(st.st_mode), st.st_uid) == (fmt, uid), name
+        assert perm is None or stat.S_IMODE(st.st_mode) == perm, name
+        assert size is None or st.st_size == size, name
+        assert ino == st.st_ino, f"{name}: the listing gave another inode number"
+        assert (is_dir, is_link, is_file) == (fmt == stat.S_IFDIR, fmt == stat.S_IFLNK, fmt == stat.S_IFREG), name

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from helpers import assert_listing_agrees_with_lstat, listed_names
 from unionrunner import fuse_layerfs_pids
 
 BIN = os.path.dirname(sys.executable)
@@ -532,24 +533,9 @@ def test_a_listing_in_pieces_gives_every_name_its_own_inode_type_and_attributes(
                 expected["newdir"] = (stat.S_IFDIR, 0o700, 0, None)
                 os.unlink(mnt / "big/n0020")
                 del expected["n0020"]
-            for stat_while_listing in (False, True):  # lookups make the later pieces readdirplus
-                seen = {}
-                with os.scandir(mnt / "big") as it:
-                    for entry in it:
-                        if stat_while_listing:
-                            os.lstat(entry.path)
-                        seen[entry.name] = (entry.inode(), entry.is_dir(follow_symlinks=False),
-                                            entry.is_symlink(), entry.is_file(follow_symlinks=False))
-                assert sorted(seen) == sorted(expected)
-                for name, (ino, is_dir, is_link, is_file) in seen.items():
-                    st = os.lstat(mnt / "big" / name)
-                    fmt, perm, uid, size = expected[name]
-                    assert (stat.S_IFMT(st.st_mode), st.st_uid) == (fmt, uid), name
-                    assert perm is None or stat.S_IMODE(st.st_mode) == perm, name
-                    assert size is None or st.st_size == size, name
-                    assert ino == st.st_ino, f"{name}: the listing gave another inode number"
-                    assert (is_dir, is_link, is_file) == (fmt == stat.S_IFDIR, fmt == stat.S_IFLNK,
-                                                          fmt == stat.S_IFREG), name
+            for stat_while_listing in (False, True):
+                seen = listed_names(str(mnt / "big"), stat_while_listing)
+                assert_listing_agrees_with_lstat(str(mnt / "big"), seen, expected)
                 for i in range(3, 1500, 10):  # a hard link is listed with its file's inode number
                     linked = f"n{i - 3:04d}" in seen  # unless that name was removed
                     assert not linked or seen[f"n{i:04d}"][0] == seen[f"n{i - 3:04d}"][0], i
