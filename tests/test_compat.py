@@ -4,6 +4,7 @@ the upper that fuse-layerfs wrote and show the same tree."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -440,6 +441,29 @@ def test_upper_rotated_into_the_lowers(layers, reader):
         out = m
     assert tree(str(out)) == expected
     assert {p: os.lstat(out / p).st_uid for p in owners} == owners
+
+
+def test_a_name_whose_attributes_cannot_be_read_is_still_listed(layers):
+    """A metacopy file with no data below it: its lookup fails (EIO, as on the kernel's
+    overlay), but every listing of its directory shows it, readdirplus pieces too."""
+    for i in range(600):
+        (layers / f"l1/etc/n{i:03d}").write_text("")
+    (layers / "l2/etc/broken").write_text("")  # nothing below carries its data
+    os.setxattr(layers / "l2/etc/broken", "trusted.overlay.metacopy", b"")
+    _fuse_layerfs(layers)
+    etc = layers / "mnt/etc"
+    with pytest.raises(OSError) as e:
+        os.lstat(etc / "broken")
+    assert e.value.errno == errno.EIO
+    expected = sorted(["a", "broken"] + [f"n{i:03d}" for i in range(600)])  # etc/b is whited out
+    for stat_while_listing in (False, True):  # lookups make the later pieces readdirplus
+        listed = []
+        with os.scandir(etc) as it:
+            for entry in it:
+                if stat_while_listing and entry.name != "broken":
+                    os.lstat(entry.path)
+                listed.append(entry.name)
+        assert sorted(listed) == expected
 
 
 def test_a_listing_in_pieces_gives_every_name_its_own_inode_type_and_attributes(tmp_path):

@@ -206,12 +206,18 @@ class UnionOperations(mfusepy.Operations):
             self._wire[path] = (listing, wire)
         return wire
 
-    def packed_attrs(self, wire: WireListing, i: int) -> bytes:
+    def packed_attrs(self, wire: WireListing, i: int) -> bytes | None:
         """The full ``struct stat`` of entry ``i`` of ``wire``, packed (and kept) when
-        readdirplus first asks for it."""
+        readdirplus first asks for it; None where they cannot be read (a metacopy file
+        whose data is gone): the name is then listed plain, and looking it up fails, as
+        on the kernel's overlay."""
         packed = wire.full.get(i)
         if packed is None:
-            packed = wire.full[i] = packed_stat(self.view.listed_attrs(wire.path, wire.entries[i]))
+            try:
+                attrs = self.view.listed_attrs(wire.path, wire.entries[i])
+            except (OSError, StoreError):
+                return None
+            packed = wire.full[i] = packed_stat(attrs)
         return packed
 
     @_translate
@@ -671,8 +677,9 @@ class UnionFUSE(mfusepy.FUSE):
         names, entries, pack = wire.names, wire.entries, _STAT.pack
         first_plus = 2 if flags & _FUSE_READDIR_PLUS else len(names)  # "." and ".." go plain
         for i in range(offset, len(names)):
-            if i >= first_plus:
-                if fill(buf, names[i], self.operations.packed_attrs(wire, i), i + 1, _FUSE_FILL_DIR_PLUS):
+            full = self.operations.packed_attrs(wire, i) if i >= first_plus else None
+            if full is not None:
+                if fill(buf, names[i], full, i + 1, _FUSE_FILL_DIR_PLUS):
                     break
             else:
                 e = entries[i]
