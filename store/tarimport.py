@@ -37,6 +37,7 @@ MAX_RAW = 1 << 30  # non-content bytes of one layer (headers, padding)
 
 _DECODE_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
 
+
 def decompressed(src: BinaryIO) -> tuple[BinaryIO, str]:
     """Wrap ``src`` in the decompressor its magic bytes call for."""
     buffered = src if hasattr(src, "peek") else io.BufferedReader(src)  # type: ignore[arg-type]
