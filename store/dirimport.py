@@ -20,8 +20,7 @@ from .errors import StoreCorrupt, StoreError
 from .fstree import Tree, TreeChanged, read_xattrs, same_file
 from .progress import SILENT, Progress
 from .records import OPAQUE, Entry, Kind, Source
-from .tarformat import OPAQUE_MARKER, WHITEOUT_PREFIX, canonical_order, canonical_tar
-from .tarimport import PRIVATE_XATTR_PREFIXES
+from .tarformat import OPAQUE_MARKER, PRIVATE_XATTR_PREFIXES, WHITEOUT_PREFIX, canonical_order, canonical_tar
 
 _OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 _WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")

@@ -20,6 +20,8 @@ from .records import Entry, Kind
 BLOCK = 512
 OPAQUE_MARKER = ".wh..wh..opq"
 WHITEOUT_PREFIX = ".wh."
+# overlayfs keeps its own state in these xattrs: meaningful to overlay, never content.
+PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
 
 _TYPEFLAG = {
     Kind.REG: b"0", Kind.DIR: b"5", Kind.SYMLINK: b"2", Kind.CHR: b"3",

@@ -28,7 +28,7 @@ from .blobs import CHUNK, SMALL, Ingest
 from .builder import LayerBuilder, PendingLayer, clean_path, shown
 from .errors import BadArchive, HostileArchive, StoreError
 from .records import OPAQUE, Entry, Kind, Source
-from .tarformat import OPAQUE_MARKER, WHITEOUT_PREFIX
+from .tarformat import OPAQUE_MARKER, PRIVATE_XATTR_PREFIXES, WHITEOUT_PREFIX
 from .tarsplit import TarSplitWriter
 
 MAX_HEADER = 16 << 20  # the largest single header read (PAX records, GNU long names)
@@ -36,9 +36,6 @@ MAX_TRAILER = 16 << 20  # bytes tolerated after the end-of-archive blocks
 MAX_RAW = 1 << 30  # non-content bytes of one layer (headers, padding)
 
 _DECODE_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
-
-# overlayfs keeps its own state in these xattrs: meaningful to overlay, never content.
-PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
 
 
 def decompressed(src: BinaryIO) -> tuple[BinaryIO, str]:

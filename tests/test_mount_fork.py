@@ -166,3 +166,58 @@ def test_mount_with_threads_running_starts_a_new_interpreter(tmp_path, image, st
         t.join()
     assert not _mounted(mnt)
     assert _processes_naming(mnt) == []
+
+
+def test_commit_right_after_the_mount_returns_holds_the_mount(tmp_path, image, store_root, cleanup):
+    """The server starts its pause server just after its mount serves: a commit made the
+    moment mount() returns waits for it, holds the mount's writes and commits."""
+    mnt = str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    cleanup.append(mnt)
+    with Store(store_root, create=False) as store:
+        c = mountmod.mount(store, image, mnt)
+        try:
+            rec = mountmod.commit(store, c.id)
+            assert len(rec.layers) == 2  # the image's layer and the container's
+            with open(os.path.join(mnt, "etc/new"), "w") as f:  # the mount serves on
+                f.write("after\n")
+        finally:
+            mountmod.umount(store, c.id)
+
+
+def test_a_pause_waits_for_a_pause_server_that_is_not_up_yet(tmp_path, image, store_root):
+    """paused() of a mounted container whose live server does not listen yet retries
+    until it does (this process plays the server, its pause server 0.3 s late)."""
+    import socket
+    import time
+
+    mnt = str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    heard: list[bytes] = []
+    with Store(store_root, create=False) as store:
+        c, _ = mountmod.container_for(store, image, False)
+        c = store.containers.set_mount(c, mnt, os.getpid())
+        assert mountmod.state(c) == "mounted"
+
+        def late_pause_server() -> None:
+            time.sleep(0.3)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+                srv.bind(mountmod._control_address(c.id))
+                srv.listen(1)
+                srv.settimeout(10)  # (if paused() gave up, nobody comes)
+                conn, _ = srv.accept()
+                with conn:
+                    f = conn.makefile("rwb", buffering=0)
+                    heard.append(f.readline())
+                    f.write(b"paused\n")
+                    heard.append(f.readline())
+
+        server = threading.Thread(target=late_pause_server, daemon=True)
+        server.start()
+        try:
+            with mountmod.paused(c):
+                heard.append(b"held\n")
+        finally:
+            server.join(10)
+            store.containers.remove(c)
+    assert heard == [b"pause\n", b"held\n", b"resume\n"]

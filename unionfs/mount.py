@@ -184,16 +184,26 @@ def parse_options(items: list[str] | tuple[str, ...]) -> dict[str, str | bool]:
 def spawn_until_ready(cmd: list[str], log) -> tuple[subprocess.Popen, str]:
     """Start a serving process (``cmd --ready-fd N``) in its own session and wait for its
     first line on that pipe: ``ready``, or why it failed."""
+    proc, r = spawn_server(cmd, log)
+    try:
+        return proc, wait_ready(r, proc)
+    finally:
+        os.close(r)
+
+
+def spawn_server(cmd: list[str], log) -> tuple[subprocess.Popen, int]:
+    """Start a serving process (``cmd --ready-fd N``) in its own session; returns it and
+    the pipe on which it reports (see wait_ready)."""
     r, w = os.pipe()
     try:
         proc = subprocess.Popen(cmd + ["--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True, cwd="/")
+    except BaseException:
+        os.close(r)
+        raise
     finally:
         os.close(w)
-    try:
-        return proc, _wait_ready(r, proc)
-    finally:
-        os.close(r)
+    return proc, r
 
 
 class ForkedServer:
@@ -226,9 +236,9 @@ def can_fork() -> bool:
     return threading.active_count() == 1
 
 
-def fork_until_ready(serve: Callable[[Callable[[str], None]], int], log) -> tuple[ForkedServer, str]:
+def fork_server(serve: Callable[[Callable[[str], None]], int], log) -> tuple[ForkedServer, int]:
     """Fork a serving process that runs ``serve(report)`` in its own session, its output
-    going to ``log``, and wait for its first report: ``ready``, or why it failed.
+    going to ``log``; returns it and the pipe on which it reports (see wait_ready).
 
     The child leaves with os._exit: it never returns into the caller, never runs its
     exit handlers, and never touches the caller's objects (an LMDB environment must not
@@ -250,11 +260,7 @@ def fork_until_ready(serve: Callable[[Callable[[str], None]], int], log) -> tupl
             _flush_output()
             os._exit(code)
     os.close(w)
-    server = ForkedServer(pid)
-    try:
-        return server, _wait_ready(r, server)
-    finally:
-        os.close(r)
+    return ForkedServer(pid), r
 
 
 def _flush_output() -> None:
@@ -358,11 +364,18 @@ def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
             if can_fork():
                 root, cid = store.root, c.id
                 with store.index.closed():
-                    proc, message = fork_until_ready(
+                    proc, ready = fork_server(
                         lambda report: _serve(root, cid, path, read_only=read_only, volatile=volatile,
                                               options=dict(options or {}), report=report), log)
             else:
-                proc, message = spawn_until_ready(cmd, log)
+                proc, ready = spawn_server(cmd, log)
+        try:
+            # The server is the container's from now on (the claim named this process): the
+            # record is written while it starts, not after.
+            c = store.containers.set_mount(c, path, proc.pid)
+            message = wait_ready(ready, proc)
+        finally:
+            os.close(ready)
         if message != "ready":
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # it may still be starting: it must not mount later
@@ -377,7 +390,6 @@ def mount(store: Store, ref: str, mountpoint: str, *, read_only: bool = False,
     except BaseException:
         _mount_ended(store, c, remove=made)
         raise
-    c = store.containers.set_mount(c, path, proc.pid)
     return _serving(store, c, made, path, volumes, on_serving)
 
 
@@ -488,7 +500,9 @@ def _mount_ended(store: Store, c: Container, remove: bool = False) -> None:
         store.containers.set_mount(c, "", 0)
 
 
-def _wait_ready(fd: int, proc: subprocess.Popen | ForkedServer) -> str:
+def wait_ready(fd: int, proc: subprocess.Popen | ForkedServer) -> str:
+    """The serving process's first report on ``fd``: ``ready``, or why it failed ("" if it
+    exited or timed out saying nothing)."""
     deadline = time.monotonic() + READY_TIMEOUT
     buf = b""
     while time.monotonic() < deadline:
@@ -626,10 +640,17 @@ def serve_container(store: Store, c: Container, mountpoint: str, *, read_only: b
     markers = OverlayMarkers(metacopy=True) if c.kernel_format else None
     view = UnionView(lower, store.containers.upper(c), store.containers.work(c),
                      volatile=volatile, read_only=read_only, markers=markers)
-    threading.Thread(target=_control_server, args=(c.id, view), daemon=True).start()
+
+    def serving() -> None:
+        if on_ready is not None:
+            on_ready()
+        # The pause server starts once the mount serves, off the path to it (its socket
+        # import is ~2 ms of every mount); paused() waits for it meanwhile.
+        threading.Thread(target=_control_server, args=(c.id, view), daemon=True).start()
+
     fusecheck.serve_or_explain(
         lambda ready: serve(view, mountpoint, foreground=True, options=options, on_ready=ready),
-        mountpoint, on_ready)
+        mountpoint, serving)
 
 
 def _control_address(container_id: str) -> str:
@@ -675,12 +696,21 @@ def paused(c: Container):
         return
     import socket
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(_control_address(c.id))
-    except OSError as e:
-        raise MountError(f"cannot reach the mount of {c.name} to pause it: {e.strerror}") from None
-    with sock:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            try:
+                sock.connect(_control_address(c.id))
+                break
+            except ConnectionRefusedError:
+                # Nothing listens yet: a server starts its pause server just after its
+                # mount serves (serve_container).
+                if time.monotonic() < deadline and server_alive(c):
+                    time.sleep(0.005)
+                    continue
+                raise MountError(f"cannot reach the mount of {c.name} to pause it: nothing listens") from None
+            except OSError as e:
+                raise MountError(f"cannot reach the mount of {c.name} to pause it: {e.strerror}") from None
         sock.sendall(b"pause\n")
         sock.settimeout(60)
         reply = sock.makefile("rb").readline()
