@@ -236,6 +236,16 @@ def can_fork() -> bool:
     return threading.active_count() == 1
 
 
+def fork_until_ready(serve: Callable[[Callable[[str], None]], int], log) -> tuple[ForkedServer, str]:
+    """Fork a serving process (see fork_server) and wait for its first report, as
+    spawn_until_ready does for a command."""
+    proc, r = fork_server(serve, log)
+    try:
+        return proc, wait_ready(r, proc)
+    finally:
+        os.close(r)
+
+
 def fork_server(serve: Callable[[Callable[[str], None]], int], log) -> tuple[ForkedServer, int]:
     """Fork a serving process that runs ``serve(report)`` in its own session, its output
     going to ``log``; returns it and the pipe on which it reports (see wait_ready).
