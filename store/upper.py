@@ -333,8 +333,7 @@ class UpperReader:
 def _public(e: Entry) -> Entry:
     """The entry without layerfs's private xattrs."""
     if any(n.startswith(PRIVATE_PREFIX) for n, _ in e.xattrs):
-        return e._replace(xattrs=tuple((n, v) for n, v in e.xattrs
-                                                   if not n.startswith(PRIVATE_PREFIX)))
+        return e._replace(xattrs=tuple((n, v) for n, v in e.xattrs if not n.startswith(PRIVATE_PREFIX)))
     return e
 
 

@@ -113,7 +113,7 @@ class UnionOperations(mfusepy.Operations):
         self._created: set[int] = set()  # fds of files made by create, until released
         self._upper: set[int] = set()  # open fds of upper files (not lower data), until released
         self._listings: dict[int, WireListing | None] = {}  # open directory handle -> its listing
-        self._wire: dict[str, tuple[list, WireListing]] = {}  # path -> (view listing, encoded)
+        self._wire: dict[str, WireListing] = {}  # path -> the view's listing, encoded
 
     def _refresh_links(self, st: os.stat_result, path: str | None) -> None:
         """Make the kernel forget what it cached for the other names of a hard-linked file."""
@@ -197,13 +197,13 @@ class UnionOperations(mfusepy.Operations):
         # beside it, for the directories read last, so a repeated readdir packs nothing.
         listing = self.view.readdir(path)
         cached = self._wire.get(path)
-        if cached is not None and cached[0] is listing:
-            return cached[1]
+        if cached is not None and cached.entries is listing:
+            return cached
         wire = WireListing(path, [e.name.encode("utf-8", "surrogateescape") for e in listing], listing, {})
         with self._dir_lock:
             if len(self._wire) >= 64:
                 self._wire.pop(next(iter(self._wire)))
-            self._wire[path] = (listing, wire)
+            self._wire[path] = wire
         return wire
 
     def packed_attrs(self, wire: WireListing, i: int) -> bytes | None:

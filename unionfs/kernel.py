@@ -175,11 +175,14 @@ def _escape(path: str) -> str:
     return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
 
 
-def _meta_image(store: Store, c: Container) -> MetaImage:
+def _meta_image(store: Store, c: Container, as_erofs: bool | None = None) -> MetaImage:
+    """The container's image's metadata image: an EROFS file where this kernel mounts one
+    from a file (unless ``as_erofs`` says), else a directory tree."""
     from layerfs.store import metaimage
 
-    return metaimage.ensure(store, store.resolve_image(c.image_id),
-                            as_erofs=kernel_version() >= FILE_EROFS_KERNEL)
+    if as_erofs is None:
+        as_erofs = kernel_version() >= FILE_EROFS_KERNEL
+    return metaimage.ensure(store, store.resolve_image(c.image_id), as_erofs=as_erofs)
 
 
 def _volatile_marker(store: Store, c: Container) -> str:
@@ -208,9 +211,7 @@ def mount_container(store: Store, c: Container, mountpoint: str, *, read_only: b
             if e.errno not in (errno.ENODEV, errno.ENOTBLK):
                 raise KernelMountError(f"cannot mount the metadata image {meta.path}: {e.strerror}") from None
             # This kernel has no EROFS, or none from files: the same tree as a directory.
-            from layerfs.store import metaimage
-
-            meta = metaimage.ensure(store, store.resolve_image(c.image_id), as_erofs=False)
+            meta = _meta_image(store, c, as_erofs=False)
     data = (f"lowerdir={_escape(stage if staged else meta.path)}::{_escape(store.blobs.dir)},"
             f"upperdir={_escape(store.containers.upper(c))},workdir={_escape(store.containers.work(c))},"
             f"{OVERLAY_OPTIONS}" + (",volatile" if volatile else ""))

@@ -400,7 +400,7 @@ class DirLower:
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             return None  # the layer has only NAME's .wh. file: an OCI whiteout
-        kind = _LISTED_KIND.get(st.st_mode & 0o170000)  # S_IFMT
+        kind = _LISTED_KIND.get(stat.S_IFMT(st.st_mode))
         if kind is None or (kind == Kind.CHR and st.st_rdev == 0):
             return None  # a socket, skipped as lookups skip it; an overlay whiteout
         if kind == Kind.REG and st.st_size == 0:

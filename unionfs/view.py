@@ -593,7 +593,7 @@ class UnionView:
                     continue
                 child = self._child_at(node, fd, name)[0]
                 if child is not None:
-                    mode = child.st.st_mode if child.st is not None else _KIND_MODE[child.lower.entry.kind]
+                    mode = child.st.st_mode if child.st is not None else _KIND_MODE[child.lower.kind]
                     out.append(Listed(name, self.ino(child), mode, child))
         finally:
             if fd >= 0:
