@@ -171,6 +171,72 @@ def test_a_directory_too_large_to_keep_is_listed_once_and_probed_by_name(layers,
     assert [n for n, _ in lower.listdir("etc")] == ["a"]
 
 
+def test_a_listed_name_is_what_its_lookup_finds(layers, monkeypatch):
+    """A listed non-directory gets its full entry from its top layer and the listing's
+    lstat, without a lookup through the layers, and that entry is the lookup's: kinds,
+    xattrs, hard links, the file's data. A metacopy file, whose data is below, and a
+    directory, merged with the layers below, are looked up in full."""
+    from layerfs.unionfs.lower import DirLower
+
+    etc1, etc2 = layers / "l1/etc", layers / "l2/etc"
+    (etc1 / "meta").write_text("the data of meta\n")
+    (etc2 / "meta").write_text("")
+    os.setxattr(etc2 / "meta", "trusted.overlay.metacopy", b"")  # its data is l1's
+    (etc2 / "tagged").write_text("tagged\n")
+    os.setxattr(etc2 / "tagged", "user.origin", b"l2")
+    os.symlink("../top", etc2 / "up")
+    os.mkfifo(etc2 / "fifo")
+    os.link(etc2 / "a", etc2 / "a-link")
+    (etc1 / "sub").mkdir()
+    (etc2 / "sub").mkdir()
+    (etc1 / "sub/from-l1").write_text("1\n")
+    dirs = [str(layers / "l2"), str(layers / "l1")]
+
+    lower = DirLower(dirs)
+    listed = dict(lower.listdir("etc"))
+    assert sorted(listed) == ["a", "a-link", "fifo", "meta", "sub", "tagged", "up"]
+    full_lookups = []
+    real = lower._lookup_in
+    monkeypatch.setattr(lower, "_lookup_in", lambda parent, path, name:
+                        full_lookups.append(path) or real(parent, path, name))
+    nodes = {n: lower.listed_node(node) for n, node in listed.items()}
+    assert sorted(full_lookups) == ["etc/meta", "etc/sub"]
+    one_by_one = DirLower(dirs)
+    for n, node in nodes.items():
+        assert node == one_by_one.lookup(f"etc/{n}"), n
+        assert lower.lookup(f"etc/{n}") == node, n  # kept: a later lookup finds the same
+    assert dict(nodes["tagged"].entry.xattrs) == {"user.origin": b"l2"}
+    assert nodes["a"].entry.nlink == 2 and nodes["a"].ident == nodes["a-link"].ident
+    assert sorted(lower.hardlink_names(nodes["a"])) == ["etc/a", "etc/a-link"]
+    for n, data in (("a", b"a from l2\n"), ("meta", b"the data of meta\n")):
+        fd = lower.open(f"etc/{n}", nodes[n])
+        try:
+            assert os.read(fd, 100) == data
+        finally:
+            os.close(fd)
+    assert [n for n, _ in lower.listdir("etc/sub")] == ["from-l1"]
+
+
+def test_lower_directories_kept_open_are_closed_with_the_tree(tmp_path):
+    """A tree that keeps directories open keeps at most as many as it was told, finds
+    names below them as before, and closes them with itself; a changing tree keeps none."""
+    from layerfs.unionfs.realdir import RealDir
+
+    for d in ("a", "b", "c"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "f").write_text(d)
+    fds_before = set(os.listdir("/proc/self/fd"))
+    kept = RealDir(str(tmp_path), keep_dirs=2)
+    changing = RealDir(str(tmp_path))
+    for tree in (kept, changing):
+        for _ in range(2):
+            assert [tree.lstat(f"{d}/f").st_size for d in ("a", "b", "c")] == [1, 1, 1]
+    assert len(set(os.listdir("/proc/self/fd")) - fds_before) == 2 + 2  # two roots, two kept
+    kept.close()
+    changing.close()
+    assert set(os.listdir("/proc/self/fd")) == fds_before
+
+
 def test_upper_written_in_overlay_format_reads_back_in_the_kernel(layers):
     _fuse_layerfs(layers)
     m = layers / "mnt"

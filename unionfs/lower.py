@@ -45,19 +45,21 @@ class LowerNode(NamedTuple):
 
 class ListedNode(NamedTuple):
     """A name of a :class:`DirLower` listing: what a plain readdir needs (its identity
-    and kind) from one lstat; the full entry (xattrs, markers, the layers below) is
-    looked up when asked for, by readdirplus or a lookup. A NamedTuple: a listing
-    makes one per name."""
+    and kind) from one lstat in its top layer; the full entry (xattrs, markers, the
+    layers below) is made when asked for, by readdirplus or a lookup. A NamedTuple: a
+    listing makes one per name."""
 
     ident: tuple[str, int, int]
     kind: Kind
     lower: "DirLower"
     path: str
+    st: os.stat_result  # the listing's lstat of the name in its top layer
+    top: tuple[int, str]  # that layer, and the name's path there
 
     @property
     def entry(self) -> Entry:
         """The entry a lookup of the name gives (EIO if that lookup finds none)."""
-        node = self.lower.lookup(self.path)
+        node = self.lower.listed_node(self)
         if node is None:
             raise OSError(errno.EIO, "a listed name is gone from the layers", self.path)
         return node.entry
@@ -157,10 +159,12 @@ class DirLower:
     """
 
     NAMES_MAX = 200_000  # names kept in _names, all directories together (~20 MB)
+    DIRS_KEPT_OPEN = 256  # layer directories kept open (RealDir keep_dirs), all layers together
 
     def __init__(self, dirs: list[str]) -> None:
         self.dirs = [os.path.abspath(d) for d in dirs]
-        self.layers = [RealDir(d) for d in self.dirs]
+        keep = max(4, self.DIRS_KEPT_OPEN // len(self.dirs))
+        self.layers = [RealDir(d, keep_dirs=keep) for d in self.dirs]
         self._cache: BoundedCache[str, _Found | None] = BoundedCache(65_536)
         # directory -> every name its merged layer directories hold (see _child_names),
         # oldest first: a name outside it is in no layer, and its lookup probes none
@@ -302,6 +306,43 @@ class DirLower:
         found = self._resolve(path)
         return found.node if found else None
 
+    def listed_node(self, listed: ListedNode) -> LowerNode | None:
+        """What :meth:`lookup` gives for a name a listing found, made from the listing's
+        lstat where the top layer decides alone: a lookup stops at the first layer that
+        holds a non-directory, unless it is a metacopy file. A directory, whose layers
+        below merge into it, or a metacopy file is looked up in full."""
+        found = self._cache.get(listed.path)
+        if found is None:
+            found = self._listed_found(listed) if listed.kind != Kind.DIR else None
+            if found is None:
+                return self.lookup(listed.path)
+            self._cache[listed.path] = found
+        return found.node
+
+    def _listed_found(self, listed: ListedNode) -> _Found | None:
+        """The lookup of a listed non-directory from its top layer; None if that layer
+        cannot decide it (a metacopy file, or the name changed since it was listed)."""
+        layer, rel = listed.top
+        st = listed.st
+        try:
+            with self.layers[layer].at(rel) as (fd, name):
+                full = f"/proc/self/fd/{fd}/{name}"
+                xattrs = read_xattrs(full)
+                e = make_entry(st, xattrs, lambda: os.readlink(full))
+        except OSError:
+            return None
+        if e is None or e.kind != listed.kind:
+            return None
+        data = None
+        if e.kind == Kind.REG:
+            if any(p + "metacopy" in xattrs for p in OVERLAY_PREFIXES):
+                return None  # its data is in a layer below
+            data = (layer, rel)
+        if st.st_nlink > 1:  # a hard link within its layer, as in _lookup_in
+            e = e._replace(nlink=st.st_nlink, hardlink=listed.path)
+            self._layer_of[(st.st_dev, st.st_ino)] = self.dirs[layer]
+        return _Found(LowerNode(e, listed.ident), [], data)
+
     def _child_names(self, path: str, found: _Found) -> _Names | None:
         """Every name in the layer directories merged at ``path`` (a ``.wh.NAME`` file
         counted as NAME), with the layers that hold it, listed once: the layers never
@@ -381,9 +422,11 @@ class DirLower:
                     self._unkept.add(path)
             children = []
             prefix = f"{path}/" if path else ""
+            merged = found.merged
             for name in sorted(names):
                 held = names[name]
-                listed = self._listed(fds[(held & -held).bit_length() - 1], name, prefix + name)
+                i = (held & -held).bit_length() - 1  # the top layer that holds the name
+                listed = self._listed(fds[i], name, prefix + name, merged[i])
                 if listed is not None:
                     children.append((name, listed))
         finally:
@@ -392,7 +435,7 @@ class DirLower:
                     os.close(fd)
         yield from children
 
-    def _listed(self, fd: int, name: str, path: str) -> ListedNode | None:
+    def _listed(self, fd: int, name: str, path: str, where: tuple[int, str]) -> ListedNode | None:
         """The name as its top layer directory (``fd``) shows it; None where a whiteout
         of any form is all that layer has. Only the layer that holds the name (or its
         ``.wh.`` file) first is read: a lookup of the name stops there too (see _lookup_in)."""
@@ -408,7 +451,7 @@ class DirLower:
             e = make_entry(st, read_xattrs(f"/proc/self/fd/{fd}/{name}"), str)
             if e is None or e.kind == Kind.WHITEOUT:
                 return None
-        return ListedNode(("D", st.st_dev, st.st_ino), kind, self, path)
+        return ListedNode(("D", st.st_dev, st.st_ino), kind, self, path, st, (where[0], _join(where[1], name)))
 
     def open(self, path: str, node: Listing) -> int:
         found = self._resolve(path)
