@@ -163,7 +163,7 @@ class DirLower:
 
     def __init__(self, dirs: list[str]) -> None:
         self.dirs = [os.path.abspath(d) for d in dirs]
-        keep = max(4, self.DIRS_KEPT_OPEN // len(self.dirs))
+        keep = self.DIRS_KEPT_OPEN // len(self.dirs)  # none past 256 layers
         self.layers = [RealDir(d, keep_dirs=keep) for d in self.dirs]
         self._cache: BoundedCache[str, _Found | None] = BoundedCache(65_536)
         # directory -> every name its merged layer directories hold (see _child_names),

@@ -119,9 +119,9 @@ class RealDir:
 
     ``keep_dirs``: for a tree that never changes while in use (a lower layer), how many
     of its directories to keep open once reached, so that acting on a name below one of
-    them needs no ``openat2`` of its path (a third of a lower lookup's system time). A
-    changing tree must keep none: a kept descriptor would follow its directory through a
-    rename.
+    them needs no ``openat2`` and ``close`` of its path (5 of the 6 us that ``at`` took
+    in a lower layer, measured). A changing tree must keep none: a kept descriptor would
+    follow its directory through a rename.
     """
 
     def __init__(self, path: str, keep_dirs: int = 0) -> None:
