@@ -325,6 +325,29 @@ def test_relative_paths_in_the_background(layers):
     assert argv[1].endswith(b"/fuse-layerfs"), argv  # forked by the command: no second Python
 
 
+def test_called_with_threads_running_it_starts_a_new_interpreter(layers):
+    """fuse-layerfs's main called in a program with other threads (forking one is unsafe)
+    starts its server as ``python -m layerfs.unionfs.compat -f``, which mounts as well."""
+    import threading
+
+    from layerfs.unionfs import compat
+
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        compat.main(["-o", f"lowerdir={layers / 'l2'}:{layers / 'l1'},upperdir={layers / 'upper'},"
+                           f"workdir={layers / 'work'}", str(layers / "mnt")])
+    finally:
+        stop.set()
+        t.join()
+    assert open(layers / "mnt/etc/a").read() == "a from l2\n"
+    [pid] = fuse_layerfs_pids(str(layers / "mnt"))
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert argv[1:4] == [b"-m", b"layerfs.unionfs.compat", b"-f"], argv
+
+
 def test_empty_and_repeated_options(layers):
     args = ["-o", "", "-o", f"lowerdir={layers / 'l2'}:{layers / 'l1'}", "-o",
             f",upperdir={layers / 'upper'},,workdir={layers / 'work'},"]

@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from .fusecheck import MountError, serve_or_explain
-from .mount import can_fork, fork_until_ready, parse_options, reporter, spawn_until_ready
+from .mount import can_fork, fork_server, parse_options, reporter, spawn_server, until_ready
 
 # How each option is handled. mount(8) and mount.fuse3 add generic ones (rw, dev, suid,
 # atime flags), containers/storage adds ``volatile`` and the ID-mapping ones, users copy
@@ -274,10 +274,11 @@ def _start_in_background(config: MountConfig) -> None:
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "ab") as log:
         if can_fork():
-            proc, message = fork_until_ready(lambda report: _serve(config, report, False), log)
+            started = fork_server(lambda report: _serve(config, report, False), log)
         else:
-            proc, message = spawn_until_ready(
-                [sys.executable, "-m", "layerfs.unionfs.compat", "-f", *config.to_argv()], log)
+            started = spawn_server([sys.executable, "-m", "layerfs.unionfs.compat", "-f", *config.to_argv()],
+                                   log)
+        proc, message = until_ready(started)
     if message != "ready":
         if proc.poll() is None:
             proc.kill()  # it may still be starting: it must not mount later

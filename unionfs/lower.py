@@ -212,8 +212,11 @@ class DirLower:
             raise
 
     @staticmethod
-    def _entry_at(fd: int, name: str) -> tuple[os.stat_result, Entry | None, str | None, bool]:
-        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    def _entry_at(fd: int, name: str, st: os.stat_result | None = None
+                  ) -> tuple[os.stat_result, Entry | None, str | None, bool]:
+        """:meth:`_entry` of ``name`` in the directory ``fd``; ``st``: its lstat, if made."""
+        if st is None:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         # /proc/self/fd/N/NAME: the entry itself, reached without following anything.
         full = f"/proc/self/fd/{fd}/{name}"
         # One listxattr and a read of each xattr it names (most files have none):
@@ -323,21 +326,14 @@ class DirLower:
         """The lookup of a listed non-directory from its top layer; None if that layer
         cannot decide it (a metacopy file, or the name changed since it was listed)."""
         layer, rel = listed.top
-        st = listed.st
         try:
             with self.layers[layer].at(rel) as (fd, name):
-                full = f"/proc/self/fd/{fd}/{name}"
-                xattrs = read_xattrs(full)
-                e = make_entry(st, xattrs, lambda: os.readlink(full))
+                st, e, _, metacopy = self._entry_at(fd, name, listed.st)
         except OSError:
             return None
-        if e is None or e.kind != listed.kind:
-            return None
-        data = None
-        if e.kind == Kind.REG:
-            if any(p + "metacopy" in xattrs for p in OVERLAY_PREFIXES):
-                return None  # its data is in a layer below
-            data = (layer, rel)
+        if e is None or e.kind != listed.kind or metacopy:
+            return None  # a metacopy file's data is in a layer below
+        data = (layer, rel) if e.kind == Kind.REG else None
         if st.st_nlink > 1:  # a hard link within its layer, as in _lookup_in
             e = e._replace(nlink=st.st_nlink, hardlink=listed.path)
             self._layer_of[(st.st_dev, st.st_ino)] = self.dirs[layer]

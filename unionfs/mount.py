@@ -181,16 +181,6 @@ def parse_options(items: list[str] | tuple[str, ...]) -> dict[str, str | bool]:
     return opts
 
 
-def spawn_until_ready(cmd: list[str], log) -> tuple[subprocess.Popen, str]:
-    """Start a serving process (``cmd --ready-fd N``) in its own session and wait for its
-    first line on that pipe: ``ready``, or why it failed."""
-    proc, r = spawn_server(cmd, log)
-    try:
-        return proc, wait_ready(r, proc)
-    finally:
-        os.close(r)
-
-
 def spawn_server(cmd: list[str], log) -> tuple[subprocess.Popen, int]:
     """Start a serving process (``cmd --ready-fd N``) in its own session; returns it and
     the pipe on which it reports (see wait_ready)."""
@@ -230,20 +220,13 @@ class ForkedServer:
             os.kill(self.pid, signal.SIGKILL)
 
 
+Server = subprocess.Popen | ForkedServer  # a serving process, spawned or forked
+
+
 def can_fork() -> bool:
     """Whether this process may fork a serving process: not with other threads running
     (a lock one of them holds would stay held in the child forever)."""
     return threading.active_count() == 1
-
-
-def fork_until_ready(serve: Callable[[Callable[[str], None]], int], log) -> tuple[ForkedServer, str]:
-    """Fork a serving process (see fork_server) and wait for its first report, as
-    spawn_until_ready does for a command."""
-    proc, r = fork_server(serve, log)
-    try:
-        return proc, wait_ready(r, proc)
-    finally:
-        os.close(r)
 
 
 def fork_server(serve: Callable[[Callable[[str], None]], int], log) -> tuple[ForkedServer, int]:
@@ -510,7 +493,17 @@ def _mount_ended(store: Store, c: Container, remove: bool = False) -> None:
         store.containers.set_mount(c, "", 0)
 
 
-def wait_ready(fd: int, proc: subprocess.Popen | ForkedServer) -> str:
+def until_ready(started: tuple[Server, int]) -> tuple[Server, str]:
+    """A server that fork_server or spawn_server ``started``, and its first report (see
+    wait_ready); the report pipe is closed."""
+    proc, fd = started
+    try:
+        return proc, wait_ready(fd, proc)
+    finally:
+        os.close(fd)
+
+
+def wait_ready(fd: int, proc: Server) -> str:
     """The serving process's first report on ``fd``: ``ready``, or why it failed ("" if it
     exited or timed out saying nothing)."""
     deadline = time.monotonic() + READY_TIMEOUT
